@@ -1,0 +1,760 @@
+"""Disk-backed decoder-layer offload with residual injection: the core of this repo.
+
+Some decoder layers of a Hugging Face causal LM are written to per-layer safetensors files
+and replaced in ``model.model.layers`` by stubs. A stub remembers the hidden state it is
+given and passes it on unchanged. The last stub of a run of consecutive offloaded layers
+brings those layers back, computes each one from the remembered input x with the layer's
+own call arguments (mask, rotary embeddings, KV-cache slot) and hands the next resident
+layer
+
+    torch.lerp(x, L(x), alpha)                      one offloaded layer in the run
+    x + sum_i alpha_i * (L_i(x) - x)   (in fp32)    several: parallel residuals
+
+With alpha = 1 and no two offloaded layers adjacent the first form returns L(x) itself,
+bit for bit, so the patched model computes exactly what the original model computes.
+
+Pieces, top to bottom: ``select_layers`` (which layers), the tensor plumbing of a layer
+(parameters, buffers and bitsandbytes quant states), the layer file format and
+``LayerStore`` (manifest, validation), ``OffloadController`` (stubs, residency,
+accounting) and ``patch_model``. No CLI here: the scripts live in run_*.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+FORMAT = "offload-skip/1"
+ALIGN_BYTES = 64  # every tensor in a layer file starts on this boundary (vector loads, CUDA kernels)
+
+
+class CacheError(RuntimeError):
+    """A layer file is missing, truncated, corrupt or stale. The message names the file."""
+
+
+# --------------------------------------------------------------------------- selection
+
+def select_layers(num_layers: int, pattern: str, keep_first: int = 2, keep_last: int = 3) -> list[int]:
+    """Decoder-layer indices to offload, sorted.
+
+    Named patterns pick from the band keep_first <= i <= num_layers-1-keep_last: ``even`` and
+    ``odd`` by index parity, ``every:K`` = keep_first, keep_first+K, ... . Explicit lists and
+    inclusive ranges (``2,4,7``, ``2-10,14``) may name any index of the model.
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if keep_first < 0 or keep_last < 0:
+        raise ValueError(f"keep_first and keep_last must be >= 0, got {keep_first} and {keep_last}")
+    text = str(pattern).strip().lower()
+    band = range(keep_first, num_layers - keep_last)
+    if text in ("even", "odd"):
+        chosen = [i for i in band if i % 2 == (0 if text == "even" else 1)]
+    elif text.startswith("every:"):
+        step = text.split(":", 1)[1]
+        if not step.isdigit() or int(step) == 0:
+            raise ValueError(f"layer pattern {pattern!r}: every:K needs a whole number K >= 1")
+        chosen = list(band[:: int(step)])
+    else:
+        chosen = _parse_explicit(text, num_layers, pattern)
+    if not chosen:
+        raise ValueError(
+            f"layer pattern {pattern!r} selects no layers of a {num_layers}-layer model "
+            f"(band {keep_first}..{num_layers - 1 - keep_last})")
+    return chosen
+
+
+def _parse_explicit(text: str, num_layers: int, pattern: str) -> list[int]:
+    if not text:
+        raise ValueError("layer pattern is empty; use even, odd, every:K, or a list like 2,4,7 or 2-10")
+    seen: set[int] = set()
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", item)
+        if not match:
+            raise ValueError(
+                f"layer pattern {pattern!r}: cannot read {item.strip()!r}; "
+                "use even, odd, every:K, or a list like 2,4,7 or 2-10")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise ValueError(f"layer pattern {pattern!r}: range {first}-{last} is reversed")
+        for i in range(first, last + 1):
+            if i >= num_layers:
+                raise ValueError(
+                    f"layer pattern {pattern!r}: layer {i} is out of range (model has layers 0..{num_layers - 1})")
+            if i in seen:
+                raise ValueError(f"layer pattern {pattern!r}: layer {i} is named twice")
+            seen.add(i)
+    return sorted(seen)
+
+
+# --------------------------------------------------------------------------- tensors of a layer
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor of a layer lives: a parameter, a buffer, or a quant-state attribute."""
+    owner: object
+    attr: str
+    kind: str  # "param" | "buffer" | "attr"
+
+    def get(self) -> torch.Tensor:
+        if self.kind == "param":
+            return self.owner._parameters[self.attr].data
+        if self.kind == "buffer":
+            return self.owner._buffers[self.attr]
+        return getattr(self.owner, self.attr)
+
+    def set(self, tensor: torch.Tensor) -> None:
+        if self.kind == "param":
+            self.owner._parameters[self.attr].data = tensor
+        elif self.kind == "buffer":
+            self.owner._buffers[self.attr] = tensor
+        else:
+            setattr(self.owner, self.attr, tensor)
+
+
+def layer_tensor_refs(module: nn.Module) -> dict[str, TensorRef]:
+    """Every tensor a module computes with, by a stable name; bitsandbytes quant states
+    (absmax, code, offset, nested state2) included, since they are weights too."""
+    refs: dict[str, TensorRef] = {}
+    for mod_name, mod in module.named_modules():
+        refs.update(_own_tensor_refs(mod, f"{mod_name}." if mod_name else ""))
+    return refs
+
+
+def _own_tensor_refs(mod: nn.Module, prefix: str) -> dict[str, TensorRef]:
+    refs: dict[str, TensorRef] = {}
+    for name, param in mod._parameters.items():
+        if param is None:
+            continue
+        refs[prefix + name] = TensorRef(mod, name, "param")
+        quant_state = getattr(param, "quant_state", None)
+        if quant_state is not None:
+            _quant_state_refs(quant_state, f"{prefix}{name}.quant_state", refs)
+    for name, buf in mod._buffers.items():
+        if buf is not None:
+            refs[prefix + name] = TensorRef(mod, name, "buffer")
+    return refs
+
+
+def _quant_state_refs(quant_state, prefix: str, refs: dict[str, TensorRef]) -> None:
+    for attr, value in vars(quant_state).items():
+        if isinstance(value, torch.Tensor):
+            refs[f"{prefix}.{attr}"] = TensorRef(quant_state, attr, "attr")
+        elif attr == "state2" and value is not None:
+            _quant_state_refs(value, f"{prefix}.state2", refs)
+
+
+def module_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    """Parameters, buffers and quant-state tensors reachable from a module."""
+    for ref in layer_tensor_refs(module).values():
+        yield ref.get()
+
+
+def tensor_bytes(tensors, device: torch.device | str | None = None) -> int:
+    """Bytes held by the distinct storages behind `tensors` (on `device` if given).
+
+    Each storage is counted once, whole: a view keeps its entire storage alive.
+    """
+    device = torch.device(device) if device is not None else None
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for tensor in tensors:
+        if device is not None and tensor.device.type != device.type:
+            continue
+        storage = tensor.untyped_storage()
+        key = _storage_key(tensor)
+        if storage.nbytes() == 0 or key in seen:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
+def prepack_nf4_for_cpu(module: nn.Module) -> None:
+    """Repack bitsandbytes NF4 weights into the AVX512-BF16 CPU layout now.
+
+    bitsandbytes does this itself on the first CPU forward (and undoes it, lossily, in
+    state_dict()). Doing it before a layer is stored makes the stored form the computed
+    form: a reload is a plain copy, and the result is what the first forward would make.
+    """
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for mod in module.modules():
+        if not isinstance(mod, Linear4bit) or not getattr(mod, "support_avx512bf16_for_cpu", False):
+            continue
+        quant_state = mod.weight.quant_state
+        if quant_state is not None and not getattr(quant_state, "packing_format_for_cpu", False):
+            mod.weight.data, mod.weight.quant_state = _convert_weight_packed_for_cpu(mod.weight.data, quant_state)
+
+
+# --------------------------------------------------------------------------- layer files
+
+_DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset inside the data section
+    end: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a layer file's tensors sit: the data section is read whole into one flat
+    uint8 buffer and each tensor is a view into it, so a load is one read (and on CUDA one
+    host-to-device copy) into memory that is reused."""
+    header_bytes: int  # 8-byte length prefix + JSON header (padded)
+    data_bytes: int
+    entries: dict[str, TensorEntry]
+
+    @property
+    def file_bytes(self) -> int:
+        return self.header_bytes + self.data_bytes
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: flat[e.start:e.end].view(e.dtype).view(e.shape) for name, e in self.entries.items()}
+
+    def spec(self) -> dict[str, dict]:
+        return {name: {"dtype": _DTYPE_CODES[e.dtype], "shape": list(e.shape)} for name, e in self.entries.items()}
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def serialize_layer(tensors: dict[str, torch.Tensor]) -> tuple[Layout, list]:
+    """A safetensors file whose tensors all start on ALIGN_BYTES boundaries.
+
+    safetensors forbids holes in the data section, so the gaps are filled by explicit
+    ``__pad__`` uint8 tensors: the file stays readable by any safetensors reader.
+    Returns the layout (real tensors only) and the chunks to write, header first.
+    """
+    header: dict[str, dict] = {"__metadata__": {"format": FORMAT}}
+    entries: dict[str, TensorEntry] = {}
+    chunks: list = []
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _DTYPE_CODES:
+            raise TypeError(f"tensor {name}: dtype {tensor.dtype} cannot be stored")
+        pad = -offset % ALIGN_BYTES
+        if pad:
+            header[f"__pad__{len(chunks)}"] = {"dtype": "U8", "shape": [pad], "data_offsets": [offset, offset + pad]}
+            chunks.append(bytes(pad))
+            offset += pad
+        data = _as_bytes(tensor)
+        end = offset + data.nbytes
+        header[name] = {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, end]}
+        entries[name] = TensorEntry(tensor.dtype, tuple(tensor.shape), offset, end)
+        chunks.append(data)
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN_BYTES)  # spaces are legal JSON padding
+    head = len(text).to_bytes(8, "little") + text
+    return Layout(len(head), offset, entries), [head, *chunks]
+
+
+def read_layout(path: Path) -> Layout:
+    """Parse a layer file's header (cheap: no tensor data is read)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CacheError(f"{path}: truncated layer file ({size} bytes, no header)")
+            n = int.from_bytes(prefix, "little")
+            if n > size - 8:
+                raise CacheError(f"{path}: truncated layer file (header claims {n} bytes, file has {size})")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CacheError(f"{path}: layer file is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CacheError(f"{path}: corrupt layer file header ({err})") from None
+    entries = {}
+    data_bytes = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        data_bytes = max(data_bytes, end)
+        if not name.startswith("__pad__"):
+            entries[name] = TensorEntry(_CODE_DTYPES[meta["dtype"]], tuple(meta["shape"]), start, end)
+    layout = Layout(8 + n, data_bytes, entries)
+    if size != layout.file_bytes:
+        raise CacheError(f"{path}: truncated or overlong layer file ({size} bytes, header says {layout.file_bytes})")
+    return layout
+
+
+def _sha256(chunks) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path, block_bytes: int = 8 << 20) -> str:
+    with open(path, "rb") as f:
+        return _sha256(iter(lambda: f.read(block_bytes), b""))
+
+
+def _atomic_write(path: Path, chunks) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- the store
+
+def model_fingerprint(model: nn.Module, device: torch.device) -> tuple[str, dict]:
+    """A short hash of what determines the stored bytes: model name, config, quantisation and
+    the device type (the CPU computes NF4 from a different packing than CUDA)."""
+    config = {k: v for k, v in model.config.to_dict().items()
+              if not k.startswith("_") and k != "transformers_version"}
+    quant = getattr(model.config, "quantization_config", None)
+    identity = {
+        "format": FORMAT,
+        "model": str(getattr(model, "name_or_path", "") or model.config._name_or_path),
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "dtype": str(next(model.parameters()).dtype if quant is None else "nf4/" + str(getattr(quant, "bnb_4bit_quant_type", "?"))),
+        "device_type": device.type,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16], identity
+
+
+class LayerStore:
+    """``<cache_dir>/<fingerprint>/layer_<i>.safetensors`` plus ``manifest.json``.
+
+    A file is reused only when the manifest's sha256 for it equals the sha256 of what this
+    model would write now; a stale entry is rewritten. A reused file must hash to that value
+    on disk, or a CacheError names it: a cache never silently feeds wrong weights.
+    """
+
+    def __init__(self, cache_dir: str | Path, fingerprint: str, identity: dict):
+        self.dir = Path(cache_dir) / fingerprint
+        self.identity = identity
+        self.manifest_path = self.dir / "manifest.json"
+        self.layouts: dict[int, Layout] = {}
+        self.written: list[int] = []  # layers written (not reused) by the last sync()
+
+    def path(self, index: int) -> Path:
+        return self.dir / f"layer_{index}.safetensors"
+
+    def _read_manifest(self) -> dict:
+        if not self.manifest_path.exists():
+            return {}
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CacheError(f"{self.manifest_path}: corrupt manifest ({err}); delete {self.dir} to rebuild") from None
+        return manifest if manifest.get("identity") == self.identity else {}
+
+    def sync(self, layers: dict[int, dict[str, torch.Tensor]], progress: bool = True) -> None:
+        """Make the files for `layers` (index -> named tensors) exist and match them."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        manifest = self._read_manifest()
+        entries = manifest.get("layers", {})
+        self.written = []
+        for index, tensors in _progress(layers.items(), "storing offloaded layers", progress):
+            layout, chunks = serialize_layer(tensors)
+            expected = _sha256(chunks)
+            path = self.path(index)
+            entry = entries.get(str(index))
+            if entry is not None and entry["sha256"] == expected:
+                self._verify(path, entry)
+            else:
+                _atomic_write(path, chunks)
+                self.written.append(index)
+                entries[str(index)] = {
+                    "file": path.name, "size_bytes": layout.file_bytes, "sha256": expected,
+                    "tensors": layout.spec(),
+                }
+            self.layouts[index] = layout
+        if self.written or not manifest:
+            _atomic_write(self.manifest_path, [json.dumps(
+                {"identity": self.identity, "layers": entries}, indent=1, sort_keys=True).encode()])
+
+    @staticmethod
+    def _verify(path: Path, entry: dict) -> None:
+        if not path.exists():
+            raise CacheError(f"{path}: layer file is missing (listed in the manifest); delete {path.parent} to rebuild")
+        size = path.stat().st_size
+        if size != entry["size_bytes"]:
+            raise CacheError(f"{path}: truncated layer file ({size} bytes, manifest says {entry['size_bytes']})")
+        if _file_sha256(path) != entry["sha256"]:
+            raise CacheError(f"{path}: corrupt layer file (sha256 differs from the manifest); delete {path.parent} to rebuild")
+
+    def read_into(self, index: int, out: torch.Tensor) -> None:
+        """Read layer `index`'s data section into the host uint8 tensor `out` (its first bytes)."""
+        layout = self.layouts[index]
+        path = self.path(index)
+        target = memoryview(out.numpy())[: layout.data_bytes]
+        try:
+            with open(path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != layout.file_bytes:
+                    raise CacheError(f"{path}: truncated layer file ({size} bytes, expected {layout.file_bytes})")
+                f.seek(layout.header_bytes)
+                got = 0
+                while got < layout.data_bytes:
+                    n = f.readinto(target[got:])
+                    if not n:
+                        raise CacheError(f"{path}: truncated layer file (read {got} of {layout.data_bytes} data bytes)")
+                    got += n
+        except FileNotFoundError:
+            raise CacheError(f"{path}: layer file is missing") from None
+
+
+def _progress(items, desc: str, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+    items = list(items)
+    return tqdm(items, desc=desc, unit="layer", leave=False, disable=len(items) < 2)
+
+
+def trim_host_memory() -> None:
+    """Hand freed heap pages back to the OS, so a process's RSS shows what was released."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
+# --------------------------------------------------------------------------- stubs and controller
+
+class OffloadedLayer(nn.Module):
+    """Stands in for decoder layer `index` in the model's layer list.
+
+    Its weights are on disk; the layer object itself (attributes, layer_idx, hooks) is kept
+    by the controller and reachable through attribute fallback, so code that inspects
+    ``model.model.layers[i].self_attn.layer_idx`` still sees the real value.
+    """
+
+    def __init__(self, controller: "OffloadController", index: int, layer: nn.Module):
+        super().__init__()
+        self.index = index
+        self.__dict__["_controller"] = controller  # plain attributes: not submodules, so
+        self.__dict__["_layer"] = layer            # state_dict()/to() never touch them
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self._controller._on_stub(self.index, hidden_states, args, kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_layer"], name)
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, offloaded"
+
+
+_LAYER_PATHS = ("model.layers", "model.language_model.layers", "layers")
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    for path in _LAYER_PATHS:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    raise ValueError(
+        f"unsupported model {type(model).__name__}: expected its decoder layers in an nn.ModuleList "
+        f"at one of {', '.join('model.' + p for p in _LAYER_PATHS)}")
+
+
+class OffloadController:
+    """Owns the offloaded layers: their files, when they are on the device, and the counts.
+
+    Residency: layers in `keep` (all of them in ``session`` mode, those that fit
+    `budget_bytes` in ``stream`` mode) get a buffer of their own when first used and keep
+    it until ``standby()``; the others are read into one reusable slot just before they are
+    computed and released right after.
+    """
+
+    def __init__(self, model, layer_list, offloaded, store, alphas, mode, budget_bytes, device):
+        self.model = model
+        self.offloaded_layers: list[int] = list(offloaded)
+        self.mode = mode
+        self.device = device
+        self._layer_list = layer_list
+        self._store = store
+        self._alphas = alphas
+        self._layers = {i: layer_list[i] for i in offloaded}
+        self._refs = {i: layer_tensor_refs(layer_list[i]) for i in offloaded}
+        self._run_start = {i for i in offloaded if i - 1 not in self._layers}
+        self._run_end = {i for i in offloaded if i + 1 not in self._layers}
+        self.layer_bytes = {i: store.layouts[i].data_bytes for i in offloaded}
+        self.keep = self._fit_budget(budget_bytes) if mode == "stream" else set(offloaded)
+        self._own: dict[int, torch.Tensor] = {}   # flat buffers of kept layers
+        self._slot: torch.Tensor | None = None    # reusable buffer for streamed layers
+        self._staging: torch.Tensor | None = None  # pinned host buffer (CUDA only)
+        self._in_session = False
+        self._pending: list = []
+        self._pending_input = None
+        self._patched = True
+        self._model_bytes = 0
+        self.reset_stats()
+
+    # ---- public API
+    def standby(self) -> None:
+        """Drop every offloaded layer from the device: only resident layers remain."""
+        for i in list(self._own):
+            self._unbind(i)
+        self._own.clear()
+        self._slot = None
+        self._staging = None
+        self._pending, self._pending_input = [], None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        else:
+            trim_host_memory()
+
+    @contextlib.contextmanager
+    def session(self):
+        """Load all offloaded layers on entry, keep them for the whole block, standby() on exit."""
+        self._in_session = True
+        try:
+            for i in self.offloaded_layers:
+                self._acquire(i)
+            yield self
+        finally:
+            self._in_session = False
+            self.standby()
+
+    def resident_bytes(self) -> int:
+        """Bytes of weights and buffers on the compute device: the model's resident tensors
+        (NF4 as packed data plus quant-state tensors) and the offloaded layers' buffers that
+        are materialised now. Each storage is counted once."""
+        self._model_bytes = tensor_bytes(module_tensors(self.model), self.device)
+        return self._model_bytes + self._buffer_bytes()
+
+    def stats(self) -> dict:
+        return dict(self._stats, peak_resident_bytes=self._peak_bytes)
+
+    def reset_stats(self) -> None:
+        self._stats = {"loads": 0, "loaded_bytes": 0, "load_s": 0.0}
+        self._peak_bytes = self.resident_bytes()
+
+    def unpatch(self) -> nn.Module:
+        """Put the original layers back, each tensor in a storage of its own, and return the model."""
+        self.standby()
+        for i, layer in self._layers.items():
+            flat = self._load(i, torch.empty(self.layer_bytes[i], dtype=torch.uint8, device=self.device))
+            for name, view in self._store.layouts[i].views(flat).items():
+                self._refs[i][name].set(view.clone())
+            self._layer_list[i] = layer
+        self._patched = False
+        return self.model
+
+    # ---- stubs
+    def _on_stub(self, i: int, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+        if not self._patched:
+            raise RuntimeError("this OffloadController was unpatched; its stubs must not run")
+        if i in self._run_start:
+            self._pending, self._pending_input = [], x
+        elif x is not self._pending_input:
+            raise RuntimeError(
+                f"offloaded layer {i}: its input is not the hidden state its run started with; "
+                "the model changes hidden states between layers, which parallel residuals do not support")
+        self._pending.append((i, args, kwargs))
+        if i not in self._run_end:
+            return x
+        pending, self._pending, self._pending_input = self._pending, [], None
+        return self._inject(x, pending)
+
+    def _inject(self, x: torch.Tensor, pending: list) -> torch.Tensor:
+        x32 = x.float()
+        if len(pending) == 1:
+            i, args, kwargs = pending[0]
+            # lerp(x, y, 1) is y and lerp(x, y, 0) is x, exactly; x + (y - x) is not.
+            return torch.lerp(x32, self._compute(i, x, args, kwargs).float(), self._alphas[i]).to(x.dtype)
+        out = x32.clone()
+        for i, args, kwargs in pending:
+            out += self._alphas[i] * (self._compute(i, x, args, kwargs).float() - x32)
+        return out.to(x.dtype)
+
+    def _compute(self, i: int, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+        layer = self._acquire(i)
+        try:
+            out = layer(x, *args, **kwargs)
+        finally:
+            if i not in self._own:
+                self._unbind(i)
+        return out[0] if isinstance(out, tuple) else out
+
+    # ---- residency
+    def _fit_budget(self, budget_bytes: int) -> set[int]:
+        keep, used = set(), 0
+        for i in self.offloaded_layers:  # forward order: the first layers that fit stay
+            if used + self.layer_bytes[i] <= budget_bytes:
+                keep.add(i)
+                used += self.layer_bytes[i]
+        return keep
+
+    def _acquire(self, i: int) -> nn.Module:
+        if i in self._own:
+            return self._layers[i]
+        if i in self.keep or self._in_session:
+            flat = torch.empty(self.layer_bytes[i], dtype=torch.uint8, device=self.device)
+            self._own[i] = flat
+        else:
+            if self._slot is None:
+                size = max(self.layer_bytes[j] for j in self.offloaded_layers if j not in self.keep)
+                self._slot = torch.empty(size, dtype=torch.uint8, device=self.device)
+            flat = self._slot
+        self._load(i, flat)
+        self._bind(i, flat)
+        self._note_peak()
+        return self._layers[i]
+
+    def _load(self, i: int, flat: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        n = self.layer_bytes[i]
+        if self.device.type == "cpu":
+            self._store.read_into(i, flat)
+        else:
+            if self._staging is None or self._staging.numel() < n:
+                self._staging = torch.empty(max(self.layer_bytes.values()), dtype=torch.uint8, pin_memory=True)
+            self._store.read_into(i, self._staging)
+            flat[:n].copy_(self._staging[:n], non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()  # the staging buffer is reused next
+        self._stats["loads"] += 1
+        self._stats["loaded_bytes"] += n
+        self._stats["load_s"] += time.perf_counter() - start
+        return flat
+
+    def _bind(self, i: int, flat: torch.Tensor) -> None:
+        refs = self._refs[i]
+        for name, view in self._store.layouts[i].views(flat).items():
+            refs[name].set(view)
+
+    def _unbind(self, i: int) -> None:
+        for ref in self._refs[i].values():
+            ref.set(_placeholder(ref.get().dtype, self.device))
+
+    def _buffer_bytes(self) -> int:
+        return sum(t.numel() for t in self._own.values()) + (self._slot.numel() if self._slot is not None else 0)
+
+    def _note_peak(self) -> None:
+        if not self._model_bytes:
+            self._model_bytes = tensor_bytes(module_tensors(self.model), self.device)
+        self._peak_bytes = max(self._peak_bytes, self._model_bytes + self._buffer_bytes())
+
+
+_PLACEHOLDERS: dict[tuple, torch.Tensor] = {}
+
+
+def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty tensor that keeps a slot typed while its layer is on disk."""
+    key = (dtype, str(device))
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = torch.empty(0, dtype=dtype, device=device)
+    return _PLACEHOLDERS[key]
+
+
+# --------------------------------------------------------------------------- entry point
+
+def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode: str = "session",
+                budget_bytes: int = 0, progress: bool = True) -> OffloadController:
+    """Offload `layers` of `model` to `cache_dir` and replace them by stubs, in place.
+
+    layers: a list of indices or a select_layers pattern (``even``, ``every:3``, ``2-10``).
+    alpha: a float, or a dict {layer index: alpha} (layers not named get 1.0).
+    mode: ``session`` keeps a layer on the device from its first use until standby();
+    ``stream`` loads it just before use and releases it right after, except those that
+    fit in `budget_bytes`, which are kept like in a session.
+    """
+    if mode not in ("session", "stream"):
+        raise ValueError(f"mode must be 'session' or 'stream', got {mode!r}")
+    if budget_bytes < 0:
+        raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+    layer_list = find_decoder_layers(model)
+    if any(isinstance(layer, OffloadedLayer) for layer in layer_list):
+        raise ValueError("model is already patched; call unpatch() on its controller first")
+    offloaded = select_layers(len(layer_list), layers) if isinstance(layers, str) else sorted(set(layers))
+    if not offloaded or offloaded[0] < 0 or offloaded[-1] >= len(layer_list):
+        raise ValueError(f"layers {layers!r} are not valid indices of a {len(layer_list)}-layer model")
+    alphas = _alphas(alpha, offloaded)
+    device = next(layer_list[offloaded[0]].parameters()).device
+    if device.type == "cpu":
+        for i in offloaded:
+            prepack_nf4_for_cpu(layer_list[i])
+    tensors = {i: {name: ref.get() for name, ref in layer_tensor_refs(layer_list[i]).items()} for i in offloaded}
+    _check_not_shared(model, layer_list, tensors)
+    store = LayerStore(cache_dir, *model_fingerprint(model, device))
+    store.sync(tensors, progress=progress)
+    del tensors
+    controller = OffloadController(model, layer_list, offloaded, store, alphas, mode, budget_bytes, device)
+    for i in offloaded:
+        controller._unbind(i)
+        layer_list[i] = OffloadedLayer(controller, i, controller._layers[i])
+    controller.standby()
+    controller.reset_stats()
+    return controller
+
+
+def _alphas(alpha, offloaded: list[int]) -> dict[int, float]:
+    if isinstance(alpha, dict):
+        unknown = sorted(set(alpha) - set(offloaded))
+        if unknown:
+            raise ValueError(f"alpha names layers that are not offloaded: {unknown}")
+        return {i: float(alpha.get(i, 1.0)) for i in offloaded}
+    return {i: float(alpha) for i in offloaded}
+
+
+def _check_not_shared(model: nn.Module, layer_list: nn.ModuleList, tensors: dict) -> None:
+    """Refuse to offload a tensor that a resident module also holds (tied weights): it would
+    stay in memory anyway and come back as a second copy."""
+    offloaded_modules = {id(m) for i in tensors for m in layer_list[i].modules()}
+    owners: dict[tuple, str] = {}
+    for mod_name, mod in model.named_modules():
+        if id(mod) in offloaded_modules:
+            continue
+        for name, ref in _own_tensor_refs(mod, f"{mod_name}." if mod_name else "").items():
+            tensor = ref.get()
+            if tensor.numel():
+                owners[_storage_key(tensor)] = name
+    for i, named in tensors.items():
+        for name, tensor in named.items():
+            if not tensor.numel():
+                continue
+            key = _storage_key(tensor)
+            if key in owners:
+                raise ValueError(f"layer {i} tensor {name} shares storage with {owners[key]}; "
+                                 "tied or shared tensors cannot be offloaded")
+            owners[key] = f"layer {i} tensor {name}"
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
+    return str(tensor.device), tensor.untyped_storage().data_ptr()
