@@ -1,0 +1,381 @@
+"""The core's contract: selection, exactness, parallel residuals, residency, the layer store."""
+import json
+
+import pytest
+import torch
+from conftest import ARCHS, N_LAYERS, make_model, tiny_model
+from safetensors import safe_open
+from torch import nn
+
+import offload_skip as osk
+from offload_skip import CacheError, patch_model, select_layers
+
+KINDS = [f"{arch}-{dtype}" for arch in ARCHS for dtype in ("fp32", "bf16")] + ["nf4"]
+
+
+# --------------------------------------------------------------------------- selection
+
+@pytest.mark.parametrize("num_layers, pattern, expected", [
+    (36, "even", list(range(2, 33, 2))),           # the original experiment: 2, 4, ..., 32
+    (36, "odd", list(range(3, 33, 2))),
+    (36, "every:3", list(range(2, 33, 3))),         # 2, 5, ..., 32
+    (36, "every:1", list(range(2, 33))),
+    (30, "even", list(range(2, 27, 2))),            # SmolLM2-135M: 13 layers
+    (8, "even", [2, 4]),
+    (8, " EVEN ", [2, 4]),
+    (36, "2,4,7", [2, 4, 7]),
+    (36, "2-10,14", list(range(2, 11)) + [14]),
+    (36, "0,35", [0, 35]),                          # explicit lists may name any index
+    (36, "7, 3", [3, 7]),
+    (36, "5-5", [5]),
+])
+def test_select_layers(num_layers, pattern, expected):
+    assert select_layers(num_layers, pattern) == expected
+
+
+def test_select_layers_band_arguments():
+    assert select_layers(10, "even", keep_first=0, keep_last=0) == [0, 2, 4, 6, 8]
+    assert select_layers(10, "every:4", keep_first=1, keep_last=1) == [1, 5]
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("", "layer pattern is empty"),
+    ("36", "layer 36 is out of range (model has layers 0..35)"),
+    ("2,4,2", "layer 2 is named twice"),
+    ("2-6,5", "layer 5 is named twice"),
+    ("10-4", "range 10-4 is reversed"),
+    ("every:0", "every:K needs a whole number K >= 1"),
+    ("every:x", "every:K needs a whole number K >= 1"),
+    ("2,,4", "cannot read ''"),
+    ("-3", "cannot read '-3'"),
+    ("evens", "cannot read 'evens'"),
+    ("1.5", "cannot read '1.5'"),
+])
+def test_select_layers_rejects(pattern, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        select_layers(36, pattern)
+
+
+def test_select_layers_empty_band():
+    with pytest.raises(ValueError, match="selects no layers of a 5-layer model"):
+        select_layers(5, "odd")
+
+
+# --------------------------------------------------------------------------- exactness
+
+def _logits(model, ids):
+    with torch.no_grad():  # no cache: hooks below re-run layers with the captured arguments
+        return model(ids, use_cache=False).logits
+
+
+def _greedy(model, ids, n=8):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                              pad_token_id=0)
+
+
+@pytest.mark.parametrize("mode", ["session", "stream"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_alpha_one_is_bit_identical(kind, mode, tmp_path, prompt_ids):
+    model = make_model(kind, tmp_path)
+    logits, tokens = _logits(model, prompt_ids), _greedy(model, prompt_ids)
+    ctl = patch_model(model, "even", tmp_path / "cache", mode=mode, progress=False)
+    assert [type(layer).__name__ == "OffloadedLayer" for layer in model.model.layers] == \
+        [i in (2, 4) for i in range(N_LAYERS)]
+    assert torch.equal(_logits(model, prompt_ids), logits)
+    assert torch.equal(_greedy(model, prompt_ids), tokens)  # KV cache on, through model.generate
+    ctl.standby()
+    assert torch.equal(_logits(model, prompt_ids), logits)  # and again from disk
+
+
+@pytest.mark.parametrize("kind", ["llama-fp32", "gemma3-bf16"])
+def test_session_context_keeps_layers_loaded(kind, tmp_path, prompt_ids):
+    model = make_model(kind, tmp_path)
+    logits = _logits(model, prompt_ids)
+    ctl = patch_model(model, "even", tmp_path / "cache", mode="stream", progress=False)
+    standby = ctl.resident_bytes()
+    with ctl.session():
+        assert ctl.resident_bytes() > standby
+        loads = ctl.stats()["loads"]
+        assert torch.equal(_logits(model, prompt_ids), logits)
+        assert ctl.stats()["loads"] == loads  # nothing read from disk inside the session
+    assert ctl.resident_bytes() == standby
+
+
+class Skip(nn.Module):
+    """A removed layer: returns its input."""
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@pytest.mark.parametrize("pattern", ["even", "2,3", "5-7"])
+@pytest.mark.parametrize("kind", ["qwen2-fp32", "gemma3-bf16", "nf4"])
+def test_alpha_zero_is_layer_removal(kind, pattern, tmp_path, prompt_ids):
+    model = make_model(kind, tmp_path)
+    ctl = patch_model(model, pattern, tmp_path / "cache", alpha=0.0, mode="stream", progress=False)
+    patched = _logits(model, prompt_ids)
+    ctl.unpatch()
+    for i in select_layers(N_LAYERS, pattern):
+        model.model.layers[i] = Skip()
+    assert torch.equal(patched, _logits(model, prompt_ids))
+
+
+@pytest.mark.parametrize("kind", ["llama-fp32", "gemma3-bf16"])
+def test_consecutive_layers_are_parallel_residuals(kind, tmp_path, prompt_ids):
+    """Layers 2 and 3 offloaded: layer 4 receives x + a2 (L2(x) - x) + a3 (L3(x) - x), x = input of layer 2."""
+    model = make_model(kind, tmp_path)
+    alpha = {2: 0.75, 3: 0.5}
+    seen = {}
+
+    def capture(name):
+        def hook(module, args, kwargs):
+            seen[name] = (args, kwargs)
+        return hook
+
+    handles = [model.model.layers[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in (2, 3)]
+    _logits(model, prompt_ids)
+    for h in handles:
+        h.remove()
+    (x,), kwargs2 = seen[2]
+    _, kwargs3 = seen[3]
+    with torch.no_grad():
+        y2 = model.model.layers[2](x, **kwargs2)
+        y3 = model.model.layers[3](x, **kwargs3)  # layer 3 reads layer 2's input, not its output
+    x32 = x.float()
+    expected = (x32 + alpha[2] * (y2.float() - x32) + alpha[3] * (y3.float() - x32)).to(x.dtype)
+
+    patch_model(model, "2,3", tmp_path / "cache", alpha=alpha, progress=False)
+    handle = model.model.layers[4].register_forward_pre_hook(capture(4), with_kwargs=True)
+    _logits(model, prompt_ids)
+    handle.remove()
+    assert torch.equal(seen[4][0][0], expected)
+
+
+@pytest.mark.parametrize("kind", ["llama-fp32", "gemma3-bf16", "nf4"])
+def test_offloaded_last_layer(kind, tmp_path, prompt_ids):
+    model = make_model(kind, tmp_path)
+    logits, tokens = _logits(model, prompt_ids), _greedy(model, prompt_ids)
+    patch_model(model, f"3,{N_LAYERS - 1}", tmp_path / "cache", mode="stream", progress=False)
+    assert torch.equal(_logits(model, prompt_ids), logits)  # flushed before the final norm
+    assert torch.equal(_greedy(model, prompt_ids), tokens)
+
+
+def test_single_layer_alpha_uses_lerp(tmp_path, prompt_ids):
+    """One pending layer: the next layer gets lerp(x, L(x), alpha)."""
+    model = make_model("llama-bf16", tmp_path)
+    seen = {}
+    handle = model.model.layers[2].register_forward_pre_hook(
+        lambda m, a, k: seen.setdefault("in", (a, k)), with_kwargs=True)
+    _logits(model, prompt_ids)
+    handle.remove()
+    (x,), kwargs = seen["in"]
+    with torch.no_grad():
+        expected = torch.lerp(x.float(), model.model.layers[2](x, **kwargs).float(), 0.3).to(x.dtype)
+    patch_model(model, "2", tmp_path / "cache", alpha=0.3, progress=False)
+    model.model.layers[3].register_forward_pre_hook(lambda m, a, k: seen.__setitem__("out", a[0]), with_kwargs=True)
+    _logits(model, prompt_ids)
+    assert torch.equal(seen["out"], expected)
+
+
+def test_unpatch_restores_the_model(tmp_path, prompt_ids):
+    model = make_model("gemma3-bf16", tmp_path)
+    originals = list(model.model.layers)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    logits = _logits(model, prompt_ids)
+    ctl = patch_model(model, "even", tmp_path / "cache", mode="stream", progress=False)
+    _logits(model, prompt_ids)
+    assert ctl.unpatch() is model
+    assert list(model.model.layers) == originals
+    restored = model.state_dict()
+    assert restored.keys() == state.keys() and all(torch.equal(restored[k], state[k]) for k in state)
+    assert torch.equal(_logits(model, prompt_ids), logits)
+    with pytest.raises(RuntimeError, match="unpatched"):
+        ctl._on_stub(2, prompt_ids, (), {})
+
+
+def test_offloaded_layer_keeps_its_attributes(tmp_path):
+    model = make_model("qwen2-fp32", tmp_path)
+    patch_model(model, "even", tmp_path / "cache", progress=False)
+    stub = model.model.layers[4]
+    assert stub.index == 4 and stub.self_attn.layer_idx == 4
+    assert not any(k.startswith("model.layers.4.") for k in model.state_dict())
+
+
+# --------------------------------------------------------------------------- memory
+
+def _layer_bytes(model, indices):
+    return sum(osk.tensor_bytes(osk.module_tensors(model.model.layers[i])) for i in indices)
+
+
+@pytest.mark.parametrize("kind", ["llama-fp32", "qwen2-bf16", "gemma3-fp32", "nf4"])
+def test_resident_bytes_drop_by_the_offloaded_layers(kind, tmp_path, prompt_ids):
+    model = make_model(kind, tmp_path)
+    before = osk.tensor_bytes(osk.module_tensors(model))
+    offloaded = _layer_bytes(model, [2, 4])
+    ctl = patch_model(model, "even", tmp_path / "cache", mode="session", progress=False)
+    assert ctl.resident_bytes() == before - offloaded
+    _logits(model, prompt_ids)
+    assert ctl.resident_bytes() > before - offloaded  # session: loaded until standby
+    ctl.standby()
+    if kind != "nf4":  # NF4 resident layers repack themselves on the first CPU forward
+        assert ctl.resident_bytes() == before - offloaded
+    for i in (2, 4):  # no offloaded tensor is left behind
+        assert all(t.numel() == 0 for t in osk.module_tensors(model.model.layers[i]._layer))
+
+
+def test_stream_peak_counts_one_slot(tmp_path, prompt_ids):
+    model = make_model("llama-fp32", tmp_path)
+    ctl = patch_model(model, "even", tmp_path / "cache", mode="stream", progress=False)
+    standby = ctl.resident_bytes()
+    _logits(model, prompt_ids)
+    stats = ctl.stats()
+    assert stats["loads"] == 2 and stats["loaded_bytes"] == sum(ctl.layer_bytes.values())
+    assert stats["peak_resident_bytes"] == standby + max(ctl.layer_bytes.values())
+
+
+@pytest.mark.parametrize("budget_layers, kept", [(0, set()), (1, {2}), (2, {2, 4}), (9, {2, 4})])
+def test_budget_keeps_the_first_layers_that_fit(budget_layers, kept, tmp_path, prompt_ids):
+    model = make_model("llama-fp32", tmp_path)
+    logits = _logits(model, prompt_ids)
+    one = _layer_bytes(model, [2])
+    ctl = patch_model(model, "even", tmp_path / "cache", mode="stream", budget_bytes=budget_layers * one + 100,
+                      progress=False)
+    assert ctl.keep == kept
+    assert torch.equal(_logits(model, prompt_ids), logits)
+    assert torch.equal(_logits(model, prompt_ids), logits)
+    assert ctl.stats()["loads"] == len(kept) + 2 * (2 - len(kept))  # kept layers are read once
+
+
+def test_tied_tensor_is_refused(tmp_path):
+    model = make_model("llama-fp32", tmp_path)
+    model.model.layers[2].mlp.up_proj.weight = model.model.layers[1].mlp.up_proj.weight
+    with pytest.raises(ValueError, match="layer 2 tensor mlp.up_proj.weight shares storage with "
+                                         "model.layers.1.mlp.up_proj.weight"):
+        patch_model(model, "even", tmp_path / "cache", progress=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="lazy"), "mode must be 'session' or 'stream'"),
+    (dict(budget_bytes=-1), "budget_bytes must be >= 0"),
+    (dict(alpha={3: 0.5}), r"alpha names layers that are not offloaded: \[3\]"),
+    (dict(layers=[2, 8]), "are not valid indices of a 8-layer model"),
+    (dict(layers="every:0"), "every:K"),
+])
+def test_patch_model_rejects(kwargs, message, tmp_path):
+    model = make_model("llama-fp32", tmp_path)
+    kwargs = {"layers": "even", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        patch_model(model, cache_dir=tmp_path / "cache", progress=False, **kwargs)
+
+
+def test_unsupported_model_and_double_patch(tmp_path):
+    with pytest.raises(ValueError, match="unsupported model Linear: expected its decoder layers"):
+        patch_model(nn.Linear(2, 2), "even", tmp_path)
+    model = make_model("llama-fp32", tmp_path)
+    patch_model(model, "even", tmp_path / "cache", progress=False)
+    with pytest.raises(ValueError, match="already patched"):
+        patch_model(model, "odd", tmp_path / "cache", progress=False)
+
+
+# --------------------------------------------------------------------------- the layer store
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64,
+                                   torch.float64, torch.bool])
+def test_layer_file_round_trip(dtype, tmp_path):
+    torch.manual_seed(0)
+    tensors = {
+        "w": (torch.randn(7, 5) * 100).to(dtype),
+        "scalar": torch.tensor(3).to(dtype),
+        "row": (torch.randn(3) * 100).to(dtype),
+        "bytes": torch.randint(0, 255, (13,), dtype=torch.uint8),
+    }
+    layout, chunks = osk.serialize_layer(tensors)
+    path = tmp_path / "layer.safetensors"
+    osk._atomic_write(path, chunks)
+    assert osk.read_layout(path) == layout
+    assert all(e.start % osk.ALIGN_BYTES == 0 for e in layout.entries.values())
+    flat = torch.empty(layout.data_bytes, dtype=torch.uint8)
+    store = osk.LayerStore(tmp_path, "", {})
+    store.dir, store.layouts[0] = tmp_path, layout
+    store.path = lambda i: path
+    store.read_into(0, flat)
+    for name, view in layout.views(flat).items():
+        assert view.dtype == tensors[name].dtype and torch.equal(view, tensors[name])
+    with safe_open(path, "pt") as f:  # a valid safetensors file for any reader
+        assert {k for k in f.keys() if not k.startswith("__pad__")} == set(tensors)
+        for name in tensors:
+            assert torch.equal(f.get_tensor(name), tensors[name])
+
+
+def test_cache_is_reused(tmp_path, prompt_ids):
+    model = make_model("llama-fp32", tmp_path)
+    logits = _logits(model, prompt_ids)
+    ctl = patch_model(model, "even", tmp_path / "cache", progress=False)
+    assert ctl._store.written == [2, 4]
+    files = {p.name: p.stat().st_mtime_ns for p in ctl._store.dir.iterdir()}
+    manifest = json.loads((ctl._store.dir / "manifest.json").read_text())
+    assert sorted(manifest["layers"]) == ["2", "4"]
+    assert manifest["layers"]["2"]["tensors"]["mlp.up_proj.weight"] == {"dtype": "F32", "shape": [128, 64]}
+    ctl.unpatch()
+    again = patch_model(model, "even", tmp_path / "cache", progress=False)
+    assert again._store.written == []
+    assert {p.name: p.stat().st_mtime_ns for p in again._store.dir.iterdir()} == files
+    assert torch.equal(_logits(model, prompt_ids), logits)
+
+
+def test_cache_of_another_model_is_not_reused(tmp_path, prompt_ids):
+    first = make_model("llama-fp32", tmp_path)
+    ctl = patch_model(first, "even", tmp_path / "cache", progress=False)
+    # same name and config, other weights: the same folder, rewritten
+    second = tiny_model("llama", seed=7)
+    logits = _logits(second, prompt_ids)
+    ctl2 = patch_model(second, "even", tmp_path / "cache", progress=False)
+    assert ctl2._store.dir == ctl._store.dir and ctl2._store.written == [2, 4]
+    assert torch.equal(_logits(second, prompt_ids), logits)
+    # another config or dtype: another folder
+    third = tiny_model("llama", dtype=torch.bfloat16)
+    assert patch_model(third, "even", tmp_path / "cache", progress=False)._store.dir != ctl._store.dir
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:-10]), "truncated layer file"),
+    (lambda p: p.unlink(), "layer file is missing"),
+])
+def test_damaged_file_is_named_at_load(damage, message, tmp_path, prompt_ids):
+    model = make_model("llama-fp32", tmp_path)
+    ctl = patch_model(model, "even", tmp_path / "cache", mode="stream", progress=False)
+    path = ctl._store.path(4)
+    damage(path)
+    with pytest.raises(CacheError, match=f"{path}: {message}"):
+        _logits(model, prompt_ids)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:-10]), "truncated layer file"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-1] + b"\x01"), "corrupt layer file"),
+    (lambda p: p.unlink(), "layer file is missing"),
+])
+def test_damaged_file_is_named_when_reused(damage, message, tmp_path):
+    model = make_model("llama-fp32", tmp_path)
+    ctl = patch_model(model, "even", tmp_path / "cache", progress=False)
+    path = ctl._store.path(2)
+    ctl.unpatch()
+    damage(path)
+    with pytest.raises(CacheError, match=f"{path}: {message}"):
+        patch_model(model, "even", tmp_path / "cache", progress=False)
+
+
+def test_corrupt_manifest_is_named(tmp_path):
+    model = make_model("llama-fp32", tmp_path)
+    ctl = patch_model(model, "even", tmp_path / "cache", progress=False)
+    ctl.unpatch()
+    ctl._store.manifest_path.write_text("{not json")
+    with pytest.raises(CacheError, match="manifest.json: corrupt manifest"):
+        patch_model(model, "even", tmp_path / "cache", progress=False)
+
+
+def test_writes_leave_no_temporary_files(tmp_path):
+    model = make_model("llama-fp32", tmp_path)
+    ctl = patch_model(model, "even", tmp_path / "cache", progress=False)
+    assert sorted(p.name for p in ctl._store.dir.iterdir()) == \
+        ["layer_2.safetensors", "layer_4.safetensors", "manifest.json"]
