@@ -20,13 +20,16 @@ accounting) and ``patch_model``. No CLI here: the scripts live in run_*.py.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import hashlib
 import json
 import os
 import re
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -493,20 +496,161 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
         f"at one of {', '.join('model.' + p for p in _LAYER_PATHS)}")
 
 
+def throttle_delay_s(nbytes: int, io_bandwidth: float | None, elapsed_s: float) -> float:
+    """How long a read of `nbytes` that took `elapsed_s` must still wait to look like storage
+    of `io_bandwidth` bytes/s (None: no throttle)."""
+    if not io_bandwidth:
+        return 0.0
+    return max(0.0, nbytes / io_bandwidth - elapsed_s)
+
+
+def read_layer(store: LayerStore, i: int, flat: torch.Tensor, staging: torch.Tensor | None,
+               io_bandwidth: float | None, copy_stream=None) -> float:
+    """Read layer `i` into the device buffer `flat`; returns the seconds spent.
+
+    On CPU the file is read straight into `flat`. On CUDA it is read into the pinned
+    `staging` buffer and copied asynchronously on `copy_stream` (the current stream if
+    None); the caller orders that copy against compute with events. The throttle sleeps,
+    so an emulated slow disk costs time but no CPU.
+    """
+    start = time.perf_counter()
+    n = store.layouts[i].data_bytes
+    if staging is None:
+        store.read_into(i, flat)
+    else:
+        store.read_into(i, staging)
+    time.sleep(throttle_delay_s(n, io_bandwidth, time.perf_counter() - start))
+    if staging is not None:
+        with torch.cuda.stream(copy_stream or torch.cuda.current_stream(flat.device)):
+            flat[:n].copy_(staging[:n], non_blocking=True)
+    return time.perf_counter() - start
+
+
+class LayerStreamer:
+    """Streams layers through `depth + 1` reusable device slots, reading `depth` ahead.
+
+    `order` is the order the forward pass needs the streamed layers in; it wraps around,
+    so while the last layers of one token compute, the first ones of the next are read.
+    With depth 0 every read happens in the caller's thread, just in time. A background
+    read that fails re-raises in the caller when that layer is needed.
+    """
+
+    def __init__(self, store: LayerStore, order: list[int], device: torch.device, depth: int,
+                 io_bandwidth: float | None, stats: dict, lock: threading.Lock):
+        self.store, self.order, self.device, self.depth = store, order, device, depth
+        self.io_bandwidth, self.stats, self.lock = io_bandwidth, stats, lock
+        self.position = {i: k for k, i in enumerate(order)}
+        slot_bytes = max(store.layouts[i].data_bytes for i in order)
+        n_slots = depth + 1
+        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(n_slots)]
+        cuda = device.type == "cuda"
+        self.staging = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) if cuda else None
+                        for _ in range(n_slots)]
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self.copied = [None] * n_slots  # CUDA events: slot's copy done (and its staging reusable)
+        self.freed = [None] * n_slots   # CUDA events: compute done with the slot's previous layer
+        self.free_slots = collections.deque(range(n_slots))
+        self.jobs: dict[int, tuple[int, Future | None]] = {}  # layer -> (slot, pending read)
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="layer-reader") if depth else None
+
+    @property
+    def slot_bytes(self) -> int:
+        return sum(slot.numel() for slot in self.slots)
+
+    def acquire(self, i: int) -> torch.Tensor:
+        if i not in self.jobs:  # not read ahead: first use, or an order we did not foresee
+            self._drain()
+            self._start(i, background=False)
+        slot, job = self.jobs[i]
+        if job is not None:
+            start = time.perf_counter()
+            try:
+                job.result()
+            except BaseException:
+                self.jobs.pop(i)
+                self.free_slots.append(slot)
+                raise
+            finally:
+                self._count("wait_s", time.perf_counter() - start)
+        if self.copied[slot] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
+        self._read_ahead(i)
+        return self.slots[slot]
+
+    def release(self, i: int) -> None:
+        slot, _ = self.jobs.pop(i)
+        if self.device.type == "cuda":
+            self.freed[slot] = torch.cuda.current_stream(self.device).record_event()
+        self.free_slots.append(slot)
+        self._read_ahead(i)
+
+    def close(self) -> None:
+        self._drain()
+        if self.reader is not None:
+            self.reader.shutdown(wait=True, cancel_futures=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _read_ahead(self, i: int) -> None:
+        if self.reader is None:
+            return
+        k = self.position[i]
+        for step in range(1, self.depth + 1):
+            j = self.order[(k + step) % len(self.order)]
+            if j in self.jobs:
+                continue
+            if not self.free_slots:
+                break
+            self._start(j, background=True)
+
+    def _start(self, i: int, background: bool) -> None:
+        slot = self.free_slots.popleft()
+        if background:
+            self.jobs[i] = (slot, self.reader.submit(self._read, i, slot))
+        else:
+            self.jobs[i] = (slot, None)
+            self._count("wait_s", self._read(i, slot))  # compute waits for all of it
+
+    def _read(self, i: int, slot: int) -> float:
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()  # the staging buffer's last copy must be done
+        if self.freed[slot] is not None:
+            self.copy_stream.wait_event(self.freed[slot])
+        seconds = read_layer(self.store, i, self.slots[slot], self.staging[slot], self.io_bandwidth,
+                             self.copy_stream)
+        if self.copy_stream is not None:
+            self.copied[slot] = self.copy_stream.record_event()
+        self._count("load_s", seconds, loads=1, loaded_bytes=self.store.layouts[i].data_bytes)
+        return seconds
+
+    def _drain(self) -> None:
+        for i, (slot, job) in list(self.jobs.items()):
+            if job is not None and not job.cancel():
+                with contextlib.suppress(Exception):  # re-raised if that layer is asked for
+                    job.result()
+            self.free_slots.append(slot)
+        self.jobs.clear()
+
+    def _count(self, key: str, seconds: float, **counts) -> None:
+        with self.lock:
+            self.stats[key] += seconds
+            for name, n in counts.items():
+                self.stats[name] += n
+
+
 class OffloadController:
     """Owns the offloaded layers: their files, when they are on the device, and the counts.
 
     Residency: layers in `keep` (all of them in ``session`` mode, those that fit
     `budget_bytes` in ``stream`` mode) get a buffer of their own when first used and keep
-    it until ``standby()``; the others are read into one reusable slot just before they are
-    computed and released right after.
+    it until ``standby()``; the others go through a LayerStreamer, `prefetch` layers ahead.
     """
 
-    def __init__(self, model, layer_list, offloaded, store, alphas, mode, budget_bytes, device):
+    def __init__(self, model, layer_list, offloaded, store, alphas, mode, budget_bytes, device,
+                 prefetch=2, io_bandwidth=None):
         self.model = model
         self.offloaded_layers: list[int] = list(offloaded)
-        self.mode = mode
-        self.device = device
+        self.mode, self.device, self.prefetch, self.io_bandwidth = mode, device, prefetch, io_bandwidth
         self._layer_list = layer_list
         self._store = store
         self._alphas = alphas
@@ -516,23 +660,29 @@ class OffloadController:
         self._run_end = {i for i in offloaded if i + 1 not in self._layers}
         self.layer_bytes = {i: store.layouts[i].data_bytes for i in offloaded}
         self.keep = self._fit_budget(budget_bytes) if mode == "stream" else set(offloaded)
-        self._own: dict[int, torch.Tensor] = {}   # flat buffers of kept layers
-        self._slot: torch.Tensor | None = None    # reusable buffer for streamed layers
-        self._staging: torch.Tensor | None = None  # pinned host buffer (CUDA only)
+        self._own: dict[int, torch.Tensor] = {}  # flat buffers of kept layers
+        self._streamer: LayerStreamer | None = None
+        self._staging: torch.Tensor | None = None  # pinned host buffer for kept layers (CUDA)
         self._in_session = False
         self._pending: list = []
         self._pending_input = None
         self._patched = True
         self._model_bytes = 0
+        self._lock = threading.Lock()
+        self._forward_start = None
+        self._hooks = [model.register_forward_pre_hook(self._forward_begins),
+                       model.register_forward_hook(self._forward_ends)]
         self.reset_stats()
 
     # ---- public API
     def standby(self) -> None:
         """Drop every offloaded layer from the device: only resident layers remain."""
+        if self._streamer is not None:
+            self._streamer.close()
+            self._streamer = None
         for i in list(self._own):
             self._unbind(i)
         self._own.clear()
-        self._slot = None
         self._staging = None
         self._pending, self._pending_input = [], None
         if self.device.type == "cuda":
@@ -555,25 +705,39 @@ class OffloadController:
     def resident_bytes(self) -> int:
         """Bytes of weights and buffers on the compute device: the model's resident tensors
         (NF4 as packed data plus quant-state tensors) and the offloaded layers' buffers that
-        are materialised now. Each storage is counted once."""
+        exist now (own buffers of kept layers, stream slots). Each storage counted once."""
         self._model_bytes = tensor_bytes(module_tensors(self.model), self.device)
         return self._model_bytes + self._buffer_bytes()
 
     def stats(self) -> dict:
-        return dict(self._stats, peak_resident_bytes=self._peak_bytes)
+        """loads, loaded_bytes, load_s (read time, reader thread included), wait_s (compute
+        stalled waiting for a layer), forward_s (wall time inside model forward calls),
+        overlap (share of the smaller of read and compute time that was hidden),
+        peak_resident_bytes (most resident_bytes() seen since reset_stats())."""
+        with self._lock:
+            stats = dict(self._stats)
+        compute_s = stats["forward_s"] - stats["wait_s"]
+        hideable_s = min(stats["load_s"], compute_s)
+        stats["overlap"] = max(0.0, 1.0 - stats["wait_s"] / hideable_s) if hideable_s > 0 else 0.0
+        stats["peak_resident_bytes"] = self._peak_bytes
+        return stats
 
     def reset_stats(self) -> None:
-        self._stats = {"loads": 0, "loaded_bytes": 0, "load_s": 0.0}
+        with self._lock:
+            self._stats = {"loads": 0, "loaded_bytes": 0, "load_s": 0.0, "wait_s": 0.0, "forward_s": 0.0}
         self._peak_bytes = self.resident_bytes()
 
     def unpatch(self) -> nn.Module:
         """Put the original layers back, each tensor in a storage of its own, and return the model."""
         self.standby()
         for i, layer in self._layers.items():
-            flat = self._load(i, torch.empty(self.layer_bytes[i], dtype=torch.uint8, device=self.device))
+            flat = torch.empty(self.layer_bytes[i], dtype=torch.uint8, device=self.device)
+            self._read_kept(i, flat)
             for name, view in self._store.layouts[i].views(flat).items():
                 self._refs[i][name].set(view.clone())
             self._layer_list[i] = layer
+        for hook in self._hooks:
+            hook.remove()
         self._patched = False
         return self.model
 
@@ -611,7 +775,17 @@ class OffloadController:
         finally:
             if i not in self._own:
                 self._unbind(i)
+                self._streamer.release(i)
         return out[0] if isinstance(out, tuple) else out
+
+    def _forward_begins(self, module, args) -> None:
+        self._forward_start = time.perf_counter()
+
+    def _forward_ends(self, module, args, output) -> None:
+        if self._forward_start is not None:
+            with self._lock:
+                self._stats["forward_s"] += time.perf_counter() - self._forward_start
+            self._forward_start = None
 
     # ---- residency
     def _fit_budget(self, budget_bytes: int) -> set[int]:
@@ -627,32 +801,32 @@ class OffloadController:
             return self._layers[i]
         if i in self.keep or self._in_session:
             flat = torch.empty(self.layer_bytes[i], dtype=torch.uint8, device=self.device)
+            seconds = self._read_kept(i, flat)
+            with self._lock:
+                self._stats["wait_s"] += seconds
             self._own[i] = flat
         else:
-            if self._slot is None:
-                size = max(self.layer_bytes[j] for j in self.offloaded_layers if j not in self.keep)
-                self._slot = torch.empty(size, dtype=torch.uint8, device=self.device)
-            flat = self._slot
-        self._load(i, flat)
+            if self._streamer is None:
+                order = [j for j in self.offloaded_layers if j not in self.keep]
+                self._streamer = LayerStreamer(self._store, order, self.device, self.prefetch,
+                                               self.io_bandwidth, self._stats, self._lock)
+            flat = self._streamer.acquire(i)
         self._bind(i, flat)
         self._note_peak()
         return self._layers[i]
 
-    def _load(self, i: int, flat: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
-        n = self.layer_bytes[i]
-        if self.device.type == "cpu":
-            self._store.read_into(i, flat)
-        else:
-            if self._staging is None or self._staging.numel() < n:
-                self._staging = torch.empty(max(self.layer_bytes.values()), dtype=torch.uint8, pin_memory=True)
-            self._store.read_into(i, self._staging)
-            flat[:n].copy_(self._staging[:n], non_blocking=True)
+    def _read_kept(self, i: int, flat: torch.Tensor) -> float:
+        """Read a layer into a buffer of its own, synchronously."""
+        if self.device.type == "cuda" and self._staging is None:
+            self._staging = torch.empty(max(self.layer_bytes.values()), dtype=torch.uint8, pin_memory=True)
+        seconds = read_layer(self._store, i, flat, self._staging, self.io_bandwidth)
+        if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # the staging buffer is reused next
-        self._stats["loads"] += 1
-        self._stats["loaded_bytes"] += n
-        self._stats["load_s"] += time.perf_counter() - start
-        return flat
+        with self._lock:
+            self._stats["loads"] += 1
+            self._stats["loaded_bytes"] += self.layer_bytes[i]
+            self._stats["load_s"] += seconds
+        return seconds
 
     def _bind(self, i: int, flat: torch.Tensor) -> None:
         refs = self._refs[i]
@@ -664,7 +838,8 @@ class OffloadController:
             ref.set(_placeholder(ref.get().dtype, self.device))
 
     def _buffer_bytes(self) -> int:
-        return sum(t.numel() for t in self._own.values()) + (self._slot.numel() if self._slot is not None else 0)
+        streamed = self._streamer.slot_bytes if self._streamer is not None else 0
+        return sum(t.numel() for t in self._own.values()) + streamed
 
     def _note_peak(self) -> None:
         if not self._model_bytes:
@@ -686,7 +861,8 @@ def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 # --------------------------------------------------------------------------- entry point
 
 def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode: str = "session",
-                budget_bytes: int = 0, progress: bool = True) -> OffloadController:
+                prefetch: int = 2, budget_bytes: int = 0, io_bandwidth: float | None = None,
+                progress: bool = True) -> OffloadController:
     """Offload `layers` of `model` to `cache_dir` and replace them by stubs, in place.
 
     layers: a list of indices or a select_layers pattern (``even``, ``every:3``, ``2-10``).
@@ -694,11 +870,17 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
     mode: ``session`` keeps a layer on the device from its first use until standby();
     ``stream`` loads it just before use and releases it right after, except those that
     fit in `budget_bytes`, which are kept like in a session.
+    prefetch: in stream mode, how many layers a background thread reads ahead (0: none).
+    io_bandwidth: bytes/s; throttle reads to emulate slower storage (None: as fast as it goes).
     """
     if mode not in ("session", "stream"):
         raise ValueError(f"mode must be 'session' or 'stream', got {mode!r}")
     if budget_bytes < 0:
         raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+    if io_bandwidth is not None and io_bandwidth <= 0:
+        raise ValueError(f"io_bandwidth must be > 0 bytes/s, got {io_bandwidth}")
     layer_list = find_decoder_layers(model)
     if any(isinstance(layer, OffloadedLayer) for layer in layer_list):
         raise ValueError("model is already patched; call unpatch() on its controller first")
@@ -715,7 +897,8 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
     store = LayerStore(cache_dir, *model_fingerprint(model, device))
     store.sync(tensors, progress=progress)
     del tensors
-    controller = OffloadController(model, layer_list, offloaded, store, alphas, mode, budget_bytes, device)
+    controller = OffloadController(model, layer_list, offloaded, store, alphas, mode, budget_bytes, device,
+                                   prefetch, io_bandwidth)
     for i in offloaded:
         controller._unbind(i)
         layer_list[i] = OffloadedLayer(controller, i, controller._layers[i])

@@ -223,14 +223,68 @@ def test_resident_bytes_drop_by_the_offloaded_layers(kind, tmp_path, prompt_ids)
         assert all(t.numel() == 0 for t in osk.module_tensors(model.model.layers[i]._layer))
 
 
-def test_stream_peak_counts_one_slot(tmp_path, prompt_ids):
+@pytest.mark.parametrize("prefetch", [0, 1, 2, 5])
+def test_stream_peak_counts_its_slots(prefetch, tmp_path, prompt_ids):
     model = make_model("llama-fp32", tmp_path)
-    ctl = patch_model(model, "even", tmp_path / "cache", mode="stream", progress=False)
+    ctl = patch_model(model, "2,4,5", tmp_path / "cache", mode="stream", prefetch=prefetch, progress=False)
     standby = ctl.resident_bytes()
     _logits(model, prompt_ids)
     stats = ctl.stats()
-    assert stats["loads"] == 2 and stats["loaded_bytes"] == sum(ctl.layer_bytes.values())
-    assert stats["peak_resident_bytes"] == standby + max(ctl.layer_bytes.values())
+    assert stats["peak_resident_bytes"] == standby + (prefetch + 1) * max(ctl.layer_bytes.values())
+    if prefetch == 0:  # read just in time, each layer once
+        assert stats["loads"] == 3 and stats["loaded_bytes"] == sum(ctl.layer_bytes.values())
+        assert stats["wait_s"] == pytest.approx(stats["load_s"])
+    else:  # read-ahead wraps around to the next token's first layers
+        assert 3 <= stats["loads"] <= 3 + min(prefetch, 3)
+    ctl.standby()
+    assert ctl.resident_bytes() == standby
+
+
+@pytest.mark.parametrize("prefetch, budget_layers", [(0, 0), (1, 0), (2, 1), (3, 2), (1, 3)])
+@pytest.mark.parametrize("kind", ["gemma3-bf16", "nf4"])
+def test_stream_is_bit_identical_for_any_prefetch_and_budget(kind, prefetch, budget_layers, tmp_path, prompt_ids):
+    model = make_model(kind, tmp_path)
+    logits, tokens = _logits(model, prompt_ids), _greedy(model, prompt_ids)
+    one = _layer_bytes(model, [2])
+    ctl = patch_model(model, "2,4,7", tmp_path / "cache", mode="stream", prefetch=prefetch,
+                      budget_bytes=budget_layers * (one + 4096), progress=False)
+    assert len(ctl.keep) == min(budget_layers, 3)
+    for _ in range(2):  # the second pass reads from disk again, after standby
+        assert torch.equal(_logits(model, prompt_ids), logits)
+        assert torch.equal(_greedy(model, prompt_ids), tokens)
+        ctl.standby()
+
+
+def test_reader_error_reaches_the_caller(tmp_path, prompt_ids):
+    model = make_model("llama-fp32", tmp_path)
+    ctl = patch_model(model, "2,4,5", tmp_path / "cache", mode="stream", prefetch=2, progress=False)
+    _logits(model, prompt_ids)  # the reader is now ahead, at the next token's layers
+    ctl.standby()
+    path = ctl._store.path(5)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CacheError, match=f"{path}: truncated layer file"):
+        _logits(model, prompt_ids)
+    ctl.standby()  # no hang with reads in flight or failed
+
+
+@pytest.mark.parametrize("nbytes, bandwidth, elapsed_s, delay_s", [
+    (1_000_000, None, 0.0, 0.0),
+    (1_000_000, 1e6, 0.0, 1.0),
+    (1_000_000, 1e6, 0.25, 0.75),
+    (1_000_000, 1e6, 2.0, 0.0),   # already slower than the emulated disk
+    (24_500_000, 3.5e9, 0.001, 0.006),
+])
+def test_throttle_delay(nbytes, bandwidth, elapsed_s, delay_s):
+    assert osk.throttle_delay_s(nbytes, bandwidth, elapsed_s) == pytest.approx(delay_s)
+
+
+def test_stats_overlap_definition(tmp_path, prompt_ids):
+    model = make_model("llama-fp32", tmp_path)
+    ctl = patch_model(model, "even", tmp_path / "cache", mode="stream", prefetch=0, progress=False)
+    ctl._stats.update(load_s=2.0, wait_s=0.5, forward_s=4.5)  # compute 4.0 s, 1.5 of 2.0 s read hidden
+    assert ctl.stats()["overlap"] == pytest.approx(0.75)
+    ctl._stats.update(load_s=2.0, wait_s=2.0, forward_s=3.0)
+    assert ctl.stats()["overlap"] == 0.0
 
 
 @pytest.mark.parametrize("budget_layers, kept", [(0, set()), (1, {2}), (2, {2, 4}), (9, {2, 4})])
@@ -238,8 +292,8 @@ def test_budget_keeps_the_first_layers_that_fit(budget_layers, kept, tmp_path, p
     model = make_model("llama-fp32", tmp_path)
     logits = _logits(model, prompt_ids)
     one = _layer_bytes(model, [2])
-    ctl = patch_model(model, "even", tmp_path / "cache", mode="stream", budget_bytes=budget_layers * one + 100,
-                      progress=False)
+    ctl = patch_model(model, "even", tmp_path / "cache", mode="stream", prefetch=0,
+                      budget_bytes=budget_layers * (one + 4096), progress=False)
     assert ctl.keep == kept
     assert torch.equal(_logits(model, prompt_ids), logits)
     assert torch.equal(_logits(model, prompt_ids), logits)
@@ -257,6 +311,8 @@ def test_tied_tensor_is_refused(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(mode="lazy"), "mode must be 'session' or 'stream'"),
     (dict(budget_bytes=-1), "budget_bytes must be >= 0"),
+    (dict(prefetch=-1), "prefetch must be >= 0"),
+    (dict(io_bandwidth=0), "io_bandwidth must be > 0 bytes/s"),
     (dict(alpha={3: 0.5}), r"alpha names layers that are not offloaded: \[3\]"),
     (dict(layers=[2, 8]), "are not valid indices of a 8-layer model"),
     (dict(layers="every:0"), "every:K"),
