@@ -496,6 +496,16 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
         f"at one of {', '.join('model.' + p for p in _LAYER_PATHS)}")
 
 
+def fit_budget(layer_bytes: dict[int, int], budget_bytes: int) -> set[int]:
+    """Layers that stay resident under `budget_bytes`: the first ones, in forward order, that fit."""
+    keep, used = set(), 0
+    for i in sorted(layer_bytes):
+        if used + layer_bytes[i] <= budget_bytes:
+            keep.add(i)
+            used += layer_bytes[i]
+    return keep
+
+
 def throttle_delay_s(nbytes: int, io_bandwidth: float | None, elapsed_s: float) -> float:
     """How long a read of `nbytes` that took `elapsed_s` must still wait to look like storage
     of `io_bandwidth` bytes/s (None: no throttle)."""
@@ -519,7 +529,9 @@ def read_layer(store: LayerStore, i: int, flat: torch.Tensor, staging: torch.Ten
         store.read_into(i, flat)
     else:
         store.read_into(i, staging)
-    time.sleep(throttle_delay_s(n, io_bandwidth, time.perf_counter() - start))
+    delay_s = throttle_delay_s(n, io_bandwidth, time.perf_counter() - start)
+    if delay_s > 0:  # even sleep(0) costs ~0.1 ms here: a syscall and a GIL hand-off
+        time.sleep(delay_s)
     if staging is not None:
         with torch.cuda.stream(copy_stream or torch.cuda.current_stream(flat.device)):
             flat[:n].copy_(staging[:n], non_blocking=True)
@@ -659,8 +671,9 @@ class OffloadController:
         self._run_start = {i for i in offloaded if i - 1 not in self._layers}
         self._run_end = {i for i in offloaded if i + 1 not in self._layers}
         self.layer_bytes = {i: store.layouts[i].data_bytes for i in offloaded}
-        self.keep = self._fit_budget(budget_bytes) if mode == "stream" else set(offloaded)
+        self.keep = fit_budget(self.layer_bytes, budget_bytes) if mode == "stream" else set(offloaded)
         self._own: dict[int, torch.Tensor] = {}  # flat buffers of kept layers
+        self._bound: dict[int, torch.Tensor] = {}  # layer -> the buffer its tensors view
         self._streamer: LayerStreamer | None = None
         self._staging: torch.Tensor | None = None  # pinned host buffer for kept layers (CUDA)
         self._in_session = False
@@ -669,6 +682,7 @@ class OffloadController:
         self._patched = True
         self._model_bytes = 0
         self._lock = threading.Lock()
+        self._stats: dict = {}
         self._forward_start = None
         self._hooks = [model.register_forward_pre_hook(self._forward_begins),
                        model.register_forward_hook(self._forward_ends)]
@@ -680,7 +694,7 @@ class OffloadController:
         if self._streamer is not None:
             self._streamer.close()
             self._streamer = None
-        for i in list(self._own):
+        for i in list(self._bound):
             self._unbind(i)
         self._own.clear()
         self._staging = None
@@ -723,8 +737,8 @@ class OffloadController:
         return stats
 
     def reset_stats(self) -> None:
-        with self._lock:
-            self._stats = {"loads": 0, "loaded_bytes": 0, "load_s": 0.0, "wait_s": 0.0, "forward_s": 0.0}
+        with self._lock:  # in place: a running LayerStreamer holds this dict
+            self._stats.update(loads=0, loaded_bytes=0, load_s=0.0, wait_s=0.0, forward_s=0.0)
         self._peak_bytes = self.resident_bytes()
 
     def unpatch(self) -> nn.Module:
@@ -773,8 +787,7 @@ class OffloadController:
         try:
             out = layer(x, *args, **kwargs)
         finally:
-            if i not in self._own:
-                self._unbind(i)
+            if i not in self._own:  # stays bound to the slot: rebinding is skipped if it gets it again
                 self._streamer.release(i)
         return out[0] if isinstance(out, tuple) else out
 
@@ -788,14 +801,6 @@ class OffloadController:
             self._forward_start = None
 
     # ---- residency
-    def _fit_budget(self, budget_bytes: int) -> set[int]:
-        keep, used = set(), 0
-        for i in self.offloaded_layers:  # forward order: the first layers that fit stay
-            if used + self.layer_bytes[i] <= budget_bytes:
-                keep.add(i)
-                used += self.layer_bytes[i]
-        return keep
-
     def _acquire(self, i: int) -> nn.Module:
         if i in self._own:
             return self._layers[i]
@@ -829,11 +834,15 @@ class OffloadController:
         return seconds
 
     def _bind(self, i: int, flat: torch.Tensor) -> None:
+        if self._bound.get(i) is flat:  # same buffer, freshly read: the views are still right
+            return
         refs = self._refs[i]
         for name, view in self._store.layouts[i].views(flat).items():
             refs[name].set(view)
+        self._bound[i] = flat
 
     def _unbind(self, i: int) -> None:
+        self._bound.pop(i, None)
         for ref in self._refs[i].values():
             ref.set(_placeholder(ref.get().dtype, self.device))
 
