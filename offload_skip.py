@@ -898,9 +898,8 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
         raise ValueError(f"layers {layers!r} are not valid indices of a {len(layer_list)}-layer model")
     alphas = _alphas(alpha, offloaded)
     device = next(layer_list[offloaded[0]].parameters()).device
-    if device.type == "cpu":
-        for i in offloaded:
-            prepack_nf4_for_cpu(layer_list[i])
+    if device.type == "cpu":  # all of it, so resident_bytes() does not change at the first forward
+        prepack_nf4_for_cpu(model)
     tensors = {i: {name: ref.get() for name, ref in layer_tensor_refs(layer_list[i]).items()} for i in offloaded}
     _check_not_shared(model, layer_list, tensors)
     store = LayerStore(cache_dir, *model_fingerprint(model, device))

@@ -1,0 +1,264 @@
+"""End-to-end runs of run_*.py, eval_ppl.py and report.py on a tiny random checkpoint.
+
+The scripts' main(argv) runs in-process (fast); a few subprocess runs check what a user
+sees on bad input: exit code 2 and one line on stderr, no traceback. Everything is written
+under tmp_path; no timing assertions.
+"""
+import contextlib
+import io
+import math
+import subprocess
+import sys
+
+import pytest
+from tiny_checkpoint import save_tiny_checkpoint
+
+import bench
+import eval_ppl
+import offload_skip
+import report
+import run_baseline
+import run_diskoffload
+import run_kvcache
+
+N_LAYERS = 8
+CORPUS = ("Wikipedia is a free online encyclopedia, written and maintained by a community of volunteers.\n\n"
+          "The printing press made books cheaper, and reading spread across Europe within a century.\n\n") * 4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scripts")
+    checkpoint = save_tiny_checkpoint(root / "tiny", n_layers=N_LAYERS)
+    corpus = root / "corpus.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    return root, checkpoint, corpus
+
+
+def _argv(setup, out, *extra, quant="fp32"):
+    root, checkpoint, corpus = setup
+    return ["--model", str(checkpoint), "--quant", quant, "--device", "cpu", "--cache-dir", str(root / "cache"),
+            "--prompt", "Once upon a time", "--max-new-tokens", "5", "--warmup", "1", "--repeats", "2",
+            "--ppl-dataset", str(corpus), "--ppl-ctx", "32", "--ppl-max-tokens", "200", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def results(setup):
+    """One run of every script into <root>/results; returns (dir, {name: rows}, {name: stdout})."""
+    root = setup[0]
+    out = root / "results"
+    printed = {}
+    for name, module, extra in (
+        ("baseline", run_baseline, ()),
+        ("kvcache", run_kvcache, ()),
+        ("diskoffload", run_diskoffload, ()),
+        ("diskoffload", run_diskoffload, ("--no-kv-cache", "--prefetch", "0", "--budget", "1Ki",
+                                          "--io-bandwidth", "500M")),
+        ("ppl", eval_ppl, ("--variant", "diskoffload", "--ppl-stride", "16")),
+    ):
+        argv = _argv(setup, out / f"{name}.csv", *extra)
+        if module is eval_ppl:  # eval_ppl has no decode-timing flags
+            argv = [a for a in argv if a not in ("--prompt", "Once upon a time", "--max-new-tokens", "5",
+                                                 "--warmup", "1", "--repeats", "2")]
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            assert module.main(argv) == 0
+        printed.setdefault(name, []).append(stdout.getvalue())
+    rows = {path.stem: bench.read_rows(path) for path in out.glob("*.csv")}
+    return out, rows, printed
+
+
+def _n(value):
+    return bench.number(value)
+
+
+def test_every_file_has_the_result_schema(results):
+    out, rows, _ = results
+    assert sorted(rows) == ["baseline", "diskoffload", "kvcache", "ppl"]
+    for path in out.glob("*.csv"):
+        header = path.read_text(encoding="utf-8").splitlines()[0]
+        assert tuple(header.split(",")) == bench.FIELDS
+    assert [len(rows[name]) for name in ("baseline", "kvcache", "diskoffload", "ppl")] == [1, 1, 2, 1]
+
+
+def test_baseline_row(results):
+    row = results[1]["baseline"][0]
+    assert (row["variant"], row["mode"], row["layers"], row["layers_offloaded"], row["n_layers"]) == (
+        "baseline", "resident", "", "", str(N_LAYERS))
+    assert row["quant"] == "fp32" and row["device"] == "cpu" and row["device_name"].startswith("CPU: ")
+    assert _n(row["standby_bytes"]) > 0 and row["peak_bytes"] == row["standby_bytes"]
+    assert _n(row["rss_bytes"]) > _n(row["standby_bytes"])
+    assert row["cuda_allocated_bytes"] == "" and row["cuda_max_allocated_bytes"] == ""
+    assert _n(row["decode_tok_s"]) > 0 and _n(row["generate_tok_s"]) > 0 and _n(row["prefill_s"]) > 0
+    assert _n(row["decode_ms_per_tok"]) == pytest.approx(1000 / _n(row["decode_tok_s"]), rel=1e-3)
+    assert _n(row["load_s"]) > 0 and row["loads"] == "" and row["alpha"] == ""
+    assert 1 < _n(row["ppl"]) < math.inf and _n(row["ppl_tokens"]) > 100
+    assert (row["ppl_ctx"], row["ppl_stride"], row["max_new_tokens"], row["repeats"]) == ("32", "32", "5", "2")
+    assert row["ppl_dataset"].endswith("corpus.txt") and row["kv_cache"] == "True"
+    assert row["torch"] and row["transformers"] and row["python"] and row["timestamp"]
+
+
+def test_kvcache_row(results):
+    _, rows, printed = results
+    base, row = rows["baseline"][0], rows["kvcache"][0]
+    offloaded = offload_skip.select_layers(N_LAYERS, "even")
+    assert (row["variant"], row["mode"], row["layers"], row["alpha"]) == ("kvcache", "session", "even", "1")
+    assert row["layers_offloaded"] == " ".join(map(str, offloaded)) == "2 4"  # the pattern, resolved
+    assert 0 < _n(row["standby_bytes"]) < _n(base["standby_bytes"])
+    assert _n(row["peak_bytes"]) >= _n(base["standby_bytes"])  # a session loads every offloaded layer
+    assert row["ppl"] == base["ppl"]  # alpha = 1: the same model, bit for bit
+    assert _n(row["loads"]) == len(offloaded) and _n(row["loaded_bytes"]) > 0  # per run
+    assert _n(row["decode_tok_s"]) > 0 and _n(row["generate_tok_s"]) > 0
+    assert row["prefetch"] == "" and row["budget_bytes"] == ""
+    summary = printed["kvcache"][0]
+    assert summary.startswith("kvcache: ") and "% of baseline" in summary and "x baseline" in summary
+
+
+def test_diskoffload_rows(results):
+    _, rows, printed = results
+    base = rows["baseline"][0]
+    default, slow = rows["diskoffload"]
+    for row in (default, slow):
+        assert row["mode"] == "stream" and row["layers_offloaded"] == "2 4"
+        assert 0 < _n(row["standby_bytes"]) < _n(base["standby_bytes"])
+        assert row["ppl"] == base["ppl"] and _n(row["decode_tok_s"]) > 0 and row["generate_tok_s"] == ""
+        assert _n(row["loads"]) >= 2 * 5 and _n(row["per_layer_load_ms"]) > 0
+        assert 0 <= _n(row["overlap"]) <= 1 and _n(row["wait_s"]) >= 0 and _n(row["forward_s"]) > 0
+    assert (default["prefetch"], default["budget_bytes"], default["io_bandwidth"], default["kv_cache"]) == (
+        str(bench.CPU_DEFAULT_PREFETCH), "0", "", "True")
+    assert (slow["prefetch"], slow["budget_bytes"], slow["io_bandwidth"], slow["kv_cache"]) == (
+        "0", "1024", "500000000", "False")
+    # peak <= standby + (prefetch + 2) x the largest offloaded layer (issue 4)
+    layer_bytes = (_n(base["standby_bytes"]) - _n(default["standby_bytes"])) / 2
+    assert _n(default["peak_bytes"]) <= _n(default["standby_bytes"]) + (bench.CPU_DEFAULT_PREFETCH + 2) * layer_bytes * 1.1
+    assert "stream prefetch 0" in printed["diskoffload"][1] and "no KV cache" in printed["diskoffload"][1]
+
+
+def test_eval_ppl_row(results):
+    _, rows, _ = results
+    row = rows["ppl"][0]
+    assert (row["variant"], row["mode"], row["ppl_stride"]) == ("diskoffload", "stream", "16")
+    assert 1 < _n(row["ppl"]) < math.inf and _n(row["ppl_tokens"]) == 199  # overlapping: all but the first
+    assert row["decode_tok_s"] == row["max_new_tokens"] == row["kv_cache"] == "" and _n(row["peak_bytes"]) > 0
+
+
+def test_nf4_kvcache(setup, tmp_path, capsys):
+    out = tmp_path / "kv.csv"
+    assert run_kvcache.main(_argv(setup, out, "--ppl-max-tokens", "64", quant="nf4")) == 0
+    row = bench.read_rows(out)[0]
+    assert row["quant"] == "nf4" and row["layers_offloaded"] == "2 4" and _n(row["loads"]) == 2
+    assert 1 < _n(row["ppl"]) < math.inf and _n(row["standby_bytes"]) < _n(row["peak_bytes"])
+    assert "kvcache: " in capsys.readouterr().out
+
+
+def test_ppl_skipped_with_zero_tokens(setup, tmp_path):
+    out = tmp_path / "b.csv"
+    assert run_baseline.main(_argv(setup, out, "--ppl-max-tokens", "0", "--ppl-dataset", "no-such-corpus")) == 0
+    row = bench.read_rows(out)[0]
+    assert row["ppl"] == row["ppl_dataset"] == row["ppl_tokens"] == ""
+
+
+@pytest.mark.parametrize("module, extra, message", [
+    (run_kvcache, ["--layers", "evens"], "--layers: layer pattern 'evens': cannot read 'evens'"),
+    (run_kvcache, ["--layers", "9"], "--layers: layer pattern '9': layer 9 is out of range (model has layers 0..7)"),
+    (run_diskoffload, ["--budget", "12X"], "argument --budget: invalid size '12X'"),
+    (run_baseline, ["--ppl-dataset", "/no/such/corpus.txt"], "corpus file /no/such/corpus.txt not found"),
+    (eval_ppl, ["--variant", "kvcache", "--ppl-max-tokens", "0"], "--ppl-max-tokens 0 leaves nothing to evaluate"),
+])
+def test_cli_errors(setup, tmp_path, capsys, module, extra, message):
+    out = tmp_path / "x.csv"
+    argv = _argv(setup, out, *extra)
+    if module is eval_ppl:
+        argv = [a for a in argv if a not in ("--prompt", "Once upon a time", "--max-new-tokens", "5",
+                                             "--warmup", "1", "--repeats", "2")]
+    with pytest.raises(SystemExit) as exit_:
+        module.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    prog = module.__name__ + ".py"
+    assert err.endswith("\n") and err.splitlines()[-1].startswith(f"{prog}: error: {message}")
+    assert not out.exists()
+
+
+def test_unknown_alias_and_other_schema(setup, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_kvcache.main(_argv(setup, tmp_path / "x.csv", "--model", "no-such-model"))
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    old = tmp_path / "old.csv"
+    old.write_text("variant,tok_s\nbaseline,3\n")
+    with pytest.raises(SystemExit):
+        run_baseline.main(_argv(setup, old))
+    assert f"{old} has other columns" in capsys.readouterr().err
+    assert old.read_text() == "variant,tok_s\nbaseline,3\n"
+
+
+@pytest.mark.parametrize("script, extra, message", [
+    ("run_kvcache.py", ["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    ("run_diskoffload.py", ["--budget", "3Q"], "argument --budget: invalid size '3Q'"),
+])
+def test_cli_error_in_a_real_process(tmp_path, script, extra, message):
+    proc = subprocess.run([sys.executable, str(bench.REPO_DIR / script), "--out", str(tmp_path / "x.csv"), *extra],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"{script}: error: {message}")
+    assert proc.stdout == ""
+
+
+# --------------------------------------------------------------------------- report.py
+
+README = "# Title\n\nIntro | with a pipe.\n\n<!-- results:start -->\nstale table\n<!-- results:end -->\n\nTail text.\n"
+
+
+def test_report_fills_the_markers_and_plots(results, tmp_path, capsys):
+    out, rows, _ = results
+    readme = tmp_path / "README.md"
+    readme.write_text(README, encoding="utf-8")
+    assert report.main(["--results", str(out), "--readme", str(readme)]) == 0
+    text = readme.read_text(encoding="utf-8")
+    before, rest = text.split("<!-- results:start -->\n")
+    table, after = rest.split("<!-- results:end -->")
+    assert before == "# Title\n\nIntro | with a pipe.\n\n" and after == "\n\nTail text.\n"
+    assert "stale table" not in table
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(lines) == 1 + sum(len(r) for r in rows.values())  # header + one line per CSV row
+    base = rows["baseline"][0]
+    assert f"| {_n(base['standby_bytes']) / 1e6:.1f} |" in table
+    assert "stream, prefetch 0, budget 0.0 MB, 500 MB/s, no KV cache" in table
+    for name in ("memory.png", "speed.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # idempotent: a second run leaves the same README
+    report.main(["--results", str(out), "--readme", str(readme), "--no-plots"])
+    assert readme.read_text(encoding="utf-8") == text
+
+
+def test_report_without_markers_prints_the_table(results, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# No markers here\n", encoding="utf-8")
+    assert report.main(["--results", str(results[0]), "--readme", str(readme), "--no-plots"]) == 0
+    captured = capsys.readouterr()
+    assert "| variant |" in captured.out and "no <!-- results:start -->" in captured.err
+    assert readme.read_text(encoding="utf-8") == "# No markers here\n"
+
+
+def test_report_columns(capsys):
+    assert report.main(["--columns"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(bench.FIELDS)
+
+
+# --------------------------------------------------------------------------- embedded model
+
+def test_smoke_embedded_smollm2(tmp_path, capsys):
+    """SmolLM2-135M NF4 through run_kvcache, if its converted checkpoint is already cached.
+    The cached checkpoint is only read (passed as a directory); layer files go to tmp_path."""
+    checkpoint = bench.default_cache_dir() / "hf" / "smollm2-135m"
+    if not (checkpoint / bench._COMPLETE_MARKER).is_file():
+        pytest.skip(f"embedded SmolLM2 not converted yet ({checkpoint}); `python run_kvcache.py` converts it once")
+    out = tmp_path / "kv.csv"
+    assert run_kvcache.main(["--model", str(checkpoint), "--device", "cpu", "--cache-dir", str(tmp_path),
+                             "--max-new-tokens", "4", "--warmup", "0", "--repeats", "1",
+                             "--ppl-dataset", "short", "--ppl-ctx", "128", "--out", str(out)]) == 0
+    row = bench.read_rows(out)[0]
+    assert (row["quant"], row["n_layers"]) == ("nf4", "30")
+    assert row["layers_offloaded"] == " ".join(str(i) for i in range(2, 27, 2))  # 13 layers
+    assert 1 < _n(row["ppl"]) < 1000 and _n(row["standby_bytes"]) < _n(row["peak_bytes"])
