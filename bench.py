@@ -490,6 +490,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {lines[0]}\n")
 
 
+def new_parser(prog: str | None, description: str | None) -> argparse.ArgumentParser:
+    """An empty parser with this repo's conventions: defaults in the help, one-line errors."""
+    return _Parser(prog=prog, description=description, formatter_class=_HelpFormatter)
+
+
 def build_parser(variant: str | None = None, description: str | None = None,
                  prog: str | None = None) -> argparse.ArgumentParser:
     """The command line shared by every script.
@@ -499,8 +504,7 @@ def build_parser(variant: str | None = None, description: str | None = None,
     (--prefetch, --budget, --io-bandwidth; --no-kv-cache where something is decoded) are
     defined here once, for the scripts that can run the stream variant.
     """
-    parser = _Parser(prog=prog, description=description,
-                     formatter_class=_HelpFormatter)
+    parser = new_parser(prog, description)
     add = parser.add_argument
     if variant is None:
         add("--variant", choices=VARIANTS, default="baseline",
@@ -586,11 +590,12 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def main(run: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
-         argv: list[str] | None = None) -> int:
-    """Parse argv, run ``run(args)``; bad input becomes ``<prog>: error: <message>``, exit 2."""
+         argv: list[str] | None = None, finish=finish_args) -> int:
+    """Parse argv, run ``run(finish(args))``; bad input becomes ``<prog>: error: <message>``,
+    exit 2. finish=None for a parser that is not build_parser's."""
     args = parser.parse_args(argv)
     try:
-        run(finish_args(args))
+        run(finish(args) if finish else args)
     except (UsageError, offload_skip.CacheError) as err:
         parser.error(_first_line(err))
     return 0
@@ -1124,30 +1129,33 @@ def _header(path: Path) -> list[str] | None:
         return next(csv.reader(f), None)
 
 
-def check_csv(path: Path) -> None:
-    """A results file must be new, empty, or have exactly Result's columns: schemas never mix."""
+def check_csv(path: Path, row_type: type = Result) -> None:
+    """A results file must be new, empty, or have exactly the row type's columns: schemas never mix."""
     path = Path(path)
+    fields = tuple(f.name for f in dataclasses.fields(row_type))
     if path.is_dir():
         raise UsageError(f"--out {path} is a directory; give a CSV file path")
     header = _header(path)
-    if header is not None and tuple(header) != FIELDS:
-        extra, missing = sorted(set(header) - set(FIELDS)), sorted(set(FIELDS) - set(header))
+    if header is not None and tuple(header) != fields:
+        extra, missing = sorted(set(header) - set(fields)), sorted(set(fields) - set(header))
         detail = f"extra {extra}, missing {missing}" if extra or missing else "same columns in another order"
-        raise UsageError(f"{path} has other columns than this version's Result ({detail}); "
+        raise UsageError(f"{path} has other columns than this version's {row_type.__name__} ({detail}); "
                          "move it away or write to another --out")
 
 
-def append_row(path: Path, row: Result) -> Path:
-    """Append one row; the header is written only when the file is new (or empty)."""
+def append_row(path: Path, row) -> Path:
+    """Append one row (a Result, or another frozen dataclass); the header, its field names,
+    is written only when the file is new (or empty)."""
     path = Path(path)
-    check_csv(path)
+    check_csv(path, type(row))
     path.parent.mkdir(parents=True, exist_ok=True)
+    fields = [f.name for f in dataclasses.fields(row)]
     new = _header(path) is None
     with path.open("a", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         if new:
-            writer.writerow(FIELDS)
-        writer.writerow([_cell(getattr(row, name)) for name in FIELDS])
+            writer.writerow(fields)
+        writer.writerow([_cell(getattr(row, name)) for name in fields])
     return path
 
 

@@ -16,15 +16,18 @@ are far from the device's memory bandwidth, so bytes / bandwidth would flatter t
 
     python estimate.py                      # Qwen2.5-3B NF4, even layers 2..32, RTX 4050 laptop
     python estimate.py --check results      # predictions next to this machine's measurements
+
+report.py puts both tables into README.md.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import bench
 from offload_skip import fit_budget, select_layers
 
 GB = 1e9
@@ -117,76 +120,46 @@ def reference_table() -> str:
 
 # ---------------------------------------------------------------------------- check against measurements
 
-def _rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _num(row: dict, key: str) -> float | None:
-    value = row.get(key, "")
-    return float(value) if value not in ("", None) else None
-
-
 def check_table(results: Path) -> str:
     """For each stream row with KV cache: predicted vs measured decode time per token, with
     t_compute from the resident baseline measured through the same decode loop and the
     storage rate from the row (its throttle, or its own measured page-cache read time)."""
-    baselines = {(r["model"], r["quant"], r["device"]): r for r in _rows(results / "baseline.csv")}
+    resident_ms: dict[tuple, list[float]] = {}  # baselines measured before and after: their median
+    for r in bench.read_rows(results / "baseline.csv"):
+        resident_ms.setdefault((r["model"], r["quant"], r["device"]), []).append(bench.number(r["decode_ms_per_tok"]))
     lines = ["| model | prefetch | budget MB | io_bandwidth GB/s | t_compute ms | read ms/token | "
              "predicted ms/token | measured ms/token | measured/predicted |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for row in _rows(results / "diskoffload.csv"):
-        base = baselines.get((row["model"], row["quant"], row["device"]))
-        if base is None or row.get("kv_cache") not in ("True", "true", "1") or not _num(row, "loads"):
+    for row in bench.read_rows(results / "diskoffload.csv"):
+        base_ms = resident_ms.get((row["model"], row["quant"], row["device"]))
+        if not base_ms or row["kv_cache"] != "True" or not bench.number(row["loads"]):
             continue
-        compute_s = 1 / _num(base, "decode_tok_s")
-        per_layer = _num(row, "loaded_bytes") / _num(row, "loads")
+        compute_s = statistics.median(base_ms) / 1e3
+        per_layer = bench.number(row["loaded_bytes"]) / bench.number(row["loads"])
         layers = [int(i) for i in row["layers_offloaded"].split()] if row["layers_offloaded"] else []
         layer_bytes = {i: int(per_layer) for i in layers}
-        io_Bps = _num(row, "io_bandwidth")
-        measured_read_Bps = per_layer / (_num(row, "per_layer_load_ms") / 1e3)
+        io_Bps = bench.number(row["io_bandwidth"])
+        measured_read_Bps = per_layer / (bench.number(row["per_layer_load_ms"]) / 1e3)
         storage_Bps = min(io_Bps, measured_read_Bps) if io_Bps else measured_read_Bps
-        p = predict(layer_bytes, int(_num(row, "budget_bytes") or 0), compute_s, storage_Bps, None)
+        p = predict(layer_bytes, int(bench.number(row["budget_bytes"]) or 0), compute_s, storage_Bps, None)
         predicted = p.stream_prefetch_s if int(row["prefetch"]) > 0 else p.stream_serial_s
-        measured = _num(row, "decode_ms_per_tok") / 1e3
+        measured = bench.number(row["decode_ms_per_tok"]) / 1e3
         lines.append(
             f"| {row['model']} {row['quant']} {row['device']} | {row['prefetch']} | "
-            f"{_num(row, 'budget_bytes') / 1e6:.1f} | {io_Bps / GB if io_Bps else '-'} | {compute_s * 1e3:.1f} | "
+            f"{bench.number(row['budget_bytes']) / 1e6:.1f} | {io_Bps / GB if io_Bps else '-'} | {compute_s * 1e3:.1f} | "
             f"{p.streamed_bytes / storage_Bps * 1e3:.1f} | {predicted * 1e3:.1f} | {measured * 1e3:.1f} | "
             f"{measured / predicted:.2f} |")
     return "\n".join(lines)
-
-
-def write_between_markers(readme: Path, name: str, text: str) -> bool:
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    content = readme.read_text() if readme.exists() else ""
-    if start not in content or end not in content:
-        return False
-    head, rest = content.split(start, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
-    return True
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", type=Path, metavar="RESULTS_DIR",
                         help="also compare predictions with the rows in RESULTS_DIR/{baseline,diskoffload}.csv")
-    parser.add_argument("--readme", type=Path, help="write the tables into this README between estimate markers")
     args = parser.parse_args(argv)
-    reference = reference_table()
-    print(reference)
-    sections = {"estimate-reference": reference}
+    print(reference_table())
     if args.check:
-        check = check_table(args.check)
-        print("\nThis machine, measured vs predicted (decode time per token):\n" + check)
-        sections["estimate-check"] = check
-    if args.readme:
-        for name, text in sections.items():
-            if not write_between_markers(args.readme, name, text):
-                print(f"{args.readme}: no <!-- {name}:start/end --> markers; section not written")
+        print("\nThis machine, measured vs predicted (decode time per token):\n" + check_table(args.check))
 
 
 if __name__ == "__main__":

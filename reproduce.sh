@@ -24,5 +24,6 @@ python eval_ppl.py --variant diskoffload --alpha 0                 # plain layer
 python eval_ppl.py --variant diskoffload --layers 2-5 --alpha 0.5  # parallel residuals, scaled
 
 python run_baseline.py                                   # ... and after
-python estimate.py --check results --readme README.md
+python check_exact.py                                   # alpha = 1 against the original, per weight format
+python estimate.py --check results
 python report.py

@@ -47,11 +47,3 @@ def test_qwen25_3b_layer_bytes():
     linears = [(2048, 2048), (2048, 256), (2048, 256), (2048, 2048), (2048, 11008), (2048, 11008), (11008, 2048)]
     expected = sum(estimate.nf4_linear_bytes(a, b) for a, b in linears) + 2 * (2048 + 512) + 4 * 2048
     assert estimate.qwen_layer_nf4_bytes(hidden=2048, intermediate=11008, n_heads=16, n_kv_heads=2) == expected
-
-
-def test_markers(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("a\n<!-- x:start -->\nold\n<!-- x:end -->\nb\n")
-    assert estimate.write_between_markers(readme, "x", "new")
-    assert readme.read_text() == "a\n<!-- x:start -->\nnew\n<!-- x:end -->\nb\n"
-    assert not estimate.write_between_markers(readme, "y", "new")

@@ -262,3 +262,46 @@ def test_smoke_embedded_smollm2(tmp_path, capsys):
     assert (row["quant"], row["n_layers"]) == ("nf4", "30")
     assert row["layers_offloaded"] == " ".join(str(i) for i in range(2, 27, 2))  # 13 layers
     assert 1 < _n(row["ppl"]) < 1000 and _n(row["standby_bytes"]) < _n(row["peak_bytes"])
+
+
+# --------------------------------------------------------------------------- check_exact.py
+
+def test_check_exact_on_a_tiny_checkpoint(setup, tmp_path, capsys):
+    import check_exact
+    root, checkpoint, corpus = setup
+    out = tmp_path / "exactness.csv"
+    assert check_exact.main(["--model", str(checkpoint), "--device", "cpu", "--quants", "fp32,bf16,nf4",
+                             "--corpus", str(corpus), "--window-tokens", "64", "--greedy-tokens", "6",
+                             "--cache-dir", str(root / "cache"), "--out", str(out)]) == 0
+    rows = bench.read_rows(out)
+    assert [(r["quant"], r["form"]) for r in rows] == [
+        (q, form) for q in ("fp32", "bf16", "nf4") for form in ("session", "stream", "naive")]
+    for row in rows:
+        assert _n(row["window_tokens"]) == 64 and _n(row["standby_bytes_before"]) > 0
+        if row["form"] != "naive":  # alpha = 1: the original model, bit for bit, and the bytes are gone
+            assert (row["max_abs_logit_diff"], row["logits_equal"], row["tokens_equal"]) == ("0", "True", "True")
+            assert row["first_divergence"] == ""
+            assert _n(row["saved_bytes"]) == _n(row["standby_bytes_before"]) - _n(row["standby_bytes_after"]) > 0
+        else:
+            assert row["saved_bytes"] == "0"
+    assert "rows appended to" in capsys.readouterr().out
+
+
+def test_report_fills_every_named_section(results, tmp_path):
+    out = results[0]
+    (out / "exactness.csv").write_text("model,quant,device,layers,form,window_tokens,max_abs_logit_diff,logits_equal,"
+                                       "greedy_tokens,tokens_equal,first_divergence,standby_bytes_before,"
+                                       "standby_bytes_after,saved_bytes,commit\n"
+                                       "m,nf4,cpu,even,stream,64,0,True,6,True,,2000000,1000000,1000000,abc\n")
+    readme = tmp_path / "README.md"
+    names = ("results", "exactness", "estimate-reference", "estimate-check")
+    readme.write_text("".join(f"<!-- {n}:start -->\n<!-- {n}:end -->\n" for n in names), encoding="utf-8")
+    try:
+        assert report.main(["--results", str(out), "--readme", str(readme), "--no-plots"]) == 0
+    finally:
+        (out / "exactness.csv").unlink()
+    text = readme.read_text(encoding="utf-8")
+    assert "| m | nf4 | cpu | even | stream | 0 | True | True (6 tok) |  | 2.0 -> 1.0 | abc |" in text
+    assert "Qwen2.5-3B NF4, layers 2..32 even (16 x 39.8 MB" in text
+    assert "| model | prefetch | budget MB |" in text
+    assert "exactness" not in text.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
