@@ -23,6 +23,7 @@ TABLE = (
     ("quant", lambda r: r["quant"]),
     ("device", lambda r: r["device"]),
     ("offloaded", lambda r: _offloaded(r)),
+    ("alpha", lambda r: r["alpha"]),
     ("mode", lambda r: _mode(r)),
     ("standby MB", lambda r: _mb(r["standby_bytes"])),
     ("peak MB", lambda r: _mb(r["peak_bytes"])),
@@ -71,7 +72,7 @@ def _ppl(row: dict) -> str:
     ppl = bench.number(row["ppl"])
     if ppl is None:
         return ""
-    return f"{ppl:.3f} ({row['ppl_dataset']}, {row['ppl_tokens']} tok)"
+    return f"{ppl:.3f} ({row['ppl_dataset']}, ctx {row['ppl_ctx']}, {row['ppl_tokens']} tok)"
 
 
 # The exactness check's rows (check_exact.py -> exactness.csv, a schema of its own).
