@@ -473,7 +473,10 @@ class OffloadedLayer(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.__dict__["_layer"], name)
+            layer = self.__dict__.get("_layer")
+            if layer is None:  # half-built (copy, unpickling): no fallback yet
+                raise
+            return getattr(layer, name)
 
     def extra_repr(self) -> str:
         return f"index={self.index}, offloaded"
