@@ -589,7 +589,7 @@ class LayerStreamer:
                 self._count("wait_s", time.perf_counter() - start)
         if self.copied[slot] is not None:
             torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
-        self._read_ahead(i)
+        self._read_ahead(i, self.depth)
         return self.slots[slot]
 
     def release(self, i: int) -> None:
@@ -597,7 +597,8 @@ class LayerStreamer:
         if self.device.type == "cuda":
             self.freed[slot] = torch.cuda.current_stream(self.device).record_event()
         self.free_slots.append(slot)
-        self._read_ahead(i)
+        # the next layer is now the one being waited for: read `depth` beyond it
+        self._read_ahead(i, self.depth + 1)
 
     def close(self) -> None:
         self._drain()
@@ -606,11 +607,12 @@ class LayerStreamer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _read_ahead(self, i: int) -> None:
+    def _read_ahead(self, i: int, steps: int) -> None:
+        """Start reads for the `steps` layers after `i` in forward order, while slots are free."""
         if self.reader is None:
             return
         k = self.position[i]
-        for step in range(1, self.depth + 1):
+        for step in range(1, steps + 1):
             j = self.order[(k + step) % len(self.order)]
             if j in self.jobs:
                 continue
