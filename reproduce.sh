@@ -18,12 +18,20 @@ python run_diskoffload.py --prefetch 0 --no-kv-cache --ppl-max-tokens 0   # the 
 
 python eval_ppl.py --variant baseline --ppl-dataset short          # the original's kind of figure
 python eval_ppl.py --variant kvcache --ppl-dataset short
-python eval_ppl.py --variant baseline --ppl-ctx 2048               # longer context
+python eval_ppl.py --variant baseline --ppl-ctx 2048               # longer contexts
 python eval_ppl.py --variant diskoffload --ppl-ctx 2048
+python eval_ppl.py --variant baseline --ppl-ctx 8192 --ppl-max-tokens 16384
+python eval_ppl.py --variant diskoffload --ppl-ctx 8192 --ppl-max-tokens 16384
 python eval_ppl.py --variant diskoffload --alpha 0                 # plain layer removal
 python eval_ppl.py --variant diskoffload --layers 2-5 --alpha 0.5  # parallel residuals, scaled
 
 python run_baseline.py                                   # ... and after
 python check_exact.py                                   # alpha = 1 against the original, per weight format
+
+# Gemma 3 270M (sliding-window and full-attention layers, 18 layers: 7 offloaded)
+python run_baseline.py --model gemma3-270m
+python run_kvcache.py --model gemma3-270m
+python run_diskoffload.py --model gemma3-270m
+python check_exact.py --model gemma3-270m
 python estimate.py --check results
 python report.py
