@@ -365,6 +365,7 @@ class LayerStore:
         self.manifest_path = self.dir / "manifest.json"
         self.layouts: dict[int, Layout] = {}
         self.written: list[int] = []  # layers written (not reused) by the last sync()
+        self._fds: dict[int, int] = {}   # open layer files, for read_into
 
     def path(self, index: int) -> Path:
         return self.dir / f"layer_{index}.safetensors"
@@ -414,24 +415,44 @@ class LayerStore:
             raise CacheError(f"{path}: corrupt layer file (sha256 differs from the manifest); delete {path.parent} to rebuild")
 
     def read_into(self, index: int, out: torch.Tensor) -> None:
-        """Read layer `index`'s data section into the host uint8 tensor `out` (its first bytes)."""
+        """Read layer `index`'s data section into the host uint8 tensor `out` (its first bytes).
+
+        The file stays open until close(): a positional read per load, no open/seek, and safe
+        from two threads. Its size is checked on every read, so truncation is caught.
+        """
         layout = self.layouts[index]
-        path = self.path(index)
+        fd = self._fd(index)
         target = memoryview(out.numpy())[: layout.data_bytes]
-        try:
-            with open(path, "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != layout.file_bytes:
-                    raise CacheError(f"{path}: truncated layer file ({size} bytes, expected {layout.file_bytes})")
-                f.seek(layout.header_bytes)
-                got = 0
-                while got < layout.data_bytes:
-                    n = f.readinto(target[got:])
-                    if not n:
-                        raise CacheError(f"{path}: truncated layer file (read {got} of {layout.data_bytes} data bytes)")
-                    got += n
-        except FileNotFoundError:
-            raise CacheError(f"{path}: layer file is missing") from None
+        size = os.fstat(fd).st_size
+        if size != layout.file_bytes:
+            raise CacheError(f"{self.path(index)}: truncated layer file ({size} bytes, expected {layout.file_bytes})")
+        got = 0
+        while got < layout.data_bytes:
+            n = os.preadv(fd, [target[got:]], layout.header_bytes + got)
+            if not n:
+                raise CacheError(f"{self.path(index)}: truncated layer file "
+                                 f"(read {got} of {layout.data_bytes} data bytes)")
+            got += n
+
+    def _fd(self, index: int) -> int:
+        fd = self._fds.get(index)
+        if fd is None:
+            try:
+                fd = os.open(self.path(index), os.O_RDONLY)
+            except FileNotFoundError:
+                raise CacheError(f"{self.path(index)}: layer file is missing") from None
+            if self._fds.setdefault(index, fd) != fd:  # the other thread opened it first
+                os.close(fd)
+                fd = self._fds[index]
+        return fd
+
+    def close(self) -> None:
+        """Close the files read_into keeps open."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    __del__ = close
 
 
 def _progress(items, desc: str, enabled: bool):
@@ -703,6 +724,7 @@ class OffloadController:
             self._unbind(i)
         self._own.clear()
         self._staging = None
+        self._store.close()
         self._pending, self._pending_input = [], None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -755,6 +777,7 @@ class OffloadController:
             for name, view in self._store.layouts[i].views(flat).items():
                 self._refs[i][name].set(view.clone())
             self._layer_list[i] = layer
+        self._store.close()
         for hook in self._hooks:
             hook.remove()
         self._patched = False
@@ -777,11 +800,14 @@ class OffloadController:
         return self._inject(x, pending)
 
     def _inject(self, x: torch.Tensor, pending: list) -> torch.Tensor:
-        x32 = x.float()
         if len(pending) == 1:
             i, args, kwargs = pending[0]
+            y = self._compute(i, x, args, kwargs)
+            if self._alphas[i] == 1.0:  # what lerp(x, y, 1) returns, minus four small ops
+                return y
             # lerp(x, y, 1) is y and lerp(x, y, 0) is x, exactly; x + (y - x) is not.
-            return torch.lerp(x32, self._compute(i, x, args, kwargs).float(), self._alphas[i]).to(x.dtype)
+            return torch.lerp(x.float(), y.float(), self._alphas[i]).to(x.dtype)
+        x32 = x.float()
         out = x32.clone()
         for i, args, kwargs in pending:
             out += self._alphas[i] * (self._compute(i, x, args, kwargs).float() - x32)
