@@ -7,6 +7,7 @@ PNG plots into results/.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -27,10 +28,12 @@ TABLE = (
     ("mode", lambda r: _mode(r)),
     ("standby MB", lambda r: _mb(r["standby_bytes"])),
     ("peak MB", lambda r: _mb(r["peak_bytes"])),
+    ("peak vs baseline", lambda r: _ratio(r, "peak_bytes", "%")),
     ("idle RSS MB", lambda r: _mb(r["rss_bytes"])),
     ("PPL", lambda r: _ppl(r)),
     ("prefill s", lambda r: _num(r["prefill_s"], ".3f")),
     ("decode tok/s", lambda r: _num(r["decode_tok_s"], ".1f")),
+    ("decode vs baseline", lambda r: _ratio(r, "decode_tok_s", "x")),
     ("generate tok/s", lambda r: _num(r["generate_tok_s"], ".1f")),
     ("loads/run", lambda r: _num(r["loads"], "g")),
     ("wait s/run", lambda r: _num(r["wait_s"], ".3f")),
@@ -68,6 +71,15 @@ def _mode(row: dict) -> str:
     return ", ".join(parts)
 
 
+def _ratio(row: dict, column: str, unit: str) -> str:
+    """The row's value against the median of the baseline rows of its setup (model, quant,
+    device): resident baselines are measured before and after the variants."""
+    value, base = bench.number(row[column]), row["_baseline"].get(column)
+    if value is None or not base or row["variant"] == "baseline":
+        return ""
+    return f"{100 * value / base:.1f}%" if unit == "%" else f"{value / base:.2f}x"
+
+
 def _ppl(row: dict) -> str:
     ppl = bench.number(row["ppl"])
     if ppl is None:
@@ -103,6 +115,15 @@ def load_rows(results_dir: Path) -> list[dict]:
         for row in file_rows:
             rows.append({**{name: "" for name in bench.FIELDS}, **{k: v or "" for k, v in row.items()},
                          "file": path.name})
+    baselines: dict[tuple, dict[str, list[float]]] = {}
+    for row in rows:
+        if row["variant"] == "baseline" and row["decode_tok_s"]:
+            setup = baselines.setdefault((row["model"], row["quant"], row["device"]), {})
+            for column in ("decode_tok_s", "peak_bytes"):
+                setup.setdefault(column, []).append(bench.number(row[column]))
+    for row in rows:
+        setup = baselines.get((row["model"], row["quant"], row["device"]), {})
+        row["_baseline"] = {column: statistics.median(values) for column, values in setup.items()}
     return rows
 
 
