@@ -657,11 +657,11 @@ def open_run(args: argparse.Namespace) -> Run:
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
     if input_ids.shape[1] == 0:
         raise UsageError("--prompt gives no tokens")
-    # bitsandbytes repacks NF4 weights for the CPU on their first forward (+1.4 MB on
-    # SmolLM2-135M); one forward now makes every byte count below see the computed form,
-    # whether or not a timed run comes first.
-    with torch.no_grad():
-        model(input_ids=input_ids[:, :1], use_cache=False)
+    if input_ids.device.type == "cpu":
+        # bitsandbytes repacks NF4 weights for the CPU on their first forward (+1.4 MB on
+        # SmolLM2-135M); doing it now, as patch_model does, makes every byte count of every
+        # variant see the form that is computed with.
+        offload_skip.prepack_nf4_for_cpu(model)
     return Run(args, model, tokenizer, info, layers, docs, ppl_dataset, input_ids)
 
 
