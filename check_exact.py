@@ -70,8 +70,6 @@ def compare(args, quant: str, window_tokens: int, greedy_tokens: int) -> list[Ex
     window = eval_ppl.token_ids(tokenizer, docs, window_tokens)[None].to(device)
     prompt = tokenizer(bench.DEFAULT_PROMPT, return_tensors="pt").input_ids.to(device)
     layers = bench.select(args.layers, info["n_layers"])
-    if device.type == "cpu":  # the form the CPU computes NF4 with, as patch_model stores it
-        offload_skip.prepack_nf4_for_cpu(model)
     before = offload_skip.tensor_bytes(offload_skip.module_tensors(model), device)
     ref_logits, ref_tokens = _outputs(model, window, prompt, greedy_tokens)
     rows = []

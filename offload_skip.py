@@ -315,7 +315,7 @@ def _sha256(chunks) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(path: Path, block_bytes: int = 8 << 20) -> str:
+def file_sha256(path: Path, block_bytes: int = 8 << 20) -> str:
     with open(path, "rb") as f:
         return _sha256(iter(lambda: f.read(block_bytes), b""))
 
@@ -411,7 +411,7 @@ class LayerStore:
         size = path.stat().st_size
         if size != entry["size_bytes"]:
             raise CacheError(f"{path}: truncated layer file ({size} bytes, manifest says {entry['size_bytes']})")
-        if _file_sha256(path) != entry["sha256"]:
+        if file_sha256(path) != entry["sha256"]:
             raise CacheError(f"{path}: corrupt layer file (sha256 differs from the manifest); delete {path.parent} to rebuild")
 
     def read_into(self, index: int, out: torch.Tensor) -> None:
@@ -572,9 +572,10 @@ class LayerStreamer:
     """
 
     def __init__(self, store: LayerStore, order: list[int], device: torch.device, depth: int,
-                 io_bandwidth: float | None, stats: dict, lock: threading.Lock):
+                 io_bandwidth: float | None, count):
         self.store, self.order, self.device, self.depth = store, order, device, depth
-        self.io_bandwidth, self.stats, self.lock = io_bandwidth, stats, lock
+        self.io_bandwidth = io_bandwidth
+        self._count = count  # count(key, seconds, **counts): the controller's thread-safe stats
         self.position = {i: k for k, i in enumerate(order)}
         slot_bytes = max(store.layouts[i].data_bytes for i in order)
         n_slots = depth + 1
@@ -669,11 +670,6 @@ class LayerStreamer:
             self.free_slots.append(slot)
         self.jobs.clear()
 
-    def _count(self, key: str, seconds: float, **counts) -> None:
-        with self.lock:
-            self.stats[key] += seconds
-            for name, n in counts.items():
-                self.stats[name] += n
 
 
 class OffloadController:
@@ -764,7 +760,7 @@ class OffloadController:
         return stats
 
     def reset_stats(self) -> None:
-        with self._lock:  # in place: a running LayerStreamer holds this dict
+        with self._lock:
             self._stats.update(loads=0, loaded_bytes=0, load_s=0.0, wait_s=0.0, forward_s=0.0)
         self._peak_bytes = self.resident_bytes()
 
@@ -827,8 +823,7 @@ class OffloadController:
 
     def _forward_ends(self, module, args, output) -> None:
         if self._forward_start is not None:
-            with self._lock:
-                self._stats["forward_s"] += time.perf_counter() - self._forward_start
+            self._count("forward_s", time.perf_counter() - self._forward_start)
             self._forward_start = None
 
     # ---- residency
@@ -837,15 +832,13 @@ class OffloadController:
             return self._layers[i]
         if i in self.keep or self._in_session:
             flat = torch.empty(self.layer_bytes[i], dtype=torch.uint8, device=self.device)
-            seconds = self._read_kept(i, flat)
-            with self._lock:
-                self._stats["wait_s"] += seconds
+            self._count("wait_s", self._read_kept(i, flat))
             self._own[i] = flat
         else:
             if self._streamer is None:
                 order = [j for j in self.offloaded_layers if j not in self.keep]
                 self._streamer = LayerStreamer(self._store, order, self.device, self.prefetch,
-                                               self.io_bandwidth, self._stats, self._lock)
+                                               self.io_bandwidth, self._count)
             flat = self._streamer.acquire(i)
         self._bind(i, flat)
         self._note_peak()
@@ -858,11 +851,15 @@ class OffloadController:
         seconds = read_layer(self._store, i, flat, self._staging, self.io_bandwidth)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # the staging buffer is reused next
-        with self._lock:
-            self._stats["loads"] += 1
-            self._stats["loaded_bytes"] += self.layer_bytes[i]
-            self._stats["load_s"] += seconds
+        self._count("load_s", seconds, loads=1, loaded_bytes=self.layer_bytes[i])
         return seconds
+
+    def _count(self, key: str, seconds: float, **counts) -> None:
+        """Add to the stats; the reader thread counts too, hence the lock."""
+        with self._lock:
+            self._stats[key] += seconds
+            for name, n in counts.items():
+                self._stats[name] += n
 
     def _bind(self, i: int, flat: torch.Tensor) -> None:
         if self._bound.get(i) is flat:  # same buffer, freshly read: the views are still right
