@@ -42,7 +42,13 @@ ALIGN_BYTES = 64  # every tensor in a layer file starts on this boundary (vector
 
 
 class CacheError(RuntimeError):
-    """A layer file is missing, truncated, corrupt or stale. The message names the file."""
+    """A layer file is missing, truncated, corrupt or stale. The message names the file and
+    says how to recover."""
+
+
+def _bad_file(path: Path, problem: str) -> CacheError:
+    # Every layer file of a model can be rewritten from the model: deleting its folder is the cure.
+    return CacheError(f"{path}: {problem}; delete {Path(path).parent} to rebuild")
 
 
 # --------------------------------------------------------------------------- selection
@@ -284,15 +290,15 @@ def read_layout(path: Path) -> Layout:
             size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise CacheError(f"{path}: truncated layer file ({size} bytes, no header)")
+                raise _bad_file(path, f"truncated layer file ({size} bytes, no header)")
             n = int.from_bytes(prefix, "little")
             if n > size - 8:
-                raise CacheError(f"{path}: truncated layer file (header claims {n} bytes, file has {size})")
+                raise _bad_file(path, f"truncated layer file (header claims {n} bytes, file has {size})")
             header = json.loads(f.read(n))
     except FileNotFoundError:
-        raise CacheError(f"{path}: layer file is missing") from None
+        raise _bad_file(path, "layer file is missing") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CacheError(f"{path}: corrupt layer file header ({err})") from None
+        raise _bad_file(path, f"corrupt layer file header ({err})") from None
     entries = {}
     data_bytes = 0
     for name, meta in header.items():
@@ -304,7 +310,7 @@ def read_layout(path: Path) -> Layout:
             entries[name] = TensorEntry(_CODE_DTYPES[meta["dtype"]], tuple(meta["shape"]), start, end)
     layout = Layout(8 + n, data_bytes, entries)
     if size != layout.file_bytes:
-        raise CacheError(f"{path}: truncated or overlong layer file ({size} bytes, header says {layout.file_bytes})")
+        raise _bad_file(path, f"truncated or overlong layer file ({size} bytes, header says {layout.file_bytes})")
     return layout
 
 
@@ -407,12 +413,12 @@ class LayerStore:
     @staticmethod
     def _verify(path: Path, entry: dict) -> None:
         if not path.exists():
-            raise CacheError(f"{path}: layer file is missing (listed in the manifest); delete {path.parent} to rebuild")
+            raise _bad_file(path, "layer file is missing (listed in the manifest)")
         size = path.stat().st_size
         if size != entry["size_bytes"]:
-            raise CacheError(f"{path}: truncated layer file ({size} bytes, manifest says {entry['size_bytes']})")
+            raise _bad_file(path, f"truncated layer file ({size} bytes, manifest says {entry['size_bytes']})")
         if file_sha256(path) != entry["sha256"]:
-            raise CacheError(f"{path}: corrupt layer file (sha256 differs from the manifest); delete {path.parent} to rebuild")
+            raise _bad_file(path, "corrupt layer file (sha256 differs from the manifest)")
 
     def read_into(self, index: int, out: torch.Tensor) -> None:
         """Read layer `index`'s data section into the host uint8 tensor `out` (its first bytes).
@@ -425,13 +431,12 @@ class LayerStore:
         target = memoryview(out.numpy())[: layout.data_bytes]
         size = os.fstat(fd).st_size
         if size != layout.file_bytes:
-            raise CacheError(f"{self.path(index)}: truncated layer file ({size} bytes, expected {layout.file_bytes})")
+            raise _bad_file(self.path(index), f"truncated layer file ({size} bytes, expected {layout.file_bytes})")
         got = 0
         while got < layout.data_bytes:
             n = os.preadv(fd, [target[got:]], layout.header_bytes + got)
             if not n:
-                raise CacheError(f"{self.path(index)}: truncated layer file "
-                                 f"(read {got} of {layout.data_bytes} data bytes)")
+                raise _bad_file(self.path(index), f"truncated layer file (read {got} of {layout.data_bytes} data bytes)")
             got += n
 
     def _fd(self, index: int) -> int:
@@ -440,7 +445,7 @@ class LayerStore:
             try:
                 fd = os.open(self.path(index), os.O_RDONLY)
             except FileNotFoundError:
-                raise CacheError(f"{self.path(index)}: layer file is missing") from None
+                raise _bad_file(self.path(index), "layer file is missing") from None
             if self._fds.setdefault(index, fd) != fd:  # the other thread opened it first
                 os.close(fd)
                 fd = self._fds[index]
@@ -578,7 +583,7 @@ class LayerStreamer:
         self._count = count  # count(key, seconds, **counts): the controller's thread-safe stats
         self.position = {i: k for k, i in enumerate(order)}
         slot_bytes = max(store.layouts[i].data_bytes for i in order)
-        n_slots = depth + 1
+        n_slots = min(depth + 1, len(order))  # more slots than streamed layers would only hold memory
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(n_slots)]
         cuda = device.type == "cuda"
         self.staging = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) if cuda else None

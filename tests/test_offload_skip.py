@@ -230,7 +230,8 @@ def test_stream_peak_counts_its_slots(prefetch, tmp_path, prompt_ids):
     standby = ctl.resident_bytes()
     _logits(model, prompt_ids)
     stats = ctl.stats()
-    assert stats["peak_resident_bytes"] == standby + (prefetch + 1) * max(ctl.layer_bytes.values())
+    slots = min(prefetch + 1, 3)  # capped at the number of streamed layers
+    assert stats["peak_resident_bytes"] == standby + slots * max(ctl.layer_bytes.values())
     if prefetch == 0:  # read just in time, each layer once
         assert stats["loads"] == 3 and stats["loaded_bytes"] == sum(ctl.layer_bytes.values())
         assert stats["wait_s"] == pytest.approx(stats["load_s"])
@@ -238,6 +239,17 @@ def test_stream_peak_counts_its_slots(prefetch, tmp_path, prompt_ids):
         assert 3 <= stats["loads"] <= 3 + min(prefetch + 1, 3)
     ctl.standby()
     assert ctl.resident_bytes() == standby
+
+
+@pytest.mark.parametrize("layers, prefetch, slots", [("2,4", 2, 2), ("2,4", 1, 2), ("2,4", 0, 1), ("4", 3, 1)])
+def test_stream_never_holds_more_slots_than_streamed_layers(layers, prefetch, slots, tmp_path, prompt_ids):
+    model = make_model("llama-fp32", tmp_path)
+    ctl = patch_model(model, layers, tmp_path / "cache", mode="stream", prefetch=prefetch, progress=False)
+    logits = _logits(model, prompt_ids)
+    assert len(ctl._streamer.slots) == slots
+    assert ctl.stats()["peak_resident_bytes"] - ctl._model_bytes == slots * max(ctl.layer_bytes.values())
+    ctl.standby()
+    assert torch.equal(_logits(model, prompt_ids), logits)
 
 
 @pytest.mark.parametrize("prefetch, budget_layers", [(0, 0), (1, 0), (2, 1), (3, 2), (1, 3)])
@@ -402,7 +414,7 @@ def test_damaged_file_is_named_at_load(damage, message, tmp_path, prompt_ids):
     ctl = patch_model(model, "even", tmp_path / "cache", mode="stream", progress=False)
     path = ctl._store.path(4)
     damage(path)
-    with pytest.raises(CacheError, match=f"{path}: {message}"):
+    with pytest.raises(CacheError, match=f"{path}: {message}.*; delete {path.parent} to rebuild$"):
         _logits(model, prompt_ids)
 
 
@@ -417,7 +429,7 @@ def test_damaged_file_is_named_when_reused(damage, message, tmp_path):
     path = ctl._store.path(2)
     ctl.unpatch()
     damage(path)
-    with pytest.raises(CacheError, match=f"{path}: {message}"):
+    with pytest.raises(CacheError, match=f"{path}: {message}.*; delete {path.parent} to rebuild$"):
         patch_model(model, "even", tmp_path / "cache", progress=False)
 
 
