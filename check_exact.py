@@ -27,6 +27,7 @@ class Exactness:
     model: str
     quant: str
     device: str
+    device_name: str            # CUDA device name or 'CPU: <model name>': exactness is stated per machine
     layers: str
     form: str                   # session / stream: patch_model at alpha 1; naive: x + (L(x) - x) hooks
     window_tokens: int          # logits compared at every position of this window of wiki text
@@ -44,6 +45,7 @@ class Exactness:
     python: str
     torch_threads: int
     machine: str
+    cpu_isa: str
     commit: str
     timestamp: str
 
@@ -77,7 +79,8 @@ def compare(args, quant: str, window_tokens: int, greedy_tokens: int) -> list[Ex
     def row(form: str, logits, tokens, after: int) -> Exactness:
         differs = (tokens != ref_tokens)[0].nonzero()
         return Exactness(
-            model=info["model"], quant=quant, device=device.type, layers=args.layers, form=form,
+            model=info["model"], quant=quant, device=device.type, device_name=bench.device_name(device),
+            layers=args.layers, form=form,
             window_tokens=window.shape[1], max_abs_logit_diff=(logits - ref_logits).abs().max().item(),
             logits_equal=torch.equal(logits, ref_logits), greedy_tokens=greedy_tokens,
             tokens_equal=torch.equal(tokens, ref_tokens),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,20 +120,18 @@ def reference_table() -> str:
 # ---------------------------------------------------------------------------- check against measurements
 
 def check_table(results: Path) -> str:
-    """For each stream row with KV cache: predicted vs measured decode time per token, with
-    t_compute from the resident baseline measured through the same decode loop and the
-    storage rate from the row (its throttle, or its own measured page-cache read time)."""
-    resident_ms: dict[tuple, list[float]] = {}  # baselines measured before and after: their median
-    for r in bench.read_rows(results / "baseline.csv"):
-        resident_ms.setdefault((r["model"], r["quant"], r["device"]), []).append(bench.number(r["decode_ms_per_tok"]))
-    lines = ["| model | prefetch | budget MB | io_bandwidth GB/s | t_compute ms | read ms/token | "
+    """For each stream row with KV cache that was not busy: predicted vs measured decode time
+    per token, with t_compute from the row's own baseline (the unpatched model timed in the
+    same process, interleaved) and the storage rate from the row (its throttle, or its own
+    measured page-cache read time)."""
+    lines = ["| model | machine | prefetch | budget MB | io_bandwidth GB/s | t_compute ms | read ms/token | "
              "predicted ms/token | measured ms/token | measured/predicted |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in bench.read_rows(results / "diskoffload.csv"):
-        base_ms = resident_ms.get((row["model"], row["quant"], row["device"]))
-        if not base_ms or row["kv_cache"] != "True" or not bench.number(row["loads"]):
+        base_tok_s = bench.number(row.get("baseline_decode_tok_s"))
+        if not base_tok_s or row["kv_cache"] != "True" or not bench.number(row["loads"]) or row.get("busy") == "True":
             continue
-        compute_s = statistics.median(base_ms) / 1e3
+        compute_s = 1 / base_tok_s
         per_layer = bench.number(row["loaded_bytes"]) / bench.number(row["loads"])
         layers = [int(i) for i in row["layers_offloaded"].split()] if row["layers_offloaded"] else []
         layer_bytes = {i: int(per_layer) for i in layers}
@@ -145,7 +142,8 @@ def check_table(results: Path) -> str:
         predicted = p.stream_prefetch_s if int(row["prefetch"]) > 0 else p.stream_serial_s
         measured = bench.number(row["decode_ms_per_tok"]) / 1e3
         lines.append(
-            f"| {row['model']} {row['quant']} {row['device']} | {row['prefetch']} | "
+            f"| {row['model']} {row['quant']} {row['device']} | {row['device_name']} ({row['cpu_isa']}) | "
+            f"{row['prefetch']} | "
             f"{bench.number(row['budget_bytes']) / 1e6:.1f} | {io_Bps / GB if io_Bps else '-'} | {compute_s * 1e3:.1f} | "
             f"{p.streamed_bytes / storage_Bps * 1e3:.1f} | {predicted * 1e3:.1f} | {measured * 1e3:.1f} | "
             f"{measured / predicted:.2f} |")
@@ -155,7 +153,7 @@ def check_table(results: Path) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", type=Path, metavar="RESULTS_DIR",
-                        help="also compare predictions with the rows in RESULTS_DIR/{baseline,diskoffload}.csv")
+                        help="also compare predictions with the rows in RESULTS_DIR/diskoffload.csv")
     args = parser.parse_args(argv)
     print(reference_table())
     if args.check:

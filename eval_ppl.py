@@ -133,10 +133,11 @@ def run(args) -> bench.Result:
     if not args.ppl_max_tokens:
         raise bench.UsageError("--ppl-max-tokens 0 leaves nothing to evaluate")
     run_ = bench.open_run(args)
+    unpatched = bench.measure_memory(run_)  # this process's resident model: the row's baseline
     ctl = bench.patch(run_)
     ppl = evaluate(run_, ctl)
     memory = bench.measure_memory(run_, ctl)
-    return bench.finish(run_, bench.make_result(run_, ctl, memory, ppl=ppl))
+    return bench.finish(run_, bench.make_result(run_, ctl, memory, ppl=ppl, baseline_memory=unpatched))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -744,6 +744,22 @@ class OffloadController:
             self._in_session = False
             self.standby()
 
+    @contextlib.contextmanager
+    def unpatched(self):
+        """The original model for the block, nothing rewritten: every offloaded layer loaded
+        (as in a session) and the real layer modules put back in the layer list; the stubs
+        and standby() on exit. Lets a script time the resident model in the same process,
+        interleaved with the patched one, without loading the model twice."""
+        with self.session():
+            stubs = {i: self._layer_list[i] for i in self.offloaded_layers}
+            for i in stubs:
+                self._layer_list[i] = self._layers[i]
+            try:
+                yield self.model
+            finally:
+                for i, stub in stubs.items():
+                    self._layer_list[i] = stub
+
     def resident_bytes(self) -> int:
         """Bytes of weights and buffers on the compute device: the model's resident tensors
         (NF4 as packed data plus quant-state tensors) and the offloaded layers' buffers that

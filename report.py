@@ -1,5 +1,10 @@
-"""Render results/*.csv: a markdown table into README.md (between the results markers) and
+"""Render results/*.csv: markdown tables into README.md (between the named markers) and
 PNG plots into results/.
+
+Rows are grouped by machine kind (device name and CPU vector extension): speed depends on
+the machine and NF4 perplexity on its kernels, so nothing is compared across groups. A
+variant row's ratios are its own: against the unpatched model timed in the same process
+(run_id). Rows marked busy (other work shared the CPU while timing) are left out.
 
     python report.py                      # README.md, results/memory.png, results/speed.png
     python report.py --columns            # what each CSV column counts
@@ -7,7 +12,6 @@ PNG plots into results/.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,13 +32,15 @@ TABLE = (
     ("mode", lambda r: _mode(r)),
     ("standby MB", lambda r: _mb(r["standby_bytes"])),
     ("peak MB", lambda r: _mb(r["peak_bytes"])),
-    ("peak vs baseline", lambda r: _ratio(r, "peak_bytes", "%")),
+    ("peak vs unpatched", lambda r: _percent(r["peak_bytes"], r["baseline_standby_bytes"])),
     ("idle RSS MB", lambda r: _mb(r["rss_bytes"])),
     ("PPL", lambda r: _ppl(r)),
     ("prefill s", lambda r: _num(r["prefill_s"], ".3f")),
     ("decode tok/s", lambda r: _num(r["decode_tok_s"], ".1f")),
-    ("decode vs baseline", lambda r: _ratio(r, "decode_tok_s", "x")),
+    ("unpatched tok/s, same run", lambda r: _num(r["baseline_decode_tok_s"], ".1f")),
+    ("decode vs unpatched", lambda r: _num(r["decode_ratio"], ".2f", "x")),
     ("generate tok/s", lambda r: _num(r["generate_tok_s"], ".1f")),
+    ("generate vs unpatched", lambda r: _num(r["generate_ratio"], ".2f", "x")),
     ("loads/run", lambda r: _num(r["loads"], "g")),
     ("wait s/run", lambda r: _num(r["wait_s"], ".3f")),
     ("overlap", lambda r: _num(r["overlap"], ".2f")),
@@ -43,9 +49,14 @@ TABLE = (
 )
 
 
-def _num(cell, fmt: str) -> str:
+def _num(cell, fmt: str, unit: str = "") -> str:
     value = bench.number(cell)
-    return "" if value is None else format(value, fmt)
+    return "" if value is None else format(value, fmt) + unit
+
+
+def _percent(cell, base_cell) -> str:
+    value, base = bench.number(cell), bench.number(base_cell)
+    return "" if value is None or not base else f"{100 * value / base:.1f}%"
 
 
 def _mb(cell) -> str:
@@ -71,15 +82,6 @@ def _mode(row: dict) -> str:
     return ", ".join(parts)
 
 
-def _ratio(row: dict, column: str, unit: str) -> str:
-    """The row's value against the median of the baseline rows of its setup (model, quant,
-    device): resident baselines are measured before and after the variants."""
-    value, base = bench.number(row[column]), row["_baseline"].get(column)
-    if value is None or not base or row["variant"] == "baseline":
-        return ""
-    return f"{100 * value / base:.1f}%" if unit == "%" else f"{value / base:.2f}x"
-
-
 def _ppl(row: dict) -> str:
     ppl = bench.number(row["ppl"])
     if ppl is None:
@@ -91,7 +93,6 @@ def _ppl(row: dict) -> str:
 EXACTNESS_TABLE = (
     ("model", lambda r: r["model"]),
     ("quant", lambda r: r["quant"]),
-    ("device", lambda r: r["device"]),
     ("layers", lambda r: r["layers"]),
     ("form", lambda r: r["form"]),
     ("max abs dlogit", lambda r: _num(r["max_abs_logit_diff"], ".3g")),
@@ -115,16 +116,21 @@ def load_rows(results_dir: Path) -> list[dict]:
         for row in file_rows:
             rows.append({**{name: "" for name in bench.FIELDS}, **{k: v or "" for k, v in row.items()},
                          "file": path.name})
-    baselines: dict[tuple, dict[str, list[float]]] = {}
-    for row in rows:
-        if row["variant"] == "baseline" and row["decode_tok_s"]:
-            setup = baselines.setdefault((row["model"], row["quant"], row["device"]), {})
-            for column in ("decode_tok_s", "peak_bytes"):
-                setup.setdefault(column, []).append(bench.number(row[column]))
-    for row in rows:
-        setup = baselines.get((row["model"], row["quant"], row["device"]), {})
-        row["_baseline"] = {column: statistics.median(values) for column, values in setup.items()}
     return rows
+
+
+def machine_kind(row: dict) -> str:
+    """What a row's speed and NF4 numerics depend on: the device, and on a CPU its widest
+    relevant vector extension (bitsandbytes computes NF4 differently with AVX512-BF16)."""
+    isa = row.get("cpu_isa") or "unrecorded ISA"
+    return row["device_name"] if row["device"] == "cuda" else f"{row['device_name']} ({isa})"
+
+
+def by_machine(rows: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(machine_kind(row), []).append(row)
+    return groups
 
 
 def markdown_table(rows: list[dict], columns=TABLE) -> str:
@@ -137,9 +143,27 @@ def markdown_table(rows: list[dict], columns=TABLE) -> str:
 
 
 def render(rows: list[dict], results_label: str) -> str:
-    return (f"Generated by `python report.py` from {results_label}/*.csv, one line per CSV row; "
-            f"bytes in MB (10^6). Column meanings: `python report.py --columns`.\n\n"
-            + (markdown_table(rows) if rows else "(no results yet)"))
+    """One table per machine kind; busy rows left out (and counted)."""
+    text = (f"Generated by `python report.py` from {results_label}/*.csv, one line per CSV row; bytes in MB "
+            f"(10^6); ratios against the unpatched model of the same run. Column meanings: "
+            f"`python report.py --columns`.")
+    if not rows:
+        return text + "\n\n(no results yet)"
+    for machine, group in by_machine(rows).items():
+        quiet = [r for r in group if r["busy"] != "True"]
+        text += f"\n\n#### {machine}\n\n" + markdown_table(quiet)
+        if len(quiet) < len(group):
+            text += (f"\n\n{len(group) - len(quiet)} row(s) left out: other work used more than "
+                     f"{bench.BUSY_OTHER_CPU_SHARE:.0%} of the CPU while they were timed (column busy).")
+    return text
+
+
+def exactness_section(rows: list[dict], results_label: str) -> str:
+    text = (f"Generated by `python report.py` from {results_label}/exactness.csv (made by "
+            f"`python check_exact.py`), per machine kind.")
+    for machine, group in by_machine(rows).items():
+        text += f"\n\n#### {machine}\n\n" + markdown_table(group, EXACTNESS_TABLE)
+    return text
 
 
 def update_readme(readme: Path, block: str, name: str = "results") -> bool:
@@ -180,9 +204,12 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timed = [r for r in rows if bench.number(r["decode_tok_s"]) is not None]
+    timed = [r for r in rows if bench.number(r["decode_tok_s"]) is not None and r["busy"] != "True"]
     if not timed:
         return []
+    newest = max(timed, key=lambda r: r["timestamp"])  # plots show one machine kind: the latest one measured
+    machine = machine_kind(newest)
+    timed = [r for r in timed if machine_kind(r) == machine]
     several = len({(r["model"], r["quant"], r["device"]) for r in timed}) > 1
     latest = {}
     for row in timed:  # later rows win: the newest measurement of a configuration
@@ -211,7 +238,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.set_ylim(0, 1.25 * top or 1)  # room for the legend and the value labels
         ax.set_xticks(list(x), labels, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel(ylabel)
-        ax.set_title(title)
+        ax.set_title(f"{title}\n{machine}", fontsize=10)
         ax.legend()
         fig.tight_layout()
         path = out_dir / name
@@ -247,10 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         print(block)
         print(f"\n{args.readme} has no {START} ... {END} markers (or does not exist): "
               "table printed above, README untouched", file=sys.stderr)
-    exactness = bench.read_rows(args.results / "exactness.csv")
+    exactness = [{"device_name": "", "cpu_isa": "", **r} for r in bench.read_rows(args.results / "exactness.csv")]
     sections = {
-        "exactness": f"Generated by `python report.py` from {args.results.name}/exactness.csv "
-                     "(made by `python check_exact.py`).\n\n" + markdown_table(exactness, EXACTNESS_TABLE),
+        "exactness": exactness_section(exactness, args.results.name),
         "estimate-reference": estimate.reference_table(),
         "estimate-check": estimate.check_table(args.results),
     }

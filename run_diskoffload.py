@@ -17,6 +17,7 @@ VARIANT = "diskoffload"
 
 def run(args) -> bench.Result:
     run_ = bench.open_run(args)
+    unpatched = bench.measure_memory(run_)  # this process's resident model: the row's baseline
     # offload_skip.patch_model(mode="stream", prefetch=..., budget_bytes=..., io_bandwidth=...)
     ctl = bench.patch(run_)
     # No generate() timing: the decode loop is the comparison path, and generate cannot
@@ -24,7 +25,7 @@ def run(args) -> bench.Result:
     speed = bench.measure_speed(run_, ctl)
     ppl = eval_ppl.evaluate(run_, ctl)
     memory = bench.measure_memory(run_, ctl)
-    return bench.finish(run_, bench.make_result(run_, ctl, memory, speed, ppl))
+    return bench.finish(run_, bench.make_result(run_, ctl, memory, speed, ppl, unpatched))
 
 
 def main(argv: list[str] | None = None) -> int:

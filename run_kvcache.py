@@ -15,6 +15,7 @@ VARIANT = "kvcache"
 
 def run(args) -> bench.Result:
     run_ = bench.open_run(args)
+    unpatched = bench.measure_memory(run_)  # this process's resident model: the row's baseline
     # offload_skip.patch_model(mode="session"): every measured inference runs inside
     # ctl.session(), which loads all offloaded layers on entry and drops them on exit.
     ctl = bench.patch(run_)
@@ -22,7 +23,7 @@ def run(args) -> bench.Result:
     speed = bench.measure_speed(run_, ctl, generate_too=True)
     ppl = eval_ppl.evaluate(run_, ctl)
     memory = bench.measure_memory(run_, ctl)
-    return bench.finish(run_, bench.make_result(run_, ctl, memory, speed, ppl))
+    return bench.finish(run_, bench.make_result(run_, ctl, memory, speed, ppl, unpatched))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,4 +25,5 @@ from .measure import (DecodeTiming, Memory, Speed, decode, generate, measure_mem
                       weight_bytes)
 from .models import DEFAULT_MODEL, EMBEDDED_GGUFS, EMBEDDED_MODELS, QUANTS, load_model, model_kind, resolve_model
 from .results import (COLUMNS, FIELDS, Result, append_row, check_csv, cpu_name, device_name, environment, finish,
-                      git_commit, latest_baseline, make_result, number, read_rows, summary, VARIANT_MODES, VARIANTS)
+                      git_commit, latest_baseline, make_result, number, read_rows, summary, BUSY_OTHER_CPU_SHARE,
+                      VARIANT_MODES, VARIANTS)

@@ -143,7 +143,8 @@ def build_parser(variant: str | None = None, description: str | None = None,
     add("--out", type=Path, default=None,
         help="CSV file to append the row to (default: results/<variant>.csv, results/ppl.csv for eval_ppl)")
     add("--baseline-csv", type=Path, default=None,
-        help="CSV with the baseline rows the summary compares against (default: baseline.csv next to --out)")
+        help="CSV with the baseline rows whose perplexity the summary compares against "
+             "(default: baseline.csv next to --out); speed and memory ratios come from this run itself")
     add("--seed", type=int, default=0,
         help="seed for torch/random/numpy (decoding is greedy, so only ties depend on it)")
     parser.set_defaults(script_variant=variant)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +30,7 @@ class Run:
     docs: list[str] | None  # perplexity corpus (None: --ppl-max-tokens 0)
     ppl_dataset: str | None
     input_ids: torch.Tensor  # the prompt, [1, n] on the device
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @property
     def variant(self) -> str:

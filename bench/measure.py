@@ -3,10 +3,12 @@ like-with-like ratios, medians over repeats, and the idle memory state."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
+import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -16,6 +18,7 @@ import offload_skip
 
 from .base import UsageError
 from .experiment import Run, inference
+from .results import BUSY_OTHER_CPU_SHARE
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so a timer read after it covers that work."""
@@ -99,16 +102,64 @@ _STAT_KEYS = ("loads", "loaded_bytes", "load_s", "wait_s", "forward_s", "overlap
 
 
 @dataclass(frozen=True)
+class CpuLoad:
+    """What else ran on the machine while a measurement ran."""
+    load_1m_before: float | None  # os.getloadavg()[0]: runnable threads, our own included
+    load_1m_after: float | None
+    other_cpu_share: float | None  # share of all cores' time spent on other processes (and hypervisor steal)
+
+    @property
+    def busy(self) -> bool | None:
+        return None if self.other_cpu_share is None else self.other_cpu_share > BUSY_OTHER_CPU_SHARE
+
+
+def _cpu_sample() -> tuple[float, float | None, float]:
+    """(wall s, machine busy s summed over cores, this process's CPU s)."""
+    wall, own = time.perf_counter(), sum(os.times()[:2])
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return wall, None, own
+    # user nice system idle iowait irq softirq steal ...: all but idle and iowait is busy
+    busy_ticks = sum(fields[:3]) + sum(fields[5:8])
+    return wall, busy_ticks / os.sysconf("SC_CLK_TCK"), own
+
+
+MIN_WATCH_S = 0.5
+
+
+@contextlib.contextmanager
+def watch_cpu():
+    """Yields a list that holds one CpuLoad after the block: the load average before and after,
+    and how much of the machine other processes used meanwhile (from /proc/stat minus this
+    process's own CPU time, reader threads included). A block shorter than MIN_WATCH_S gets
+    no share: a tick or two of other work would look like a busy machine."""
+    def load() -> float | None:
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    before_load, (wall0, busy0, own0) = load(), _cpu_sample()
+    result: list[CpuLoad] = []
+    yield result
+    wall1, busy1, own1 = _cpu_sample()
+    share = None  # also when the block is too short for /proc/stat's 10 ms ticks to tell
+    if busy0 is not None and busy1 is not None and wall1 - wall0 >= MIN_WATCH_S:
+        share = max(0.0, (busy1 - busy0) - (own1 - own0)) / ((wall1 - wall0) * (os.cpu_count() or 1))
+    result.append(CpuLoad(before_load, load(), share))
+
+
+@dataclass(frozen=True)
 class Speed:
     """Median timings over the measured repeats, and offload traffic per measured run."""
     prefill_s: float
     decode_tok_s: float | None
     decode_ms_per_tok: float | None
     generate_tok_s: float | None
-    peak_bytes: int | None               # controller's peak over the repeats (None: baseline)
-    cuda_max_allocated_bytes: int | None
-    stats: dict                          # _STAT_KEYS: mean per measured run; {} for the baseline
     tokens: torch.Tensor                 # the new tokens of the last measured run
+    peak_bytes: int | None = None        # controller's peak over the repeats (None: baseline)
+    cuda_max_allocated_bytes: int | None = None
+    stats: dict = field(default_factory=dict)  # _STAT_KEYS: mean per measured run; {} for the baseline
+    baseline: Speed | None = None        # the unpatched model, timed interleaved in the same process
+    cpu: CpuLoad | None = None           # what else ran meanwhile
 
 
 def _mean_stats(per_run: list[dict]) -> dict:
@@ -117,44 +168,77 @@ def _mean_stats(per_run: list[dict]) -> dict:
     return {key: sum(s[key] for s in per_run) / len(per_run) for key in _STAT_KEYS}
 
 
-def measure_speed(run: Run, ctl=None, generate_too: bool = False) -> Speed:
-    """--warmup untimed runs, then --repeats measured runs of ``decode`` (median reported);
-    with generate_too the same for ``model.generate`` (KV cache on)."""
-    args, model, ids = run.args, run.model, run.input_ids
-    context = inference(ctl)
-    n = args.max_new_tokens
-    for _ in tqdm(range(args.warmup), desc="warmup", leave=False, disable=args.warmup < 2):
-        decode(model, ids, n, args.kv_cache, context)
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.device)
-    timings, per_run, peak = [], [], None
-    for _ in tqdm(range(args.repeats), desc=f"timing {run.variant}", unit="run", leave=False):
-        if ctl is not None:
-            ctl.reset_stats()
-        timings.append(decode(model, ids, n, args.kv_cache, context))
-        if ctl is not None:
-            stats = ctl.stats()
-            per_run.append(stats)
-            peak = max(peak or 0, stats["peak_resident_bytes"])
-    cuda_max = torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else None
+def _speed(timings: list[DecodeTiming], generate_s: list[float], n: int, **extra) -> Speed:
     decode_s = statistics.median(t.decode_s for t in timings)
-    generate_tok_s = None
-    if generate_too:
-        for _ in range(args.warmup):
-            generate(model, ids, n, context)
-        seconds = [generate(model, ids, n, context)[0]
-                   for _ in tqdm(range(args.repeats), desc="timing generate", unit="run", leave=False)]
-        generate_tok_s = n / statistics.median(seconds)
     return Speed(
         prefill_s=statistics.median(t.prefill_s for t in timings),
         decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else None,
         decode_ms_per_tok=1000 * decode_s / (n - 1) if n > 1 else None,
-        generate_tok_s=generate_tok_s,
-        peak_bytes=peak,
-        cuda_max_allocated_bytes=cuda_max,
-        stats=_mean_stats(per_run) if per_run else {},
+        generate_tok_s=n / statistics.median(generate_s) if generate_s else None,
         tokens=timings[-1].tokens,
+        **extra,
     )
+
+
+def _cuda_peak(device: torch.device, reset: bool = False) -> int | None:
+    if device.type != "cuda":
+        return None
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def measure_speed(run: Run, ctl=None, generate_too: bool = False) -> Speed:
+    """--warmup untimed runs, then --repeats measured runs of ``decode`` (median reported);
+    with generate_too the same for ``model.generate`` (KV cache on).
+
+    With a controller every repeat of the variant is preceded by one of the unpatched model
+    (``ctl.unpatched()``, entered outside the timer; KV cache on: the resident model as it
+    is used), and ``Speed.baseline`` holds those medians. On a shared machine speed drifts
+    between runs and between machines; a ratio of two medians taken side by side in one
+    process is the only one worth printing. Speed.cpu says what else ran meanwhile.
+    """
+    with watch_cpu() as cpu:
+        speed = _interleaved(run, ctl, generate_too)
+    return dataclasses.replace(speed, cpu=cpu[0])
+
+
+def _interleaved(run: Run, ctl, generate_too: bool) -> Speed:
+    args, model, ids = run.args, run.model, run.input_ids
+    n = args.max_new_tokens
+    variant = inference(ctl)
+    resident = ctl.unpatched if ctl is not None else None
+    for _ in tqdm(range(args.warmup), desc="warmup", leave=False, disable=args.warmup < 2):
+        if resident:
+            with resident():
+                decode(model, ids, n)
+        decode(model, ids, n, args.kv_cache, variant)
+    timings, base_timings, per_run, peak, cuda_max = [], [], [], None, None
+    for _ in tqdm(range(args.repeats), desc=f"timing {run.variant}", unit="run", leave=False):
+        if resident:
+            with resident():
+                base_timings.append(decode(model, ids, n))
+        if ctl is not None:
+            ctl.reset_stats()
+        _cuda_peak(run.device, reset=True)
+        timings.append(decode(model, ids, n, args.kv_cache, variant))
+        if run.device.type == "cuda":
+            cuda_max = max(cuda_max or 0, _cuda_peak(run.device))
+        if ctl is not None:
+            stats = ctl.stats()
+            per_run.append(stats)
+            peak = max(peak or 0, stats["peak_resident_bytes"])
+    generate_s, base_generate_s = [], []
+    if generate_too:
+        for _ in range(args.warmup + args.repeats):
+            if resident:
+                with resident():
+                    base_generate_s.append(generate(model, ids, n)[0])
+            generate_s.append(generate(model, ids, n, variant)[0])
+        generate_s, base_generate_s = generate_s[args.warmup:], base_generate_s[args.warmup:]
+    baseline = _speed(base_timings, base_generate_s, n) if base_timings else None
+    return _speed(timings, generate_s, n, peak_bytes=peak, cuda_max_allocated_bytes=cuda_max,
+                  stats=_mean_stats(per_run) if per_run else {}, baseline=baseline)
 
 
 @dataclass(frozen=True)

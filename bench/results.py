@@ -26,6 +26,10 @@ VARIANTS = ("baseline", "kvcache", "diskoffload")
 # baseline is the unpatched model, everything resident.
 VARIANT_MODES = {"baseline": "resident", "kvcache": "session", "diskoffload": "stream"}
 
+# Other work above this share of the machine marks a row busy (README tables leave it out).
+# An idle VM here shows ~0.01; a second benchmark or a test run on 2 cores 0.3-0.5.
+BUSY_OTHER_CPU_SHARE = 0.10
+
 COLUMNS = {
     # what ran
     "variant": "baseline (unpatched), kvcache (session residency) or diskoffload (stream residency)",
@@ -48,6 +52,8 @@ COLUMNS = {
     "warmup": "untimed runs before the measured ones",
     "repeats": "measured runs (timings are their median)",
     "seed": "--seed",
+    "run_id": "unique id of the script invocation that wrote the row; its baseline_* columns come from the "
+              "same process",
     # memory
     "standby_bytes": "weight bytes resident on the compute device while idle (parameters, buffers, NF4 quant "
                      "states; each storage once); variants: after standby()",
@@ -58,6 +64,9 @@ COLUMNS = {
     "cuda_allocated_bytes": "CUDA only: torch.cuda.memory_allocated while idle",
     "cuda_max_allocated_bytes": "CUDA only: torch.cuda.max_memory_allocated over the measured runs "
                                 "(weights, activations, KV cache)",
+    "baseline_standby_bytes": "variants: standby_bytes of the unpatched model, measured in the same process "
+                              "before patching",
+    "baseline_rss_bytes": "variants, CPU only: rss_bytes of the unpatched model, same process, before patching",
     # quality
     "ppl": "perplexity exp(mean NLL over scored tokens); empty with --ppl-max-tokens 0",
     "ppl_dataset": "corpus: wiki-embedded, wikitext2, short (texts scored one by one) or a file path",
@@ -72,6 +81,17 @@ COLUMNS = {
     "decode_ms_per_tok": "1000 / decode_tok_s",
     "generate_tok_s": "max_new_tokens / median wall seconds of model.generate (greedy, KV cache); "
                       "baseline and kvcache only",
+    "baseline_decode_tok_s": "variants: decode_tok_s of the unpatched model (KV cache on), its repeats "
+                             "interleaved with the variant's in the same process",
+    "baseline_generate_tok_s": "variants: generate_tok_s of the unpatched model, interleaved likewise",
+    "decode_ratio": "decode_tok_s / baseline_decode_tok_s: the same-run speed ratio",
+    "generate_ratio": "generate_tok_s / baseline_generate_tok_s",
+    "load_1m_before": "1-minute load average when the timed runs began (this process's threads included)",
+    "load_1m_after": "1-minute load average when they ended",
+    "other_cpu_share": "share of all cores' time used by other processes (and hypervisor steal) during the "
+                       "timed runs, from /proc/stat minus this process's CPU time",
+    "busy": f"True when other_cpu_share > {BUSY_OTHER_CPU_SHARE}: other work shared the CPU, so the speed "
+            "figures are not trusted (README tables leave the row out)",
     "load_s": "seconds of the model's from_pretrained (excluding a one-off GGUF conversion)",
     # offload traffic, means per measured run (sum over the repeats / repeats)
     "loads": "offloaded layer reads per run",
@@ -88,6 +108,8 @@ COLUMNS = {
     "python": "Python version",
     "torch_threads": "torch.get_num_threads()",
     "machine": "host name and CPU model",
+    "cpu_isa": "widest CPU vector extension that matters here: avx512_bf16 (bitsandbytes' fused NF4 kernel), "
+               "avx512f, avx2 or other; NF4 results differ between them",
     "commit": "git rev-parse --short HEAD, '-dirty' if tracked .py files have uncommitted changes",
     "timestamp": "UTC time the row was written (ISO 8601)",
 }
@@ -116,11 +138,14 @@ class Result:
     warmup: int | None
     repeats: int | None
     seed: int
+    run_id: str
     standby_bytes: int
     peak_bytes: int | None
     rss_bytes: int | None
     cuda_allocated_bytes: int | None
     cuda_max_allocated_bytes: int | None
+    baseline_standby_bytes: int | None
+    baseline_rss_bytes: int | None
     ppl: float | None
     ppl_dataset: str | None
     ppl_ctx: int | None
@@ -130,6 +155,14 @@ class Result:
     decode_tok_s: float | None
     decode_ms_per_tok: float | None
     generate_tok_s: float | None
+    baseline_decode_tok_s: float | None
+    baseline_generate_tok_s: float | None
+    decode_ratio: float | None
+    generate_ratio: float | None
+    load_1m_before: float | None
+    load_1m_after: float | None
+    other_cpu_share: float | None
+    busy: bool | None
     load_s: float
     loads: float | None
     loaded_bytes: float | None
@@ -144,6 +177,7 @@ class Result:
     python: str
     torch_threads: int
     machine: str
+    cpu_isa: str
     commit: str
     timestamp: str
 
@@ -187,6 +221,20 @@ def git_commit(repo: Path = REPO_DIR) -> str:
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def cpu_isa() -> str:
+    """avx512_bf16, avx512f, avx2 or other: what decides bitsandbytes' NF4 CPU path here."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    for isa in ("avx512_bf16", "avx512f", "avx2"):
+        if isa in flags:
+            return isa
+    return "other"
+
+
 def environment() -> dict:
     return {
         "torch": torch.__version__,
@@ -195,14 +243,22 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.node()} ({cpu_name()})",
+        "cpu_isa": cpu_isa(),
         "commit": git_commit(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=None) -> Result:
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value is not None and base else None
+
+
+def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=None,
+                baseline_memory: Memory | None = None) -> Result:
     """The row for a run. ppl: an eval_ppl.Perplexity or None. Peak bytes come from the
-    timed runs, or from the perplexity pass when nothing was timed (eval_ppl.py)."""
+    timed runs, or from the perplexity pass when nothing was timed (eval_ppl.py).
+    baseline_memory: the unpatched model's, measured in this process before patching; the
+    baseline speed comes with `speed` (measure_speed times both)."""
     args = run.args
     patched = ctl is not None
     stream = patched and ctl.mode == "stream"
@@ -215,6 +271,8 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         peak = getattr(ppl, "peak_bytes", None)
     loads = stats.get("loads")
     timed = speed is not None
+    base = speed.baseline if timed else None
+    cpu = speed.cpu if timed else None
     return Result(
         variant=run.variant,
         model=run.info["model"],
@@ -235,11 +293,14 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         warmup=args.warmup if timed else None,
         repeats=args.repeats if timed else None,
         seed=args.seed,
+        run_id=run.run_id,
         standby_bytes=memory.standby_bytes,
         peak_bytes=peak,
         rss_bytes=memory.rss_bytes,
         cuda_allocated_bytes=memory.cuda_allocated_bytes,
         cuda_max_allocated_bytes=speed.cuda_max_allocated_bytes if timed else None,
+        baseline_standby_bytes=getattr(baseline_memory, "standby_bytes", None),
+        baseline_rss_bytes=getattr(baseline_memory, "rss_bytes", None),
         ppl=getattr(ppl, "ppl", None),
         ppl_dataset=getattr(ppl, "dataset", None),
         ppl_ctx=getattr(ppl, "ctx", None),
@@ -249,6 +310,14 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         decode_tok_s=speed.decode_tok_s if timed else None,
         decode_ms_per_tok=speed.decode_ms_per_tok if timed else None,
         generate_tok_s=speed.generate_tok_s if timed else None,
+        baseline_decode_tok_s=getattr(base, "decode_tok_s", None),
+        baseline_generate_tok_s=getattr(base, "generate_tok_s", None),
+        decode_ratio=_ratio(speed.decode_tok_s, base.decode_tok_s) if base else None,
+        generate_ratio=_ratio(speed.generate_tok_s, base.generate_tok_s) if base else None,
+        load_1m_before=getattr(cpu, "load_1m_before", None),
+        load_1m_after=getattr(cpu, "load_1m_after", None),
+        other_cpu_share=getattr(cpu, "other_cpu_share", None),
+        busy=getattr(cpu, "busy", None),
         load_s=run.info["load_s"],
         loads=loads,
         loaded_bytes=stats.get("loaded_bytes"),
@@ -325,11 +394,17 @@ def number(value) -> float | None:
         return None
 
 
+# A baseline row's perplexity is comparable when these match: the same model and weights,
+# computed by the same kernels (NF4 on CPU differs between CPUs and library versions).
+_SAME_COMPUTATION = ("model", "quant", "device", "device_name", "cpu_isa", "torch", "transformers", "bitsandbytes")
+
+
 def latest_baseline(path: Path, row: Result) -> dict | None:
-    """The last baseline row with the same model, quant and device, if any."""
+    """The last baseline row whose perplexity is comparable with `row`'s: same model, weight
+    format, device, machine kind and library versions. Speed and memory are never compared
+    across rows (each variant row carries its own same-run baseline)."""
     matches = [r for r in read_rows(path)
-               if r.get("variant") == "baseline" and r.get("model") == row.model
-               and r.get("quant") == row.quant and r.get("device") == row.device]
+               if r.get("variant") == "baseline" and all(r.get(k) == _cell(getattr(row, k)) for k in _SAME_COMPUTATION)]
     return matches[-1] if matches else None
 
 
@@ -338,8 +413,9 @@ def _mb(nbytes) -> str:
 
 
 def summary(row: Result, baseline: dict | None = None) -> str:
-    """A few human lines: the row's numbers, and against a baseline row when given: memory
-    as % of the baseline's, speed as a ratio, perplexity if measured on the same tokens."""
+    """A few human lines: the row's numbers; memory as % and speed as a ratio of the row's own
+    same-run baseline; perplexity against a comparable `baseline` row (latest_baseline) if it
+    scored the same tokens."""
     config = f"{row.model} {row.quant} on {row.device}"
     if row.layers_offloaded:
         n = len(row.layers_offloaded.split())
@@ -350,44 +426,44 @@ def summary(row: Result, baseline: dict | None = None) -> str:
         config += f"; stream prefetch {row.prefetch}, budget {_mb(row.budget_bytes)}, reads {bandwidth}"
     if row.kv_cache is False:  # None: nothing decoded
         config += "; no KV cache"
-    if row.variant == "baseline":
-        baseline = None
 
-    def versus(value, column: str, percent: bool) -> str:
-        base = number(baseline.get(column)) if baseline else None
+    def versus(value, base, percent: bool) -> str:
         if value is None or not base:
             return ""
         if percent:
-            return f"  ({100 * value / base:.1f}% of baseline {_mb(base)})"
-        return f"  ({value / base:.2f}x baseline {base:.1f} tok/s)"
+            return f"  ({100 * value / base:.1f}% of the unpatched model's {_mb(base)})"
+        return f"  ({value / base:.2f}x the unpatched model's {base:.1f} tok/s, same run)"
 
     lines = [f"{row.variant}: {config}"]
-    for label, column in (("standby weights", "standby_bytes"), ("peak weights", "peak_bytes"),
-                          ("idle RSS", "rss_bytes")):
-        value = getattr(row, column)
+    for label, value, base in (("standby weights", row.standby_bytes, row.baseline_standby_bytes),
+                               ("peak weights", row.peak_bytes, row.baseline_standby_bytes),
+                               ("idle RSS", row.rss_bytes, row.baseline_rss_bytes)):
         if value is not None:
-            lines.append(f"  {label:<15} {_mb(value):>10}" + versus(value, column, percent=True))
+            lines.append(f"  {label:<15} {_mb(value):>10}" + versus(value, base, percent=True))
     if row.ppl is not None:
-        same_tokens = baseline is not None and all(
+        same_tokens = baseline is not None and row.variant != "baseline" and all(
             baseline.get(k) == _cell(getattr(row, k)) for k in ("ppl_dataset", "ppl_ctx", "ppl_stride", "ppl_tokens"))
         base_ppl = number(baseline.get("ppl")) if same_tokens else None
         lines.append(f"  {'perplexity':<15} {row.ppl:>10.4g}  on {row.ppl_dataset}, {row.ppl_tokens} tokens, "
                      f"ctx {row.ppl_ctx}, stride {row.ppl_stride}"
-                     + (f"  (baseline {base_ppl:.4g})" if base_ppl else ""))
+                     + (f"  (baseline row on this kind of machine: {base_ppl:.4g})" if base_ppl else ""))
     if row.decode_tok_s is not None:
         lines.append(f"  {'decode':<15} {row.decode_tok_s:>6.1f} tok/s"
-                     + versus(row.decode_tok_s, "decode_tok_s", False) + f"; prefill {row.prefill_s:.3f} s")
+                     + versus(row.decode_tok_s, row.baseline_decode_tok_s, False) + f"; prefill {row.prefill_s:.3f} s")
     if row.generate_tok_s is not None:
         lines.append(f"  {'generate':<15} {row.generate_tok_s:>6.1f} tok/s"
-                     + versus(row.generate_tok_s, "generate_tok_s", False))
+                     + versus(row.generate_tok_s, row.baseline_generate_tok_s, False))
     if row.loads:
         lines.append(f"  per run: {row.loads:g} layer loads, {_mb(row.loaded_bytes)}, {row.per_layer_load_ms:.2f} ms "
                      f"each; waited {row.wait_s:.3f} s of {row.forward_s:.3f} s forward, overlap {row.overlap:.2f}")
+    if row.busy:
+        lines.append(f"  BUSY: other processes used {100 * row.other_cpu_share:.0f}% of the CPU while timing; "
+                     "the speed figures are not trusted (README tables leave this row out)")
     return "\n".join(lines)
 
 
 def finish(run: Run, row: Result) -> Result:
-    """Append the row to --out and print the summary against the latest matching baseline."""
+    """Append the row to --out and print the summary (perplexity against a comparable baseline row)."""
     path = append_row(run.args.out, row)
     print(summary(row, latest_baseline(run.args.baseline_csv, row)))
     print(f"  row appended to {path}")

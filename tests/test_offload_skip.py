@@ -193,6 +193,23 @@ def test_unpatch_restores_the_model(tmp_path, prompt_ids):
         ctl._on_stub(2, prompt_ids, (), {})
 
 
+@pytest.mark.parametrize("mode", ["session", "stream"])
+def test_unpatched_block_is_the_original_model_for_a_while(mode, tmp_path, prompt_ids):
+    model = make_model("qwen2-bf16", tmp_path)
+    originals = list(model.model.layers)
+    logits = _logits(model, prompt_ids)
+    before = osk.tensor_bytes(osk.module_tensors(model), "cpu")
+    ctl = patch_model(model, "even", tmp_path / "cache", mode=mode, progress=False)
+    stubs = list(model.model.layers)
+    standby = ctl.resident_bytes()
+    with ctl.unpatched() as unpatched:
+        assert unpatched is model and list(model.model.layers) == originals
+        assert osk.tensor_bytes(osk.module_tensors(model), "cpu") == before
+        assert torch.equal(_logits(model, prompt_ids), logits)
+    assert list(model.model.layers) == stubs and ctl.resident_bytes() == standby
+    assert torch.equal(_logits(model, prompt_ids), logits)
+
+
 def test_offloaded_layer_keeps_its_attributes(tmp_path):
     model = make_model("qwen2-fp32", tmp_path)
     patch_model(model, "even", tmp_path / "cache", progress=False)

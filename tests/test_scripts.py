@@ -7,6 +7,7 @@ under tmp_path; no timing assertions.
 import contextlib
 import io
 import math
+import re
 import subprocess
 import sys
 
@@ -109,8 +110,22 @@ def test_kvcache_row(results):
     assert _n(row["loads"]) == len(offloaded) and _n(row["loaded_bytes"]) > 0  # per run
     assert _n(row["decode_tok_s"]) > 0 and _n(row["generate_tok_s"]) > 0
     assert row["prefetch"] == "" and row["budget_bytes"] == ""
+    # the same-run baseline: the unpatched model of this process, measured before patching and timed interleaved
+    assert row["baseline_standby_bytes"] == base["standby_bytes"] and _n(row["baseline_rss_bytes"]) > 0
+    assert _n(row["decode_ratio"]) == pytest.approx(_n(row["decode_tok_s"]) / _n(row["baseline_decode_tok_s"]), rel=1e-4)
+    assert _n(row["generate_ratio"]) == pytest.approx(
+        _n(row["generate_tok_s"]) / _n(row["baseline_generate_tok_s"]), rel=1e-4)
     summary = printed["kvcache"][0]
-    assert summary.startswith("kvcache: ") and "% of baseline" in summary and "x baseline" in summary
+    assert summary.startswith("kvcache: ") and "% of the unpatched model's" in summary
+    assert f"{_n(row['decode_ratio']):.2f}x the unpatched model's" in summary and "same run" in summary
+
+
+def test_every_row_has_its_own_run_id(results):
+    ids = [r["run_id"] for rows in results[1].values() for r in rows]
+    assert len(set(ids)) == len(ids) == 5 and all(re.fullmatch(r"[0-9a-f]{12}", i) for i in ids)
+    baseline = results[1]["baseline"][0]
+    assert baseline["baseline_decode_tok_s"] == baseline["decode_ratio"] == ""  # nothing to pair with
+    assert baseline["cpu_isa"] in ("avx512_bf16", "avx512f", "avx2", "other")
 
 
 def test_diskoffload_rows(results):
@@ -220,7 +235,8 @@ def test_report_fills_the_markers_and_plots(results, tmp_path, capsys):
     assert before == "# Title\n\nIntro | with a pipe.\n\n" and after == "\n\nTail text.\n"
     assert "stale table" not in table
     lines = [line for line in table.splitlines() if line.startswith("| ")]
-    assert len(lines) == 1 + sum(len(r) for r in rows.values())  # header + one line per CSV row
+    quiet = [r for group in rows.values() for r in group if r["busy"] != "True"]
+    assert len(lines) == 1 + len(quiet)  # one machine here: header + one line per CSV row not busy
     base = rows["baseline"][0]
     assert f"| {_n(base['standby_bytes']) / 1e6:.1f} |" in table
     assert "stream, prefetch 0, budget 0.0 MB, 500 MB/s, no KV cache" in table
@@ -289,10 +305,10 @@ def test_check_exact_on_a_tiny_checkpoint(setup, tmp_path, capsys):
 
 def test_report_fills_every_named_section(results, tmp_path):
     out = results[0]
-    (out / "exactness.csv").write_text("model,quant,device,layers,form,window_tokens,max_abs_logit_diff,logits_equal,"
-                                       "greedy_tokens,tokens_equal,first_divergence,standby_bytes_before,"
-                                       "standby_bytes_after,saved_bytes,commit\n"
-                                       "m,nf4,cpu,even,stream,64,0,True,6,True,,2000000,1000000,1000000,abc\n")
+    (out / "exactness.csv").write_text("model,quant,device,device_name,layers,form,window_tokens,max_abs_logit_diff,"
+                                       "logits_equal,greedy_tokens,tokens_equal,first_divergence,standby_bytes_before,"
+                                       "standby_bytes_after,saved_bytes,cpu_isa,commit\n"
+                                       "m,nf4,cpu,CPU: X,even,stream,64,0,True,6,True,,2000000,1000000,1000000,avx2,abc\n")
     readme = tmp_path / "README.md"
     names = ("results", "exactness", "estimate-reference", "estimate-check")
     readme.write_text("".join(f"<!-- {n}:start -->\n<!-- {n}:end -->\n" for n in names), encoding="utf-8")
@@ -301,7 +317,8 @@ def test_report_fills_every_named_section(results, tmp_path):
     finally:
         (out / "exactness.csv").unlink()
     text = readme.read_text(encoding="utf-8")
-    assert "| m | nf4 | cpu | even | stream | 0 | True | True (6 tok) |  | 2.0 -> 1.0 | abc |" in text
+    assert "#### CPU: X (avx2)\n\n| model |" in text  # exactness is stated per machine kind
+    assert "| m | nf4 | even | stream | 0 | True | True (6 tok) |  | 2.0 -> 1.0 | abc |" in text
     assert "Qwen2.5-3B NF4, layers 2..32 even (16 x 39.8 MB" in text
-    assert "| model | prefetch | budget MB |" in text
+    assert "| model | machine | prefetch | budget MB |" in text
     assert "exactness" not in text.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]

@@ -1,0 +1,120 @@
+"""bench.measure: the decode loop, same-run pairing with the unpatched model, the busy watch."""
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import bench
+import offload_skip
+from bench.measure import CpuLoad, watch_cpu
+
+
+# --------------------------------------------------------------------------- decode loop
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def test_decode_matches_generate(model):
+    torch.manual_seed(3)
+    ids = torch.randint(0, 96, (1, 9))
+    with_cache = bench.decode(model, ids, 6, kv_cache=True)
+    without_cache = bench.decode(model, ids, 6, kv_cache=False)
+    seconds, generated = bench.generate(model, ids, 6)
+    assert with_cache.tokens.shape == (1, 6)
+    assert torch.equal(with_cache.tokens, generated)
+    assert torch.equal(without_cache.tokens, generated)
+    assert with_cache.prefill_s >= 0 and with_cache.decode_s >= 0 and seconds >= 0
+
+
+def test_decode_through_a_session_equals_resident(tmp_path):
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 96, (1, 7))
+    expected = bench.decode(model, ids, 5).tokens
+    ctl = offload_skip.patch_model(model, "even", tmp_path, mode="session", progress=False)
+    entered = []
+
+    def session():
+        entered.append(1)
+        return ctl.session()
+    assert torch.equal(bench.decode(model, ids, 5, context=session).tokens, expected)
+    assert entered == [1]
+    assert ctl.resident_bytes() < offload_skip.tensor_bytes(offload_skip.module_tensors(tiny_model("qwen2")))
+
+
+
+
+# --------------------------------------------------------------------------- same-run pairing
+
+class _Args:
+    max_new_tokens, warmup, repeats, kv_cache, variant = 4, 1, 3, True, "kvcache"
+
+
+@pytest.mark.parametrize("mode", ["session", "stream"])
+def test_measure_speed_interleaves_the_unpatched_model(mode, tmp_path):
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 96, (1, 6))
+    expected = bench.decode(model, ids, 4).tokens
+    ctl = offload_skip.patch_model(model, "even", tmp_path, mode=mode, prefetch=0, progress=False)
+    run = bench.Run(_Args(), model, None, {}, [2, 4], None, None, ids)
+    order = []
+    real_unpatched = ctl.unpatched
+    ctl.unpatched = lambda: (order.append("unpatched"), real_unpatched())[1]
+    ctl.reset_stats = lambda real=ctl.reset_stats: (order.append("variant"), real())[1]
+    speed = bench.measure_speed(run, ctl, generate_too=True)
+    # a warmup pair, three timed decode pairs (the variant's resets its stats), four generate pairs
+    assert order == ["unpatched"] + ["unpatched", "variant"] * 3 + ["unpatched"] * 4
+    assert torch.equal(speed.tokens, expected) and torch.equal(speed.baseline.tokens, expected)
+    assert speed.baseline.decode_tok_s > 0 and speed.baseline.generate_tok_s > 0 and speed.baseline.baseline is None
+    # per timed run: two layers once per session, or once per forward (4 of them) when streamed
+    assert speed.stats["loads"] == (2 if mode == "session" else 8) and speed.baseline.stats == {}
+    assert isinstance(speed.cpu, CpuLoad)
+    assert ctl.resident_bytes() < offload_skip.tensor_bytes(offload_skip.module_tensors(tiny_model("qwen2")))
+
+
+def test_measure_speed_alone_has_no_baseline():
+    model = tiny_model("llama")
+    run = bench.Run(_Args(), model, None, {}, [], None, None, torch.randint(0, 96, (1, 5)))
+    speed = bench.measure_speed(run)
+    assert speed.baseline is None and speed.decode_tok_s > 0 and speed.cpu.load_1m_before is not None
+
+
+def test_a_block_too_short_to_tell_is_not_judged():
+    with watch_cpu() as cpu:
+        pass
+    assert cpu[0].other_cpu_share is None and cpu[0].busy is None
+
+
+# --------------------------------------------------------------------------- busy
+
+@pytest.mark.parametrize("share, busy", [(None, None), (0.0, False), (0.1, False), (0.11, True), (0.9, True)])
+def test_busy_threshold(share, busy):
+    assert CpuLoad(1.0, 1.0, share).busy is busy
+
+
+def _spin(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_another_process_makes_it_busy():
+    with watch_cpu() as cpu:
+        subprocess.run([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"],
+                       check=True)
+    assert cpu[0].other_cpu_share > 0.3 and cpu[0].busy  # one of two cores, for the whole block
+
+
+def test_own_threads_do_not_make_it_busy():
+    with watch_cpu() as cpu:
+        worker = threading.Thread(target=_spin, args=(1.0,))
+        worker.start()
+        _spin(1.0)
+        worker.join()
+    assert cpu[0].other_cpu_share < 0.1 and cpu[0].busy is False
+    assert cpu[0].load_1m_before is not None and cpu[0].load_1m_after is not None

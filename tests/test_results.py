@@ -1,0 +1,124 @@
+"""bench.results: the row dataclass, its CSV files and the printed summary."""
+import csv
+import dataclasses
+import re
+
+import pytest
+import torch
+
+import bench
+
+# The issue-3 contract: these columns exist, under these names.
+CONTRACT = ("variant model quant device device_name layers_offloaded n_layers alpha standby_bytes peak_bytes "
+            "ppl ppl_dataset ppl_ctx ppl_tokens prefill_s decode_tok_s generate_tok_s load_s torch "
+            "transformers bitsandbytes commit timestamp").split()
+ISSUE8 = ("run_id baseline_standby_bytes baseline_rss_bytes baseline_decode_tok_s baseline_generate_tok_s decode_ratio "
+          "generate_ratio load_1m_before load_1m_after other_cpu_share busy cpu_isa").split()
+ISSUE4 = ("mode prefetch budget_bytes io_bandwidth kv_cache max_new_tokens repeats loads loaded_bytes layer_load_s "
+          "per_layer_load_ms wait_s forward_s overlap decode_ms_per_tok layers ppl_stride cuda_allocated_bytes "
+          "cuda_max_allocated_bytes rss_bytes torch_threads machine python").split()
+
+
+# --------------------------------------------------------------------------- rows
+
+def test_columns_document_every_field():
+    assert bench.FIELDS == tuple(f.name for f in dataclasses.fields(bench.Result))
+    assert list(bench.COLUMNS) == list(bench.FIELDS)
+    assert set(CONTRACT) | set(ISSUE4) | set(ISSUE8) <= set(bench.FIELDS)
+    assert all(text.strip() for text in bench.COLUMNS.values())
+    assert dataclasses.is_dataclass(bench.Result) and bench.Result.__dataclass_params__.frozen
+
+
+def _row(**changes) -> bench.Result:
+    values = {name: None for name in bench.FIELDS}
+    values.update(variant="baseline", model="m", quant="fp32", device="cpu", device_name="CPU: x", layers="",
+                  layers_offloaded="", n_layers=8, mode="resident", kv_cache=True, seed=0, standby_bytes=1000,
+                  peak_bytes=1000, load_s=0.5, ppl=12.5, ppl_dataset="short", ppl_ctx=64, ppl_stride=64,
+                  ppl_tokens=90, prefill_s=0.01, decode_tok_s=50.0, generate_tok_s=40.0, run_id="r1",
+                  **bench.environment())
+    values.update(changes)
+    return bench.Result(**values)
+
+
+def test_append_row_writes_the_header_once(tmp_path):
+    path = tmp_path / "sub" / "rows.csv"
+    bench.append_row(path, _row())
+    bench.append_row(path, _row(variant="kvcache", alpha=0.5, io_bandwidth=600_000_000))
+    with path.open(newline="") as f:
+        lines = list(csv.reader(f))
+    assert tuple(lines[0]) == bench.FIELDS and len(lines) == 3
+    rows = bench.read_rows(path)
+    assert [r["variant"] for r in rows] == ["baseline", "kvcache"]
+    assert rows[1]["alpha"] == "0.5" and rows[0]["alpha"] == "" and rows[1]["io_bandwidth"] == "600000000"
+    assert bench.number(rows[0]["ppl"]) == 12.5 and bench.number(rows[0]["rss_bytes"]) is None
+
+
+def test_append_row_refuses_another_schema(tmp_path):
+    path = tmp_path / "old.csv"
+    path.write_text("variant,model,tok_s\nbaseline,m,3\n")
+    with pytest.raises(bench.UsageError, match=re.escape(str(path)) + ".*other columns.*extra \\['tok_s'\\]"):
+        bench.append_row(path, _row())
+    assert path.read_text() == "variant,model,tok_s\nbaseline,m,3\n"
+    reordered = tmp_path / "reordered.csv"
+    reordered.write_text(",".join(reversed(bench.FIELDS)) + "\n")
+    with pytest.raises(bench.UsageError, match="same columns in another order"):
+        bench.check_csv(reordered)
+
+
+def test_environment_columns():
+    env = bench.environment()
+    assert env["torch"] == torch.__version__ and env["transformers"] and env["python"]
+    assert re.fullmatch(r"([0-9a-f]{4,40}(-dirty)?)?", env["commit"])
+    assert env["timestamp"].endswith("+00:00") and env["torch_threads"] >= 1
+    assert bench.device_name(torch.device("cpu")).startswith("CPU: ")
+
+
+def test_git_commit_outside_a_checkout(tmp_path):
+    assert bench.git_commit(tmp_path) == ""
+
+
+def _variant(**changes) -> bench.Result:
+    values = dict(variant="kvcache", layers="even", layers_offloaded="2 4", alpha=1.0, mode="session",
+                  standby_bytes=750, peak_bytes=1000, decode_tok_s=45.0, generate_tok_s=None, loads=2.0,
+                  loaded_bytes=250.0, layer_load_s=0.002, per_layer_load_ms=1.0, wait_s=0.002, forward_s=0.1,
+                  overlap=0.0, run_id="r2", baseline_standby_bytes=1000, baseline_rss_bytes=None,
+                  baseline_decode_tok_s=50.0, decode_ratio=0.9, other_cpu_share=0.01, busy=False)
+    values.update(changes)
+    return _row(**values)
+
+
+def test_summary_ratios_come_from_the_same_run(tmp_path):
+    path = tmp_path / "baseline.csv"
+    bench.append_row(path, _row(model="other"))
+    bench.append_row(path, _row(ppl=12.5))
+    variant = _variant()
+    baseline = bench.latest_baseline(path, variant)
+    assert baseline["model"] == "m"
+    text = bench.summary(variant, baseline)
+    assert text.startswith("kvcache: m fp32 on cpu, 2 of 8 layers offloaded (even), alpha 1")
+    assert "75.0% of the unpatched model's 0.0 MB" in text
+    assert "0.90x the unpatched model's 50.0 tok/s, same run" in text
+    assert "(baseline row on this kind of machine: 12.5)" in text
+    assert "2 layer loads" in text and "BUSY" not in text
+    assert "baseline row" not in bench.summary(variant, None)
+    assert bench.latest_baseline(tmp_path / "none.csv", variant) is None
+
+
+@pytest.mark.parametrize("column, other", [("device_name", "CPU: another"), ("cpu_isa", "avx512_bf16"),
+                                           ("bitsandbytes", "0.0.1"), ("quant", "nf4")])
+def test_a_baseline_from_another_machine_changes_nothing(tmp_path, column, other):
+    path = tmp_path / "baseline.csv"
+    bench.append_row(path, _row(**{column: other, "decode_tok_s": 999.0, "ppl": 99.0}))
+    variant = _variant()
+    assert bench.latest_baseline(path, variant) is None
+    assert bench.summary(variant, bench.latest_baseline(path, variant)) == bench.summary(variant, None)
+    assert "0.90x the unpatched model's 50.0 tok/s" in bench.summary(variant, None)
+
+
+def test_a_busy_row_says_so():
+    text = bench.summary(_variant(other_cpu_share=0.42, busy=True))
+    assert "BUSY: other processes used 42% of the CPU while timing" in text
+
+
+def test_cpu_isa_is_one_of_the_known_names():
+    assert bench.environment()["cpu_isa"] in ("avx512_bf16", "avx512f", "avx2", "other")
