@@ -37,8 +37,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
-FORMAT = "offload-skip/1"
-ALIGN_BYTES = 64  # every tensor in a layer file starts on this boundary (vector loads, CUDA kernels)
+FORMAT = "offload-skip/2"
+# Every tensor in a layer file starts on this boundary, and so does the data section. cuBLAS(Lt)
+# picks kernels by pointer alignment up to 256 bytes, and original CUDA weights sit on the
+# allocator's 512-byte boundaries: a view at a smaller alignment could take another kernel,
+# round differently and break alpha = 1 exactness on a GPU. (Format 1 aligned to 64 bytes;
+# the format is part of the cache fingerprint, so old caches are rebuilt, never misread.)
+ALIGN_BYTES = 256
 
 
 class CacheError(RuntimeError):
@@ -299,6 +304,9 @@ def read_layout(path: Path) -> Layout:
         raise _bad_file(path, "layer file is missing") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise _bad_file(path, f"corrupt layer file header ({err})") from None
+    found = header.get("__metadata__", {}).get("format")
+    if found != FORMAT:
+        raise _bad_file(path, f"layer file format {found!r}, this version reads {FORMAT!r}")
     entries = {}
     data_bytes = 0
     for name, meta in header.items():
@@ -372,6 +380,9 @@ class LayerStore:
         self.layouts: dict[int, Layout] = {}
         self.written: list[int] = []  # layers written (not reused) by the last sync()
         self._fds: dict[int, int] = {}   # open layer files, for read_into
+        self._files: list = []           # per-thread file objects where os.preadv is missing
+        self._local = threading.local()
+        self._files_lock = threading.Lock()
 
     def path(self, index: int) -> Path:
         return self.dir / f"layer_{index}.safetensors"
@@ -434,10 +445,26 @@ class LayerStore:
             raise _bad_file(self.path(index), f"truncated layer file ({size} bytes, expected {layout.file_bytes})")
         got = 0
         while got < layout.data_bytes:
-            n = os.preadv(fd, [target[got:]], layout.header_bytes + got)
+            n = self._pread(index, fd, target[got:], layout.header_bytes + got)
             if not n:
-                raise _bad_file(self.path(index), f"truncated layer file (read {got} of {layout.data_bytes} data bytes)")
+                raise _bad_file(self.path(index),
+                                f"truncated layer file (read {got} of {layout.data_bytes} data bytes)")
             got += n
+
+    def _pread(self, index: int, fd: int, target: memoryview, offset: int) -> int:
+        if hasattr(os, "preadv"):  # a positional read: no shared file position between threads
+            return os.preadv(fd, [target], offset)
+        # Windows has no preadv: a file object per thread keeps seek + readinto from racing.
+        files = getattr(self._local, "files", None)
+        if files is None:
+            files = self._local.files = {}
+        f = files.get(index)
+        if f is None:
+            f = files[index] = open(self.path(index), "rb", buffering=0)
+            with self._files_lock:
+                self._files.append(f)
+        f.seek(offset)
+        return f.readinto(target)
 
     def _fd(self, index: int) -> int:
         fd = self._fds.get(index)
@@ -456,6 +483,11 @@ class LayerStore:
         fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
+        with self._files_lock:
+            files, self._files = self._files, []
+        for f in files:
+            f.close()
+        self._local = threading.local()
 
     __del__ = close
 
@@ -608,9 +640,9 @@ class LayerStreamer:
             start = time.perf_counter()
             try:
                 job.result()
-            except BaseException:
+            except BaseException:  # a failed read, or an interrupt (KeyboardInterrupt) while waiting
                 self.jobs.pop(i)
-                self.free_slots.append(slot)
+                self._free_when_done(slot, job)
                 raise
             finally:
                 self._count("wait_s", time.perf_counter() - start)
@@ -667,6 +699,14 @@ class LayerStreamer:
         self._count("load_s", seconds, loads=1, loaded_bytes=self.store.layouts[i].data_bytes)
         return seconds
 
+    def _free_when_done(self, slot: int, job: Future) -> None:
+        """Give a slot back only once no read can still be writing into it: an interrupted wait
+        leaves the reader filling the slot, and reusing it then would corrupt another layer."""
+        if job.cancel() or job.done():
+            self.free_slots.append(slot)
+        else:
+            job.add_done_callback(lambda _: self.free_slots.append(slot))
+
     def _drain(self) -> None:
         for i, (slot, job) in list(self.jobs.items()):
             if job is not None and not job.cancel():
@@ -674,7 +714,6 @@ class LayerStreamer:
                     job.result()
             self.free_slots.append(slot)
         self.jobs.clear()
-
 
 
 class OffloadController:

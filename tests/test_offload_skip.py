@@ -1,5 +1,7 @@
 """The core's contract: selection, exactness, parallel residuals, residency, the layer store."""
 import json
+import os
+import threading
 
 import pytest
 import torch
@@ -378,7 +380,9 @@ def test_layer_file_round_trip(dtype, tmp_path):
     path = tmp_path / "layer.safetensors"
     osk._atomic_write(path, chunks)
     assert osk.read_layout(path) == layout
-    assert all(e.start % osk.ALIGN_BYTES == 0 for e in layout.entries.values())
+    # 256-byte boundaries for every tensor and the data section: what cuBLAS(Lt) can see (format 2)
+    assert osk.ALIGN_BYTES == 256 and layout.header_bytes % 256 == 0
+    assert all(e.start % 256 == 0 for e in layout.entries.values())
     flat = torch.empty(layout.data_bytes, dtype=torch.uint8)
     store = osk.LayerStore(tmp_path, "", {})
     store.dir, store.layouts[0] = tmp_path, layout
@@ -464,3 +468,54 @@ def test_writes_leave_no_temporary_files(tmp_path):
     ctl = patch_model(model, "even", tmp_path / "cache", progress=False)
     assert sorted(p.name for p in ctl._store.dir.iterdir()) == \
         ["layer_2.safetensors", "layer_4.safetensors", "manifest.json"]
+
+
+def test_a_layer_file_of_another_format_is_named(tmp_path):
+    layout, chunks = osk.serialize_layer({"w": torch.ones(3)})
+    path = tmp_path / "layer_2.safetensors"
+    osk._atomic_write(path, [chunks[0].replace(osk.FORMAT.encode(), b"offload-skip/1"), *chunks[1:]])
+    with pytest.raises(CacheError, match=f"{path}: layer file format 'offload-skip/1', this version reads "
+                                         f"'{osk.FORMAT}'; delete {tmp_path} to rebuild"):
+        osk.read_layout(path)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_reads_without_preadv(prefetch, tmp_path, prompt_ids, monkeypatch):
+    """Windows has no os.preadv: per-thread file objects, seek and readinto (reader thread included)."""
+    model = make_model("gemma3-bf16", tmp_path)
+    logits = _logits(model, prompt_ids)
+    monkeypatch.delattr(os, "preadv")
+    ctl = patch_model(model, "2,3,5", tmp_path / "cache", mode="stream", prefetch=prefetch, progress=False)
+    for _ in range(2):
+        assert torch.equal(_logits(model, prompt_ids), logits)
+    assert ctl._store._files  # the fallback ran
+    ctl.standby()
+    assert ctl._store._files == []
+
+
+def test_an_interrupted_wait_never_frees_a_slot_still_being_filled(tmp_path, monkeypatch):
+    model = make_model("llama-fp32", tmp_path)
+    ctl = patch_model(model, "2,4", tmp_path / "cache", mode="stream", prefetch=1, progress=False)
+    store, gate = ctl._store, threading.Event()
+    real_read = store.read_into
+
+    def slow_read(index, out):
+        if index == 4:
+            gate.wait(30)
+        real_read(index, out)
+    monkeypatch.setattr(store, "read_into", slow_read)
+    streamer = osk.LayerStreamer(store, [2, 4], torch.device("cpu"), 1, None, lambda *a, **k: None)
+    streamer.acquire(2)  # read now; layer 4 is then read ahead in the background, held at the gate
+    slot, job = streamer.jobs[4]
+
+    def interrupted(self, timeout=None):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patched:
+        patched.setattr(type(job), "result", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            streamer.acquire(4)
+    assert not job.done() and slot not in streamer.free_slots  # still being filled: not free
+    gate.set()
+    job.exception(timeout=30)
+    assert slot in streamer.free_slots  # free once the read is over
+    streamer.close()

@@ -25,3 +25,27 @@ def test_tables_per_machine_and_ratios_from_the_same_run(tmp_path):
     assert "| 0.90x |" in lines[-1] and "| 100.0% |" in lines[-1]  # decode ratio; peak vs unpatched
     assert "1 row(s) left out: other work used more than 10% of the CPU" in after
     assert len(_table_lines(after, "CPU: B (avx512_bf16)")) == 2
+
+
+def test_lead_section_sets_our_rows_beside_the_original(tmp_path):
+    model = report.LEAD_MODEL
+    common = dict(model=model, quant="nf4", device_name="CPU: A", cpu_isa="avx2", n_layers=28)
+    layers = dict(layers="even", layers_offloaded=" ".join(map(str, range(2, 25, 2))))
+    bench.append_row(tmp_path / "baseline.csv", _row(**common, standby_bytes=1_600_000_000, ppl=9.87654,
+                                                     ppl_dataset="wiki-embedded", ppl_tokens=8176, ppl_ctx=512))
+    bench.append_row(tmp_path / "kvcache.csv", _variant(**common, **layers, standby_bytes=1_300_000_000,
+                                                        peak_bytes=1_600_000_000, baseline_standby_bytes=1_600_000_000,
+                                                        decode_tok_s=0.6, baseline_decode_tok_s=0.62,
+                                                        decode_ratio=0.6 / 0.62))
+    bench.append_row(tmp_path / "diskoffload.csv", _variant(**common, **layers, variant="diskoffload", mode="stream",
+                                                            prefetch=0, standby_bytes=1_300_000_000,
+                                                            peak_bytes=1_330_000_000,
+                                                            baseline_standby_bytes=1_600_000_000, ppl=9.87654))
+    text = report.lead_section(report.load_rows(tmp_path))
+    assert f"this repo: {model} NF4, CPU: A (avx2) |" in text
+    assert "| layers offloaded | 16 of 36 (even 2..32) | 12 of 28 (even) |" in text
+    assert "| 1.92 -> 1.34 GB (-30%) | 1.60 GB -> 1.30 GB (-19%) |" in text
+    assert "session 1.60 GB; stream 1.33 GB (-17%) |" in text
+    assert "| 9.8765 unpatched -> 9.8765 streamed (wiki-embedded, 8176 tokens, ctx 512) |" in text
+    assert "0.60 vs 0.62 tok/s unpatched, same run: 0.97x" in text
+    assert report.lead_section([]).startswith("(no ")

@@ -112,7 +112,8 @@ def test_kvcache_row(results):
     assert row["prefetch"] == "" and row["budget_bytes"] == ""
     # the same-run baseline: the unpatched model of this process, measured before patching and timed interleaved
     assert row["baseline_standby_bytes"] == base["standby_bytes"] and _n(row["baseline_rss_bytes"]) > 0
-    assert _n(row["decode_ratio"]) == pytest.approx(_n(row["decode_tok_s"]) / _n(row["baseline_decode_tok_s"]), rel=1e-4)
+    assert _n(row["decode_ratio"]) == pytest.approx(
+        _n(row["decode_tok_s"]) / _n(row["baseline_decode_tok_s"]), rel=1e-4)
     assert _n(row["generate_ratio"]) == pytest.approx(
         _n(row["generate_tok_s"]) / _n(row["baseline_generate_tok_s"]), rel=1e-4)
     summary = printed["kvcache"][0]

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# For a user with a CUDA GPU: check that alpha = 1 is exact on your card, and produce the
+# three variants' rows there. Nothing in results/ was measured on a GPU by this project.
+#
+#   bash gpu_check.sh                          # Qwen2.5-Coder-1.5B (fetched on first use)
+#   bash gpu_check.sh Qwen/Qwen2.5-3B-Instruct # the original's model, if you can reach the hub
+#
+# Send back: the new rows of results/*.csv (each names your GPU, versions and commit) and
+# gpu_check.log. Rows are appended: your CPU or GPU rows never change a published ratio,
+# since every variant row carries the baseline of its own run.
+set -euo pipefail
+cd "$(dirname "$0")"
+MODEL=${1:-qwen2.5-coder-1.5b}
+exec > >(tee -a gpu_check.log) 2>&1
+python -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device (CPU build of torch?)'; \
+print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
+python check_exact.py --model "$MODEL" --device cuda             # logits and greedy tokens, fp32/bf16/nf4
+python run_baseline.py --model "$MODEL" --device cuda
+python run_kvcache.py --model "$MODEL" --device cuda             # the original's KV-cache variant
+python run_diskoffload.py --model "$MODEL" --device cuda         # stream residency, read-ahead 2
+python run_diskoffload.py --model "$MODEL" --device cuda --prefetch 0 --ppl-max-tokens 0
+python report.py
