@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -62,8 +63,10 @@ def select_layers(num_layers: int, pattern: str, keep_first: int = 2, keep_last:
     """Decoder-layer indices to offload, sorted.
 
     Named patterns pick from the band keep_first <= i <= num_layers-1-keep_last: ``even`` and
-    ``odd`` by index parity, ``every:K`` = keep_first, keep_first+K, ... . Explicit lists and
-    inclusive ranges (``2,4,7``, ``2-10,14``) may name any index of the model.
+    ``odd`` by index parity, ``every:K`` = keep_first, keep_first+K, ..., ``blocks:N`` = runs
+    of N adjacent layers offloaded, then N kept, from keep_first on (N = 1 is ``even`` when
+    keep_first is even; N > 1 makes parallel residuals). Explicit lists and inclusive ranges
+    (``2,4,7``, ``2-10,14``) may name any index of the model.
     """
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -73,11 +76,12 @@ def select_layers(num_layers: int, pattern: str, keep_first: int = 2, keep_last:
     band = range(keep_first, num_layers - keep_last)
     if text in ("even", "odd"):
         chosen = [i for i in band if i % 2 == (0 if text == "even" else 1)]
-    elif text.startswith("every:"):
-        step = text.split(":", 1)[1]
+    elif text.startswith(("every:", "blocks:")):
+        name, step = text.split(":", 1)
         if not step.isdigit() or int(step) == 0:
-            raise ValueError(f"layer pattern {pattern!r}: every:K needs a whole number K >= 1")
-        chosen = list(band[:: int(step)])
+            raise ValueError(f"layer pattern {pattern!r}: {name}:N needs a whole number N >= 1")
+        n = int(step)
+        chosen = list(band[::n]) if name == "every" else [i for i in band if (i - keep_first) // n % 2 == 0]
     else:
         chosen = _parse_explicit(text, num_layers, pattern)
     if not chosen:
@@ -89,14 +93,14 @@ def select_layers(num_layers: int, pattern: str, keep_first: int = 2, keep_last:
 
 def _parse_explicit(text: str, num_layers: int, pattern: str) -> list[int]:
     if not text:
-        raise ValueError("layer pattern is empty; use even, odd, every:K, or a list like 2,4,7 or 2-10")
+        raise ValueError("layer pattern is empty; use even, odd, every:K, blocks:N, or a list like 2,4,7 or 2-10")
     seen: set[int] = set()
     for item in text.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", item)
         if not match:
             raise ValueError(
                 f"layer pattern {pattern!r}: cannot read {item.strip()!r}; "
-                "use even, odd, every:K, or a list like 2,4,7 or 2-10")
+                "use even, odd, every:K, blocks:N, or a list like 2,4,7 or 2-10")
         first = int(match.group(1))
         last = int(match.group(2)) if match.group(2) is not None else first
         if last < first:
@@ -725,9 +729,13 @@ class OffloadController:
     """
 
     def __init__(self, model, layer_list, offloaded, store, alphas, mode, budget_bytes, device,
-                 prefetch=2, io_bandwidth=None):
+                 prefetch=2, io_bandwidth=None, inject_distance=1):
         self.model = model
         self.offloaded_layers: list[int] = list(offloaded)
+        # alpha = 0 is removal: lerp(x, L(x), 0) is x, so such a layer is never read or computed.
+        self.skipped_layers = [i for i in offloaded if alphas[i] == 0]
+        self.computed_layers = [i for i in offloaded if alphas[i] != 0]
+        self.inject_distance = inject_distance
         self.mode, self.device, self.prefetch, self.io_bandwidth = mode, device, prefetch, io_bandwidth
         self._layer_list = layer_list
         self._store = store
@@ -737,7 +745,12 @@ class OffloadController:
         self._run_start = {i for i in offloaded if i - 1 not in self._layers}
         self._run_end = {i for i in offloaded if i + 1 not in self._layers}
         self.layer_bytes = {i: store.layouts[i].data_bytes for i in offloaded}
-        self.keep = fit_budget(self.layer_bytes, budget_bytes) if mode == "stream" else set(offloaded)
+        computed_bytes = {i: self.layer_bytes[i] for i in self.computed_layers}
+        self.keep = fit_budget(computed_bytes, budget_bytes) if mode == "stream" else set(offloaded)
+        # Deferred injection (inject_distance > 1): a run's contribution is added before the
+        # k-th resident layer after it (None: at the last layer's output, before the final norm).
+        self._inject_at = _injection_targets(len(layer_list), offloaded, inject_distance)
+        self._deferred: dict = collections.defaultdict(list)
         self._own: dict[int, torch.Tensor] = {}  # flat buffers of kept layers
         self._bound: dict[int, torch.Tensor] = {}  # layer -> the buffer its tensors view
         self._streamer: LayerStreamer | None = None
@@ -752,6 +765,13 @@ class OffloadController:
         self._forward_start = None
         self._hooks = [model.register_forward_pre_hook(self._forward_begins),
                        model.register_forward_hook(self._forward_ends)]
+        if inject_distance > 1:
+            for target in {t for t in self._inject_at.values() if t is not None}:
+                self._hooks.append(layer_list[target].register_forward_pre_hook(
+                    functools.partial(self._add_deferred_before, target), with_kwargs=True))
+            last = len(layer_list) - 1
+            if last not in self._layers:  # an offloaded last layer's stub adds them itself
+                self._hooks.append(layer_list[last].register_forward_hook(self._add_deferred_after))
         self.reset_stats()
 
     # ---- public API
@@ -766,6 +786,7 @@ class OffloadController:
         self._staging = None
         self._store.close()
         self._pending, self._pending_input = [], None
+        self._deferred.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         else:
@@ -773,10 +794,11 @@ class OffloadController:
 
     @contextlib.contextmanager
     def session(self):
-        """Load all offloaded layers on entry, keep them for the whole block, standby() on exit."""
+        """Load the offloaded layers that are computed (alpha != 0) on entry, keep them for the
+        whole block, standby() on exit."""
         self._in_session = True
         try:
-            for i in self.offloaded_layers:
+            for i in self.computed_layers:
                 self._acquire(i)
             yield self
         finally:
@@ -790,6 +812,8 @@ class OffloadController:
         and standby() on exit. Lets a script time the resident model in the same process,
         interleaved with the patched one, without loading the model twice."""
         with self.session():
+            for i in self.skipped_layers:
+                self._acquire(i)
             stubs = {i: self._layer_list[i] for i in self.offloaded_layers}
             for i in stubs:
                 self._layer_list[i] = self._layers[i]
@@ -798,6 +822,11 @@ class OffloadController:
             finally:
                 for i, stub in stubs.items():
                     self._layer_list[i] = stub
+
+    def read_bytes_per_forward(self) -> int:
+        """Bytes of layer files one forward reads in stream mode: the computed layers not kept
+        by the budget. (A session reads the computed layers once, on entry.)"""
+        return sum(self.layer_bytes[i] for i in self.computed_layers if i not in self.keep or self.mode != "stream")
 
     def resident_bytes(self) -> int:
         """Bytes of weights and buffers on the compute device: the model's resident tensors
@@ -849,11 +878,37 @@ class OffloadController:
             raise RuntimeError(
                 f"offloaded layer {i}: its input is not the hidden state its run started with; "
                 "the model changes hidden states between layers, which parallel residuals do not support")
-        self._pending.append((i, args, kwargs))
+        if self._alphas[i] != 0:
+            self._pending.append((i, args, kwargs))
         if i not in self._run_end:
             return x
         pending, self._pending, self._pending_input = self._pending, [], None
-        return self._inject(x, pending)
+        if not pending:  # every layer of the run removed
+            return x
+        if self.inject_distance == 1:
+            return self._inject(x, pending)
+        x32 = x.float()
+        delta = sum(self._alphas[j] * (self._compute(j, x, a, kw).float() - x32) for j, a, kw in pending)
+        self._deferred[self._inject_at[i]].append(delta)
+        if i == len(self._layer_list) - 1:
+            return _add(x, self._deferred.pop(None))
+        return x
+
+    def _add_deferred_before(self, target: int, module, args, kwargs):
+        deltas = self._deferred.pop(target, None)
+        if not deltas:
+            return None
+        if args:
+            return (_add(args[0], deltas), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": _add(kwargs["hidden_states"], deltas)}
+
+    def _add_deferred_after(self, module, args, output):
+        deltas = self._deferred.pop(None, None)
+        if not deltas:
+            return None
+        if isinstance(output, tuple):
+            return (_add(output[0], deltas), *output[1:])
+        return _add(output, deltas)
 
     def _inject(self, x: torch.Tensor, pending: list) -> torch.Tensor:
         if len(pending) == 1:
@@ -879,6 +934,7 @@ class OffloadController:
         return out[0] if isinstance(out, tuple) else out
 
     def _forward_begins(self, module, args) -> None:
+        self._deferred.clear()  # what an interrupted forward left behind
         self._forward_start = time.perf_counter()
 
     def _forward_ends(self, module, args, output) -> None:
@@ -896,7 +952,7 @@ class OffloadController:
             self._own[i] = flat
         else:
             if self._streamer is None:
-                order = [j for j in self.offloaded_layers if j not in self.keep]
+                order = [j for j in self.computed_layers if j not in self.keep]
                 self._streamer = LayerStreamer(self._store, order, self.device, self.prefetch,
                                                self.io_bandwidth, self._count)
             flat = self._streamer.acquire(i)
@@ -944,6 +1000,27 @@ class OffloadController:
         self._peak_bytes = max(self._peak_bytes, self._model_bytes + self._buffer_bytes())
 
 
+def _injection_targets(num_layers: int, offloaded: list[int], distance: int) -> dict[int, int | None]:
+    """For the last layer of each run of adjacent offloaded layers: the resident layer before
+    which the run's contribution is added, the `distance`-th resident one after the run, or
+    None when fewer than `distance` resident layers follow (added before the final norm)."""
+    if distance < 1:
+        raise ValueError(f"inject_distance must be >= 1, got {distance}")
+    chosen = set(offloaded)
+    targets = {}
+    for i in offloaded:
+        if i + 1 in chosen:
+            continue
+        after = [j for j in range(i + 1, num_layers) if j not in chosen]
+        targets[i] = after[distance - 1] if len(after) >= distance else None
+    return targets
+
+
+def _add(hidden: torch.Tensor, deltas: list[torch.Tensor]) -> torch.Tensor:
+    """hidden + the deferred contributions, summed in fp32."""
+    return (hidden.float() + sum(deltas)).to(hidden.dtype)
+
+
 _PLACEHOLDERS: dict[tuple, torch.Tensor] = {}
 
 
@@ -959,16 +1036,21 @@ def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode: str = "session",
                 prefetch: int = 2, budget_bytes: int = 0, io_bandwidth: float | None = None,
-                progress: bool = True) -> OffloadController:
+                inject_distance: int = 1, progress: bool = True) -> OffloadController:
     """Offload `layers` of `model` to `cache_dir` and replace them by stubs, in place.
 
     layers: a list of indices or a select_layers pattern (``even``, ``every:3``, ``2-10``).
-    alpha: a float, or a dict {layer index: alpha} (layers not named get 1.0).
+    alpha: a float, or a dict {layer index: alpha} (layers not named get 1.0). A layer with
+    alpha 0 is removed: never read, never computed.
     mode: ``session`` keeps a layer on the device from its first use until standby();
     ``stream`` loads it just before use and releases it right after, except those that
     fit in `budget_bytes`, which are kept like in a session.
     prefetch: in stream mode, how many layers a background thread reads ahead (0: none).
     io_bandwidth: bytes/s; throttle reads to emulate slower storage (None: as fast as it goes).
+    inject_distance: k; a run's contribution sum_i alpha_i (L_i(x) - x) is added before the
+    k-th resident layer after it instead of the next (each layer still computed from its own
+    input x; k = 1 is the lerp above, exact at alpha = 1; k > 1 is a different model, summed
+    in fp32).
     """
     if mode not in ("session", "stream"):
         raise ValueError(f"mode must be 'session' or 'stream', got {mode!r}")
@@ -978,6 +1060,8 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
         raise ValueError(f"prefetch must be >= 0, got {prefetch}")
     if io_bandwidth is not None and io_bandwidth <= 0:
         raise ValueError(f"io_bandwidth must be > 0 bytes/s, got {io_bandwidth}")
+    if not isinstance(inject_distance, int) or inject_distance < 1:
+        raise ValueError(f"inject_distance must be a whole number >= 1, got {inject_distance!r}")
     layer_list = find_decoder_layers(model)
     if any(isinstance(layer, OffloadedLayer) for layer in layer_list):
         raise ValueError("model is already patched; call unpatch() on its controller first")
@@ -994,7 +1078,7 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
     store.sync(tensors, progress=progress)
     del tensors
     controller = OffloadController(model, layer_list, offloaded, store, alphas, mode, budget_bytes, device,
-                                   prefetch, io_bandwidth)
+                                   prefetch, io_bandwidth, inject_distance)
     for i in offloaded:
         controller._unbind(i)
         layer_list[i] = OffloadedLayer(controller, i, controller._layers[i])

@@ -46,8 +46,8 @@ def test_select_layers_band_arguments():
     ("2,4,2", "layer 2 is named twice"),
     ("2-6,5", "layer 5 is named twice"),
     ("10-4", "range 10-4 is reversed"),
-    ("every:0", "every:K needs a whole number K >= 1"),
-    ("every:x", "every:K needs a whole number K >= 1"),
+    ("every:0", "every:N needs a whole number N >= 1"),
+    ("every:x", "every:N needs a whole number N >= 1"),
     ("2,,4", "cannot read ''"),
     ("-3", "cannot read '-3'"),
     ("evens", "cannot read 'evens'"),
@@ -160,6 +160,102 @@ def test_offloaded_last_layer(kind, tmp_path, prompt_ids):
     patch_model(model, f"3,{N_LAYERS - 1}", tmp_path / "cache", mode="stream", progress=False)
     assert torch.equal(_logits(model, prompt_ids), logits)  # flushed before the final norm
     assert torch.equal(_greedy(model, prompt_ids), tokens)
+
+
+# --------------------------------------------------------------------------- injection distance
+
+@pytest.mark.parametrize("pattern, distance, targets", [
+    ("2", 1, {2: 3}),
+    ("2", 2, {2: 4}),
+    ("even", 2, {2: 5, 4: 6}),     # the resident layers after 2 are 3, 5, 6, 7
+    ("even", 3, {2: 6, 4: 7}),
+    ("2,3", 2, {3: 5}),            # a parallel run injects once, counted from its end
+    ("3,7", 2, {3: 5, 7: None}),   # nothing resident after 7: before the final norm
+    ("even", 4, {2: 7, 4: None}),
+])
+def test_injection_targets(pattern, distance, targets):
+    assert osk._injection_targets(N_LAYERS, select_layers(N_LAYERS, pattern), distance) == targets
+
+
+class _Remember(nn.Module):
+    """Reference for a deferred layer: computes L(x) from its own input, hands x on unchanged."""
+    def __init__(self, layer, alpha, run, store, target):
+        super().__init__()
+        self.layer, self.alpha, self.run, self.store, self.target = layer, alpha, run, store, target
+
+    def forward(self, x, *args, **kwargs):
+        out = self.layer(x, *args, **kwargs)
+        y = out[0] if isinstance(out, tuple) else out
+        self.run.append(self.alpha * (y.float() - x.float()))
+        if self.target is not False:  # the run's last layer: its summed contribution waits for the target
+            self.store.setdefault(self.target, []).append(sum(self.run))
+            self.run.clear()
+        return x
+
+
+class _AddBefore(nn.Module):
+    def __init__(self, layer, index, store):
+        super().__init__()
+        self.layer, self.index, self.store = layer, index, store
+
+    def forward(self, h, *args, **kwargs):
+        deltas = self.store.pop(self.index, [])
+        h = (h.float() + sum(deltas)).to(h.dtype) if deltas else h
+        out = self.layer(h, *args, **kwargs)
+        deltas = self.store.pop(None, []) if self.index == N_LAYERS - 1 else []
+        return (out.float() + sum(deltas)).to(out.dtype) if deltas else out
+
+
+def _reordered_by_hand(model, pattern, distance, alpha, targets):
+    """The model with the offloaded layers' contributions moved by hand: wrappers, no controller."""
+    layers, store, run = model.model.layers, {}, []
+    offloaded = select_layers(N_LAYERS, pattern)
+    for i in offloaded:
+        layers[i] = _Remember(layers[i], alpha, run, store, targets.get(i, False))
+    last = N_LAYERS - 1
+    for i in {t for t in targets.values() if t is not None} | ({last} if last not in offloaded else set()):
+        layers[i] = _AddBefore(layers[i], i, store)
+    if last in offloaded:  # its own wrapper hands on x; the deferred sums go after it
+        inner = layers[last]
+        layers[last] = _AddBefore(inner, last, store)
+    return model
+
+
+@pytest.mark.parametrize("pattern, distance, targets", [
+    ("even", 2, {2: 5, 4: 6}),
+    ("even", 3, {2: 6, 4: 7}),
+    ("2,3", 2, {3: 5}),
+    ("3,7", 2, {3: 5, 7: None}),
+])
+@pytest.mark.parametrize("kind", ["llama-fp32", "gemma3-bf16", "nf4"])
+def test_inject_distance_equals_a_manual_reordering(kind, pattern, distance, targets, tmp_path, prompt_ids):
+    model = make_model(kind, tmp_path)
+    ctl = patch_model(model, pattern, tmp_path / "cache", alpha=0.75, inject_distance=distance, progress=False)
+    patched, tokens = _logits(model, prompt_ids), _greedy(model, prompt_ids)
+    ctl.unpatch()
+    reference = _reordered_by_hand(model, pattern, distance, 0.75, targets)
+    assert torch.equal(patched, _logits(reference, prompt_ids))
+    assert torch.equal(tokens, _greedy(reference, prompt_ids))
+
+
+@pytest.mark.parametrize("kind", ["qwen2-fp32", "nf4"])
+def test_inject_distance_one_is_bit_identical(kind, tmp_path, prompt_ids):
+    model = make_model(kind, tmp_path)
+    logits = _logits(model, prompt_ids)
+    patch_model(model, "even", tmp_path / "cache", inject_distance=1, mode="stream", progress=False)
+    assert torch.equal(_logits(model, prompt_ids), logits)
+
+
+def test_removed_layers_are_never_read(tmp_path, prompt_ids):
+    model = make_model("llama-fp32", tmp_path)
+    ctl = patch_model(model, "2-5", tmp_path / "cache", alpha={2: 0.0, 4: 0.0}, mode="stream", prefetch=0,
+                      progress=False)
+    assert (ctl.skipped_layers, ctl.computed_layers) == ([2, 4], [3, 5])
+    assert ctl.read_bytes_per_forward() == ctl.layer_bytes[3] + ctl.layer_bytes[5]
+    _logits(model, prompt_ids)
+    assert ctl.stats()["loads"] == 2 and ctl.stats()["loaded_bytes"] == ctl.read_bytes_per_forward()
+    with ctl.unpatched():  # the original model still needs every layer
+        assert ctl.stats()["loads"] == 6
 
 
 def test_single_layer_alpha_uses_lerp(tmp_path, prompt_ids):
@@ -350,7 +446,8 @@ def test_tied_tensor_is_refused(tmp_path):
     (dict(io_bandwidth=0), "io_bandwidth must be > 0 bytes/s"),
     (dict(alpha={3: 0.5}), r"alpha names layers that are not offloaded: \[3\]"),
     (dict(layers=[2, 8]), "are not valid indices of a 8-layer model"),
-    (dict(layers="every:0"), "every:K"),
+    (dict(layers="every:0"), "every:N"),
+    (dict(inject_distance=0), "inject_distance must be a whole number >= 1"),
 ])
 def test_patch_model_rejects(kwargs, message, tmp_path):
     model = make_model("llama-fp32", tmp_path)
