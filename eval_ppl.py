@@ -8,9 +8,11 @@ exp(mean NLL over all scored tokens). ``--ppl-dataset short`` scores each text o
 the original experiment's style, and pools the NLL of all texts.
 
     python eval_ppl.py --variant kvcache            # appends a row to results/ppl.csv
+    python eval_ppl.py --block-influence            # + every layer's Block Influence, same pass
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import bench
+from bench import importance
 
 
 def token_ids(tokenizer, docs: list[str], max_tokens: int | None = None) -> torch.Tensor:
@@ -132,16 +135,31 @@ def evaluate(run: bench.Run, ctl=None) -> Perplexity | None:
 def run(args) -> bench.Result:
     if not args.ppl_max_tokens:
         raise bench.UsageError("--ppl-max-tokens 0 leaves nothing to evaluate")
+    if args.block_influence and args.variant != "baseline":
+        raise bench.UsageError("--block-influence scores the unpatched model's layers; use --variant baseline")
+    bench.check_csv(args.influence_out, importance.InfluenceRow)
     run_ = bench.open_run(args)
     unpatched = bench.measure_memory(run_)  # this process's resident model: the row's baseline
     ctl = bench.patch(run_)
-    ppl = evaluate(run_, ctl)
+    meter = importance.InfluenceMeter(run_.model) if args.block_influence else contextlib.nullcontext()
+    with meter:
+        ppl = evaluate(run_, ctl)
     memory = bench.measure_memory(run_, ctl)
-    return bench.finish(run_, bench.make_result(run_, ctl, memory, ppl=ppl, baseline_memory=unpatched))
+    row = bench.finish(run_, bench.make_result(run_, ctl, memory, ppl=ppl, baseline_memory=unpatched))
+    if args.block_influence:
+        for layer_row in importance.influence_rows(meter, row, args.command):
+            bench.append_row(args.influence_out, layer_row)
+        print(f"  Block Influence of {row.n_layers} layers appended to {args.influence_out}")
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = bench.build_parser(None, description=__doc__.split("\n\n")[0], prog=Path(__file__).name)
+    parser.add_argument("--block-influence", action="store_true",
+                        help="also score every decoder layer by ShortGPT's Block Influence, "
+                             "1 - mean cos(layer input, layer output), in the same pass (baseline only)")
+    parser.add_argument("--influence-out", type=Path, default=bench.RESULTS_DIR / "block_influence.csv",
+                        help="CSV the Block Influence rows are appended to")
     return bench.main(run, parser, argv)
 
 

@@ -16,7 +16,7 @@ ones above it in this list:
 
 The names below are the harness's public surface; scripts use them as ``bench.<name>``.
 """
-from .base import REPO_DIR, RESULTS_DIR, UsageError, default_cache_dir
+from .base import REPO_DIR, RESULTS_DIR, UsageError, default_cache_dir, first_line
 from .cli import (CPU_DEFAULT_PREFETCH, CUDA_DEFAULT_PREFETCH, DEFAULT_PROMPT, SIZE_HELP, build_parser,
                   default_ppl_dataset, finish_args, main, new_parser, parse_size)
 from .corpus import CORPORA, SHORT_TEXTS, load_corpus, parse_wiki_docs

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -111,6 +113,12 @@ def build_parser(variant: str | None = None, description: str | None = None,
     add("--layers", default="even", metavar="PATTERN",
         help="decoder layers to offload: even, odd, every:K, or a list/ranges like 2,4,7 or 2-10")
     add("--alpha", type=float, default=1.0, help="residual weight of an offloaded layer (1 = the full model)")
+    add("--skip", default=None, metavar="PATTERN",
+        help="offloaded layers to remove outright (alpha 0: never read, never computed), "
+             "as a list or pattern like --layers; the others keep --alpha")
+    add("--inject-distance", type=_int_at_least(1), default=1, metavar="K",
+        help="add an offloaded layer's contribution before the K-th resident layer after it "
+             "(1: the next one, exact at alpha 1)")
     add("--cache-dir", type=Path, default=default_cache_dir(),
         help="converted embedded models go to <cache-dir>/hf, offloaded layer files to <cache-dir>/layers")
     if variant is not None:
@@ -189,7 +197,9 @@ def main(run: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
          argv: list[str] | None = None, finish=finish_args) -> int:
     """Parse argv, run ``run(finish(args))``; bad input becomes ``<prog>: error: <message>``,
     exit 2. finish=None for a parser that is not build_parser's."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command = shlex.join(["python", parser.prog, *argv])
     try:
         run(finish(args) if finish else args)
     except (UsageError, offload_skip.CacheError) as err:

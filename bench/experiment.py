@@ -28,6 +28,7 @@ class Run:
     tokenizer: object
     info: dict          # from load_model: model label, quant, device, load_s, n_layers
     layers: list[int]   # offloaded layer indices (the --layers pattern, resolved)
+    skipped: list[int]  # of those, removed outright (--skip)
     docs: list[str] | None  # perplexity corpus (None: --ppl-max-tokens 0)
     ppl_dataset: str | None
     input_ids: torch.Tensor  # the prompt, [1, n] on the device
@@ -54,12 +55,23 @@ def _config_layers(name: str, cache_dir: Path) -> int:
     return config.get_text_config().num_hidden_layers
 
 
-def select(pattern: str, n_layers: int) -> list[int]:
+def select(pattern: str, n_layers: int, flag: str = "--layers") -> list[int]:
     """offload_skip.select_layers, with a bad pattern as a UsageError."""
     try:
         return offload_skip.select_layers(n_layers, pattern)
     except ValueError as err:
-        raise UsageError(f"--layers: {err}") from None
+        raise UsageError(f"{flag}: {err}") from None
+
+
+def select_skipped(pattern: str | None, offloaded: list[int], n_layers: int) -> list[int]:
+    """The --skip layers: none, or offloaded layers only (a resident layer cannot be removed here)."""
+    if not pattern:
+        return []
+    skipped = select(pattern, n_layers, "--skip")
+    stray = sorted(set(skipped) - set(offloaded))
+    if stray:
+        raise UsageError(f"--skip: layers {' '.join(map(str, stray))} are not offloaded (--layers {offloaded})")
+    return skipped
 
 
 def open_run(args: argparse.Namespace) -> Run:
@@ -69,13 +81,15 @@ def open_run(args: argparse.Namespace) -> Run:
     set_seed(args.seed)
     model_kind(args.model)
     docs, ppl_dataset = load_corpus(args.ppl_dataset, args.cache_dir) if args.ppl_max_tokens else (None, None)
-    layers = select(args.layers, _config_layers(args.model, args.cache_dir))
+    n_layers = _config_layers(args.model, args.cache_dir)
+    layers = select(args.layers, n_layers)
+    skipped = select_skipped(getattr(args, "skip", None), layers, n_layers)
     model, tokenizer, info = load_model(args.model, args.quant, args.device, args.cache_dir)
     prompt = getattr(args, "prompt", DEFAULT_PROMPT)
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
     if input_ids.shape[1] == 0:
         raise UsageError("--prompt gives no tokens")
-    return Run(args, model, tokenizer, info, layers, docs, ppl_dataset, input_ids)
+    return Run(args, model, tokenizer, info, layers, skipped, docs, ppl_dataset, input_ids)
 
 
 def patch(run: Run):
@@ -89,8 +103,9 @@ def patch(run: Run):
     if mode == "stream":
         stream = dict(prefetch=args.prefetch, budget_bytes=args.budget, io_bandwidth=args.io_bandwidth)
     try:
-        return offload_skip.patch_model(run.model, run.layers, Path(args.cache_dir) / "layers",
-                                        alpha=args.alpha, mode=mode, **stream)
+        alpha = {i: 0.0 if i in run.skipped else args.alpha for i in run.layers}
+        return offload_skip.patch_model(run.model, run.layers, Path(args.cache_dir) / "layers", alpha=alpha,
+                                        mode=mode, inject_distance=args.inject_distance, **stream)
     except ValueError as err:  # e.g. a pattern that names tied tensors
         raise UsageError(str(err)) from None
 

@@ -40,7 +40,10 @@ COLUMNS = {
     "layers": "--layers pattern (empty for the baseline)",
     "layers_offloaded": "indices of the offloaded decoder layers, space-separated (empty for the baseline)",
     "n_layers": "decoder layers in the model",
-    "alpha": "residual weight of the offloaded layers (empty for the baseline)",
+    "alpha": "residual weight of the offloaded layers (empty for the baseline); --skip layers have 0",
+    "skipped_layers": "offloaded layers removed outright (--skip: alpha 0, never read), space-separated",
+    "inject_distance": "an offloaded run's contribution is added before the k-th resident layer after it "
+                       "(1: the next one, exact at alpha 1); empty for the baseline",
     "mode": "residency: resident (baseline), session (loaded for each inference), stream (loaded per layer use)",
     "prefetch": "stream: layers read ahead by the background reader (resolved from auto)",
     "budget_bytes": "stream: bytes of offloaded layers allowed to stay resident",
@@ -52,6 +55,7 @@ COLUMNS = {
     "warmup": "untimed runs before the measured ones",
     "repeats": "measured runs (timings are their median)",
     "seed": "--seed",
+    "command": "the command line that wrote the row (python <script> <arguments>): rerun it to reproduce",
     "run_id": "unique id of the script invocation that wrote the row; its baseline_* columns come from the "
               "same process",
     # memory
@@ -67,6 +71,9 @@ COLUMNS = {
     "baseline_standby_bytes": "variants: standby_bytes of the unpatched model, measured in the same process "
                               "before patching",
     "baseline_rss_bytes": "variants, CPU only: rss_bytes of the unpatched model, same process, before patching",
+    "read_bytes_per_token": "bytes of layer files one forward reads in stream residency: the offloaded layers "
+                            "not skipped and not kept by --budget (session: the same layers, read once per "
+                            "inference); what decode time follows on a GPU; empty for the baseline",
     # quality
     "ppl": "perplexity exp(mean NLL over scored tokens); empty with --ppl-max-tokens 0",
     "ppl_dataset": "corpus: wiki-embedded, wikitext2, short (texts scored one by one) or a file path",
@@ -128,6 +135,8 @@ class Result:
     layers_offloaded: str
     n_layers: int
     alpha: float | None
+    skipped_layers: str
+    inject_distance: int | None
     mode: str
     prefetch: int | None
     budget_bytes: int | None
@@ -138,6 +147,7 @@ class Result:
     warmup: int | None
     repeats: int | None
     seed: int
+    command: str
     run_id: str
     standby_bytes: int
     peak_bytes: int | None
@@ -146,6 +156,7 @@ class Result:
     cuda_max_allocated_bytes: int | None
     baseline_standby_bytes: int | None
     baseline_rss_bytes: int | None
+    read_bytes_per_token: int | None
     ppl: float | None
     ppl_dataset: str | None
     ppl_ctx: int | None
@@ -283,6 +294,8 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         layers_offloaded=" ".join(map(str, run.layers)) if patched else "",
         n_layers=run.info["n_layers"],
         alpha=args.alpha if patched else None,
+        skipped_layers=" ".join(map(str, ctl.skipped_layers)) if patched else "",
+        inject_distance=ctl.inject_distance if patched else None,
         mode=VARIANT_MODES[run.variant],
         prefetch=ctl.prefetch if stream else None,
         budget_bytes=args.budget if stream else None,
@@ -293,6 +306,7 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         warmup=args.warmup if timed else None,
         repeats=args.repeats if timed else None,
         seed=args.seed,
+        command=getattr(args, "command", ""),
         run_id=run.run_id,
         standby_bytes=memory.standby_bytes,
         peak_bytes=peak,
@@ -301,6 +315,7 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         cuda_max_allocated_bytes=speed.cuda_max_allocated_bytes if timed else None,
         baseline_standby_bytes=getattr(baseline_memory, "standby_bytes", None),
         baseline_rss_bytes=getattr(baseline_memory, "rss_bytes", None),
+        read_bytes_per_token=ctl.read_bytes_per_forward() if patched else None,
         ppl=getattr(ppl, "ppl", None),
         ppl_dataset=getattr(ppl, "dataset", None),
         ppl_ctx=getattr(ppl, "ctx", None),
@@ -421,6 +436,10 @@ def summary(row: Result, baseline: dict | None = None) -> str:
         n = len(row.layers_offloaded.split())
         config += f", {n} of {row.n_layers} layers offloaded ({row.layers})"
         config += f", alpha {row.alpha:g}"
+        if row.skipped_layers:
+            config += f", layers {row.skipped_layers} removed"
+        if row.inject_distance and row.inject_distance > 1:
+            config += f", injected {row.inject_distance} resident layers later"
     if row.mode == "stream":
         bandwidth = "unthrottled" if row.io_bandwidth is None else f"{row.io_bandwidth / 1e6:g} MB/s"
         config += f"; stream prefetch {row.prefetch}, budget {_mb(row.budget_bytes)}, reads {bandwidth}"

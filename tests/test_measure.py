@@ -59,7 +59,7 @@ def test_measure_speed_interleaves_the_unpatched_model(mode, tmp_path):
     ids = torch.randint(0, 96, (1, 6))
     expected = bench.decode(model, ids, 4).tokens
     ctl = offload_skip.patch_model(model, "even", tmp_path, mode=mode, prefetch=0, progress=False)
-    run = bench.Run(_Args(), model, None, {}, [2, 4], None, None, ids)
+    run = bench.Run(_Args(), model, None, {}, [2, 4], [], None, None, ids)
     order = []
     real_unpatched = ctl.unpatched
     ctl.unpatched = lambda: (order.append("unpatched"), real_unpatched())[1]
@@ -77,7 +77,7 @@ def test_measure_speed_interleaves_the_unpatched_model(mode, tmp_path):
 
 def test_measure_speed_alone_has_no_baseline():
     model = tiny_model("llama")
-    run = bench.Run(_Args(), model, None, {}, [], None, None, torch.randint(0, 96, (1, 5)))
+    run = bench.Run(_Args(), model, None, {}, [], [], None, None, torch.randint(0, 96, (1, 5)))
     speed = bench.measure_speed(run)
     assert speed.baseline is None and speed.decode_tok_s > 0 and speed.cpu.load_1m_before is not None
 

@@ -1,0 +1,240 @@
+"""The study's sweeps: named suites of cases, each case one command line of eval_ppl.py, so
+that any row is reproduced by one command. Each suite appends to results/<suite>.csv.
+
+    python sweep.py alpha               # run the cases not yet in results/alpha.csv
+    python sweep.py planner --dry-run   # print one command per case (for a SLURM array, GNU parallel)
+    python sweep.py --list              # the suites and their case counts
+
+Resumable: a case whose exact command line is already in its suite's CSV (the `command`
+column every row carries) is skipped. Suites: alpha, patterns, importance, planner,
+distance, context. The planner's cases depend on the importance suite's rows: run
+``importance`` first.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import bench
+import offload_skip
+from bench import importance
+
+# The study's models, all fp32: exact and fast on a CPU without AVX512-BF16, where NF4 has no
+# fused kernel (a 512-token NF4 forward of the 0.5B takes ~27 s here, fp32 ~5 s). tokens:
+# --ppl-max-tokens, chosen so that each suite runs in minutes on the 2-core CPU; every case of
+# a suite scores the same tokens of a model, so its rows compare with each other.
+STUDY_MODELS = {
+    "smollm2-135m": dict(n_layers=30, tokens=2048),        # Llama
+    "qwen2.5-coder-0.5b": dict(n_layers=24, tokens=1024),  # Qwen2, the original's architecture
+}
+HEADLINE_MODELS = {"qwen2.5-coder-1.5b": dict(n_layers=28, tokens=1024)}
+CHEAP_MODELS = {"gemma3-270m": dict(n_layers=18, tokens=2048)}  # Gemma 3: the alpha suite only
+QUANT = "fp32"
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+HEADLINE_ALPHAS = (0.0, 0.5, 1.0)
+BLOCK_SIZES = (2, 3, 4)
+DISTANCES = (1, 2, 3)
+CONTEXTS = (128, 256, 512, 1024, 2048)
+CONTEXT_TOKENS = 2048  # enough for one full window at the longest context
+CONTEXT_PATTERN = "blocks:2"  # the parallel-residual pattern of the context suite
+PLANNER_POINTS = 4  # skip 0, n/4, n/2, 3n/4, n of the n offloaded layers
+SUITES = ("alpha", "patterns", "importance", "planner", "distance", "context")
+
+
+@dataclass(frozen=True)
+class Case:
+    suite: str
+    argv: tuple[str, ...]  # script and its arguments
+
+    @property
+    def command(self) -> str:
+        """What the script records in its row's `command` column."""
+        return shlex.join(["python", *self.argv])
+
+
+def _alpha(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _ppl_case(suite: str, out: Path, model: str, tokens: int, *flags: str) -> Case:
+    return Case(suite, ("eval_ppl.py", "--model", model, "--quant", QUANT, "--ppl-max-tokens", str(tokens),
+                        *flags, "--out", str(out)))
+
+
+def half_band(n_layers: int) -> tuple[str, str]:
+    """The even layers of the first and of the second half of the offload band, as lists."""
+    even = offload_skip.select_layers(n_layers, "even")
+    half = len(even) // 2
+    return ",".join(map(str, even[:half])), ",".join(map(str, even[half:]))
+
+
+def suite_cases(suite: str, out: Path, importances: dict | None = None) -> list[Case]:
+    """The cases of a suite, in run order. out: the suite's CSV. importances: for the planner,
+    {model: {"removal": {layer: ppl}, "block-influence": {layer: score}}} (planner_importances)."""
+    cases = []
+    for model, spec in STUDY_MODELS.items():
+        n, tokens = spec["n_layers"], spec["tokens"]
+
+        def case(*flags, tokens=tokens):
+            return _ppl_case(suite, out, model, tokens, *flags)
+
+        if suite == "alpha":
+            cases.append(case("--variant", "baseline"))
+            cases += [case("--variant", "kvcache", "--alpha", _alpha(a)) for a in ALPHAS]
+        elif suite == "patterns":
+            first, second = half_band(n)
+            cases += [case("--variant", "kvcache", "--layers", p) for p in ("even", "odd", "every:3", first, second)]
+            for size in BLOCK_SIZES:
+                cases += [case("--variant", "kvcache", "--layers", f"blocks:{size}", "--alpha", _alpha(a))
+                          for a in (1.0, 1 / size)]
+        elif suite == "importance":
+            cases.append(case("--variant", "baseline", "--block-influence", "--influence-out",
+                              str(out.parent / "block_influence.csv")))
+            cases += [case("--variant", "kvcache", "--layers", str(i), "--alpha", "0") for i in range(n)]
+        elif suite == "planner":
+            offloaded = offload_skip.select_layers(n, "even")
+            scores = (importances or {}).get(model)
+            if not scores:
+                raise bench.UsageError(f"planner: no importance rows for {model} in {out.parent}; "
+                                       "run: python sweep.py importance")
+            for point in planner_points(offloaded, scores):
+                skip = ("--skip", ",".join(map(str, point.skipped))) if point.skipped else ()
+                cases.append(case("--variant", "diskoffload", "--prefetch", "0", *skip))
+        elif suite == "distance":
+            cases += [case("--variant", "kvcache", "--inject-distance", str(k), "--alpha", _alpha(a))
+                      for a in (1.0, 0.5) for k in DISTANCES]
+        elif suite == "context":
+            for ctx in CONTEXTS:
+                flags = ("--ppl-ctx", str(ctx))
+                cases += [case("--variant", "baseline", *flags, tokens=CONTEXT_TOKENS),
+                          case("--variant", "kvcache", "--alpha", "0.5", *flags, tokens=CONTEXT_TOKENS),
+                          case("--variant", "kvcache", "--layers", CONTEXT_PATTERN, *flags, tokens=CONTEXT_TOKENS)]
+        else:
+            raise bench.UsageError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
+    if suite == "alpha":
+        for model, spec in HEADLINE_MODELS.items():
+            cases += [_ppl_case(suite, out, model, spec["tokens"], "--variant", "kvcache", "--alpha", _alpha(a))
+                      for a in HEADLINE_ALPHAS]
+        for model, spec in CHEAP_MODELS.items():
+            cases.append(_ppl_case(suite, out, model, spec["tokens"], "--variant", "baseline"))
+            cases += [_ppl_case(suite, out, model, spec["tokens"], "--variant", "kvcache", "--alpha", _alpha(a))
+                      for a in ALPHAS]
+    return _unique(cases)
+
+
+def _unique(cases: list[Case]) -> list[Case]:
+    """One case per command (two planner orders can skip the same layers)."""
+    seen, out = set(), []
+    for case in cases:
+        if case.command not in seen:
+            seen.add(case.command)
+            out.append(case)
+    return out
+
+
+def planner_points(offloaded: list[int], scores: dict) -> list[importance.PlanPoint]:
+    """Every order's curve: by each importance score, least important skipped first, and the naive orders."""
+    orders = {name: importance.skip_order(offloaded, "importance", by_layer) for name, by_layer in scores.items()}
+    orders.update({name: importance.skip_order(offloaded, name) for name in importance.NAIVE_ORDERS})
+    return importance.plan(offloaded, orders, importance.skip_counts(len(offloaded), PLANNER_POINTS))
+
+
+def planner_importances(results_dir: Path) -> dict:
+    """{model: {"removal": {layer: PPL with that layer removed}, "block-influence": {layer: BI}}}
+    from the importance suite's rows (the latest row per layer wins)."""
+    scores: dict = {}
+    for row in bench.read_rows(Path(results_dir) / "importance.csv"):
+        if row["variant"] != "baseline" and row["alpha"] and float(row["alpha"]) == 0 and row["ppl"]:
+            layers = row["layers_offloaded"].split()
+            if len(layers) == 1:
+                scores.setdefault(row["model"], {}).setdefault("removal", {})[int(layers[0])] = float(row["ppl"])
+    for row in bench.read_rows(Path(results_dir) / "block_influence.csv"):
+        scores.setdefault(row["model"], {}).setdefault("block-influence", {})[int(row["layer"])] = \
+            float(row["block_influence"])
+    return {model: s for model, s in scores.items() if len(s) == 2}
+
+
+def pending(cases: list[Case], out: Path) -> list[Case]:
+    """The cases whose command has no row in `out` yet."""
+    done = {row.get("command") for row in bench.read_rows(out)}
+    return [case for case in cases if case.command not in done]
+
+
+def run_cases(cases: list[Case], repo_dir: Path = bench.REPO_DIR) -> list[Case]:
+    """Run each case as its own process (from the repo, so relative paths hold); the failed ones."""
+    from tqdm import tqdm
+    failed = []
+    bar = tqdm(cases, desc="cases", unit="case")
+    for case in bar:
+        tqdm.write(f"$ {case.command}")
+        done = subprocess.run([sys.executable, *case.argv], cwd=repo_dir)
+        if done.returncode != 0:
+            tqdm.write(f"  failed with exit code {done.returncode}")
+            failed.append(case)
+    return failed
+
+
+def _relative(path: Path) -> Path:
+    """Paths under the repo as relative ones, so the recorded commands run from any clone."""
+    try:
+        return Path(path).resolve().relative_to(bench.REPO_DIR)
+    except ValueError:
+        return Path(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = bench.new_parser("sweep.py", __doc__.split("\n\n")[0])
+    parser.add_argument("suite", nargs="?", choices=SUITES, help="the suite to run")
+    parser.add_argument("--dry-run", action="store_true", help="print the pending cases' commands, run nothing")
+    parser.add_argument("--all", action="store_true", help="with --dry-run: every case, finished ones too")
+    parser.add_argument("--results", type=Path, default=bench.RESULTS_DIR,
+                        help="directory of the suite CSVs (results/<suite>.csv)")
+    parser.add_argument("--list", action="store_true", help="list the suites with their case counts and exit")
+    return parser
+
+
+def run(args) -> int:
+    results = _relative(args.results)
+    if args.list:
+        for suite in SUITES:
+            out = results / f"{suite}.csv"
+            try:
+                cases = suite_cases(suite, out, planner_importances(args.results))
+                print(f"{suite:<11} {len(cases):>3} cases, {len(pending(cases, out)):>3} pending")
+            except bench.UsageError as err:
+                print(f"{suite:<11} {bench.first_line(err)}")
+        return 0
+    if not args.suite:
+        raise bench.UsageError("name a suite (or --list)")
+    out = results / f"{args.suite}.csv"
+    cases = suite_cases(args.suite, out, planner_importances(args.results) if args.suite == "planner" else None)
+    todo = cases if args.all else pending(cases, args.results / f"{args.suite}.csv")
+    if args.dry_run:
+        for case in todo:
+            print(case.command)
+        return 0
+    print(f"{args.suite}: {len(cases)} cases, {len(cases) - len(todo)} already in {out}, {len(todo)} to run")
+    failed = run_cases(todo)
+    if failed:
+        print(f"{len(failed)} case(s) failed; rerun `python sweep.py {args.suite}` to retry them:", file=sys.stderr)
+        for case in failed:
+            print(f"  {case.command}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except bench.UsageError as err:
+        parser.error(bench.first_line(err))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
