@@ -17,6 +17,8 @@ from pathlib import Path
 
 import bench
 import estimate
+import report_study
+import sweep
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -106,10 +108,13 @@ EXACTNESS_TABLE = (
 
 def load_rows(results_dir: Path) -> list[dict]:
     """Every row of every Result CSV in the directory (files with another schema, such as
-    exactness.csv, are left out), files in name order, each row with a 'file' key; a column
+    exactness.csv, and the study's suite CSVs are left out), files in name order, each row with a 'file' key; a column
     a file lacks (an older schema) reads as empty."""
     rows = []
+    study = {f"{suite}.csv" for suite in sweep.SUITES}  # the study's suites: report_study.py
     for path in sorted(Path(results_dir).glob("*.csv")):
+        if path.name in study:
+            continue
         file_rows = bench.read_rows(path)
         if file_rows and "variant" not in file_rows[0]:
             continue
@@ -351,12 +356,13 @@ def main(argv: list[str] | None = None) -> int:
         "exactness": exactness_section(exactness, args.results.name),
         "estimate-reference": estimate.reference_table(),
         "estimate-check": estimate.check_table(args.results),
+        **report_study.sections(args.results),
     }
     for name, text in sections.items():
         if update_readme(args.readme, text, name):
             print(f"{args.readme}: {name} section updated")
     if not args.no_plots:
-        for path in plot(rows, args.results):
+        for path in plot(rows, args.results) + report_study.plots(args.results):
             print(f"wrote {path}")
     return 0
 

@@ -43,5 +43,11 @@ python run_diskoffload.py
 #   python run_diskoffload.py --model qwen2.5-coder-1.5b --quant bf16 $QWEN --prefetch 0 $NO_PPL   # NF4 dequantisation
 # alpha = 1 equality of the 1.5B's logits is shown by check_exact.py above.
 
+# --- The study (README "Findings"): perplexity sweeps, fp32, one eval_ppl.py process per case --
+# results/<suite>.csv; a case already in its CSV is skipped. The planner needs importance first.
+for suite in alpha importance planner distance patterns context; do
+  python sweep.py $suite
+done
+
 python estimate.py --check results
 python report.py

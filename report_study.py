@@ -1,0 +1,353 @@
+"""The study's tables and plots, from the suites' CSVs (sweep.py): README "Findings" blocks
+and results/study_*.png. Called by report.py; every number comes from a row.
+
+A row's reference is the unpatched model's perplexity on the same tokens (same model, weight
+format, --ppl-max-tokens and ctx): a baseline row of any suite, else a row that is exact by
+construction (offloaded at alpha 1, injected at distance 1, nothing skipped).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import bench
+import offload_skip
+import sweep
+from bench import importance
+
+
+def suite_rows(results_dir: Path, suite: str) -> list[dict]:
+    """The suite's rows, the latest per command (a rerun replaces a case's row)."""
+    latest: dict = {}
+    for row in bench.read_rows(Path(results_dir) / f"{suite}.csv"):
+        latest[row["command"] or id(row)] = row
+    return list(latest.values())
+
+
+def _models(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(row["model"] for row in rows))
+
+
+def _ppl(row: dict | None) -> float | None:
+    return bench.number(row["ppl"]) if row else None
+
+
+def _same_tokens(a: dict, b: dict) -> bool:
+    return all(a[k] == b[k] for k in ("model", "quant", "ppl_dataset", "ppl_tokens", "ppl_ctx", "ppl_stride"))
+
+
+def _exact(row: dict) -> bool:
+    return (row["variant"] == "baseline" or (bench.number(row["alpha"]) == 1.0 and not row["skipped_layers"]
+            and row["inject_distance"] in ("", "1") and not _adjacent(row["layers_offloaded"])))
+
+
+def _adjacent(layers: str) -> bool:
+    indices = sorted(map(int, layers.split()))
+    return any(b == a + 1 for a, b in zip(indices, indices[1:]))
+
+
+def reference(row: dict, pool: list[dict]) -> float | None:
+    """The unpatched perplexity on the row's tokens: a baseline row, else an exact variant row."""
+    same = [r for r in pool if _same_tokens(r, row) and _exact(r)]
+    same.sort(key=lambda r: r["variant"] != "baseline")
+    return _ppl(same[0]) if same else None
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _table(headers: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(cells) + " |" for cells in lines]
+    return "\n".join(out)
+
+
+def _source(rows: list[dict], suite: str) -> str:
+    if not rows:
+        return f"No rows yet: run `python sweep.py {suite}`."
+    commits = sorted({r["commit"] for r in rows})
+    machines = sorted({f"{r['device_name']} ({r['cpu_isa']})" for r in rows})
+    tokens = sorted({f"{r['model']} {r['quant']}: {r['ppl_tokens']} tokens" for r in rows})
+    return (f"From results/{suite}.csv ({len(rows)} rows; `python sweep.py {suite}`; {', '.join(machines)}; "
+            f"commit {', '.join(commits)}; {'; '.join(tokens)} of {rows[0]['ppl_dataset']} scored).")
+
+
+def _find(rows: list[dict], model: str, **match) -> dict | None:
+    for row in reversed(rows):
+        if row["model"] == model and all(row[k] == v for k, v in match.items()):
+            return row
+    return None
+
+
+def _alpha_key(row: dict) -> float | None:
+    return bench.number(row["alpha"]) if row["variant"] != "baseline" else None
+
+
+# --------------------------------------------------------------------------- sections
+
+def alpha_section(rows: list[dict]) -> str:
+    if not rows:
+        return _source(rows, "alpha")
+    lines = []
+    for model in _models(rows):
+        mine = [r for r in rows if r["model"] == model]
+        ref = reference(mine[0], rows)
+        cells = [model, str(len(mine[-1]["layers_offloaded"].split()) or ""), _fmt(ref)]
+        for alpha in sweep.ALPHAS:
+            match = [r for r in mine if r["variant"] == "kvcache" and _alpha_key(r) == alpha]
+            cells.append(_fmt(_ppl(match[-1]) if match else None))
+        lines.append(cells)
+    headers = ["model", "even layers offloaded", "unpatched"] + [f"alpha {a:g}" for a in sweep.ALPHAS]
+    return _source(rows, "alpha") + "\n\n" + _table(headers, lines)
+
+
+def _pattern_label(row: dict) -> str:
+    layers = row["layers"]
+    if "," in layers:  # an explicit half of the band
+        n = int(row["n_layers"])
+        first, second = sweep.half_band(n)
+        layers = "even, first half" if layers == first else "even, second half" if layers == second else layers
+    return layers
+
+
+def patterns_section(rows: list[dict]) -> str:
+    if not rows:
+        return _source(rows, "patterns")
+    lines = []
+    for row in rows:
+        ref = reference(row, rows)
+        ppl = _ppl(row)
+        lines.append([row["model"], _pattern_label(row), f"{len(row['layers_offloaded'].split())}/{row['n_layers']}",
+                      _fmt(bench.number(row["alpha"]), ".3g"), _fmt(ppl), _fmt(ref),
+                      _fmt(ppl / ref if ppl and ref else None, ".3f") + "x"])
+    headers = ["model", "layers", "offloaded", "alpha", "PPL", "unpatched", "PPL / unpatched"]
+    return _source(rows, "patterns") + "\n\n" + _table(headers, lines)
+
+
+def importance_scores(rows: list[dict], influence: list[dict]) -> dict:
+    """{model: (removal {layer: ppl}, block influence {layer: score})}."""
+    out = {}
+    for model in _models(rows):
+        removal = {}
+        for row in rows:
+            layers = row["layers_offloaded"].split()
+            if row["model"] == model and row["variant"] != "baseline" and len(layers) == 1:
+                removal[int(layers[0])] = _ppl(row)
+        bi = {int(r["layer"]): float(r["block_influence"]) for r in influence if r["model"] == model}
+        out[model] = (removal, bi)
+    return out
+
+
+def importance_section(rows: list[dict], influence: list[dict]) -> str:
+    if not rows:
+        return _source(rows, "importance")
+    lines = []
+    for model, (removal, bi) in importance_scores(rows, influence).items():
+        common = sorted(set(removal) & set(bi))
+        if len(common) < 2:
+            continue
+        n = int(next(r["n_layers"] for r in rows if r["model"] == model))
+        band = [i for i in common if i in offload_skip.select_layers(n, "every:1")]  # where layers are offloaded
+        rho_all = importance.spearman([removal[i] for i in common], [bi[i] for i in common])
+        rho_band = importance.spearman([removal[i] for i in band], [bi[i] for i in band]) if len(band) > 1 else None
+        base = reference(next(r for r in rows if r["model"] == model), rows)
+        least = sorted(common, key=lambda i: removal[i])[:3]
+        least_bi = sorted(common, key=lambda i: bi[i])[:3]
+        worst = max(common, key=lambda i: removal[i])
+        lines.append([model, str(len(common)), _fmt(base), _fmt(rho_all, "+.2f"), _fmt(rho_band, "+.2f"),
+                      ", ".join(f"{i} ({removal[i]:.1f})" for i in least),
+                      ", ".join(f"{i} ({bi[i]:.3f})" for i in least_bi),
+                      f"{worst} ({removal[worst]:.4g})"])
+    headers = ["model", "layers scored", "unpatched PPL", "Spearman rho, all layers", "rho, band",
+               "least important by removal (PPL without it)", "least by Block Influence (BI)", "most important"]
+    return _source(rows, "importance") + "\n\n" + _table(headers, lines)
+
+
+def planner_curves(rows: list[dict], scores: dict) -> dict:
+    """{model: {order: [(read MB per token, PPL, skipped count)]}} from the planner's rows."""
+    curves: dict = {}
+    for model, by_score in scores.items():
+        spec = sweep.STUDY_MODELS.get(model)
+        if spec is None:
+            continue
+        offloaded = offload_skip.select_layers(spec["n_layers"], "even")
+        for point in sweep.planner_points(offloaded, by_score):
+            row = _find(rows, model, variant="diskoffload", skipped_layers=" ".join(map(str, point.skipped)))
+            if row is not None:
+                curves.setdefault(model, {}).setdefault(point.order, []).append(
+                    (bench.number(row["read_bytes_per_token"]) / 1e6, _ppl(row), len(point.skipped)))
+    return curves
+
+
+def planner_section(rows: list[dict], scores: dict) -> str:
+    if not rows:
+        return _source(rows, "planner")
+    lines = []
+    for model, orders in planner_curves(rows, scores).items():
+        n = len(offload_skip.select_layers(sweep.STUDY_MODELS[model]["n_layers"], "even"))
+        half = round(n / 2)
+        for order, points in orders.items():
+            by_k = {k: (mb, ppl) for mb, ppl, k in points}
+            all_read, none_read = by_k.get(0), by_k.get(n)
+            at_half = by_k.get(half)
+            lines.append([model, order, _fmt(all_read and all_read[1]), f"{half} of {n}",
+                          _fmt(at_half and at_half[0], ".1f"), _fmt(at_half and at_half[1]), _fmt(none_read and none_read[1])])
+    headers = ["model", "skip order", "PPL, all streamed (exact)", "skipped at half",
+               "MB read per token at half", "PPL at half the bytes", "PPL, all skipped"]
+    return _source(rows, "planner") + "\n\n" + _table(headers, lines)
+
+
+def distance_section(rows: list[dict]) -> str:
+    if not rows:
+        return _source(rows, "distance")
+    lines = []
+    for model in _models(rows):
+        for alpha in (1.0, 0.5):
+            cells = [model, f"{alpha:g}"]
+            for k in sweep.DISTANCES:
+                row = next((r for r in reversed(rows) if r["model"] == model and _alpha_key(r) == alpha
+                            and r["inject_distance"] == str(k)), None)
+                cells.append(_fmt(_ppl(row)))
+            lines.append(cells)
+    headers = ["model", "alpha"] + [f"inject_distance {k}" for k in sweep.DISTANCES]
+    return _source(rows, "distance") + "\n\n" + _table(headers, lines)
+
+
+def _context_label(row: dict) -> str:
+    if row["variant"] == "baseline":
+        return "unpatched"
+    return f"{row['layers']}, alpha {bench.number(row['alpha']):g}"
+
+
+def context_section(rows: list[dict]) -> str:
+    if not rows:
+        return _source(rows, "context")
+    lines = []
+    for model in _models(rows):
+        mine = [r for r in rows if r["model"] == model]
+        for label in dict.fromkeys(map(_context_label, mine)):
+            cells = [model, label]
+            for ctx in sweep.CONTEXTS:
+                row = next((r for r in reversed(mine) if _context_label(r) == label and r["ppl_ctx"] == str(ctx)), None)
+                cells.append(_fmt(_ppl(row)))
+            lines.append(cells)
+    headers = ["model", "configuration"] + [f"ctx {c}" for c in sweep.CONTEXTS]
+    return _source(rows, "context") + "\n\n" + _table(headers, lines)
+
+
+def sections(results_dir: Path) -> dict[str, str]:
+    """README block name -> markdown."""
+    rows = {suite: suite_rows(results_dir, suite) for suite in sweep.SUITES}
+    influence = bench.read_rows(Path(results_dir) / "block_influence.csv")
+    scores = sweep.planner_importances(results_dir)
+    return {
+        "findings-alpha": alpha_section(rows["alpha"]),
+        "findings-patterns": patterns_section(rows["patterns"]),
+        "findings-importance": importance_section(rows["importance"], influence),
+        "findings-planner": planner_section(rows["planner"], scores),
+        "findings-distance": distance_section(rows["distance"]),
+        "findings-context": context_section(rows["context"]),
+    }
+
+
+# --------------------------------------------------------------------------- plots
+
+def plots(results_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results_dir = Path(results_dir)
+    rows = {suite: suite_rows(results_dir, suite) for suite in sweep.SUITES}
+    paths = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        path = results_dir / name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+
+    if rows["alpha"]:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for model in _models(rows["alpha"]):
+            points = sorted((_alpha_key(r), _ppl(r)) for r in rows["alpha"]
+                            if r["model"] == model and r["variant"] == "kvcache")
+            line, = ax.plot([a for a, _ in points], [p for _, p in points], "o-", label=model)
+            ref = reference(points and next(r for r in rows["alpha"] if r["model"] == model), rows["alpha"])
+            if ref:
+                ax.axhline(ref, color=line.get_color(), ls=":", lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("alpha (even layers offloaded; 1 = exact)")
+        ax.set_ylabel("perplexity (log), dotted: unpatched")
+        ax.set_title("Perplexity vs alpha")
+        ax.legend(fontsize=8)
+        save(fig, "study_alpha.png")
+
+    influence = bench.read_rows(results_dir / "block_influence.csv")
+    scored = {m: s for m, s in importance_scores(rows["importance"], influence).items() if s[0] and s[1]}
+    if scored:
+        fig, axes = plt.subplots(len(scored), 1, figsize=(9, 3.2 * len(scored)), squeeze=False)
+        for ax, (model, (removal, bi)) in zip(axes[:, 0], scored.items()):
+            layers = sorted(removal)
+            ax.bar(layers, [removal[i] for i in layers], color="tab:blue", label="PPL with the layer removed")
+            ax.set_yscale("log")
+            ax.set_ylabel("PPL, layer removed (log)", color="tab:blue")
+            twin = ax.twinx()
+            twin.plot(sorted(bi), [bi[i] for i in sorted(bi)], "o-", color="tab:red", label="Block Influence")
+            twin.set_ylabel("Block Influence", color="tab:red")
+            twin.set_yscale("log")
+            ax.set_title(f"{model}: layer importance, two ways")
+            ax.set_xlabel("decoder layer")
+        save(fig, "study_importance.png")
+
+    curves = planner_curves(rows["planner"], sweep.planner_importances(results_dir))
+    if curves:
+        fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5), squeeze=False)
+        for ax, (model, orders) in zip(axes[0], curves.items()):
+            for order, points in orders.items():
+                points = sorted(points)
+                ax.plot([mb for mb, _, _ in points], [p for _, p, _ in points], "o-", label=order)
+            ax.set_yscale("log")
+            ax.set_xlabel("MB of layer files read per token (stream)")
+            ax.set_ylabel("perplexity (log)")
+            ax.set_title(f"{model}: planner, even layers off the device")
+            ax.legend(fontsize=8)
+        save(fig, "study_planner.png")
+
+    if rows["context"]:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for model in _models(rows["context"]):
+            mine = [r for r in rows["context"] if r["model"] == model]
+            for label in dict.fromkeys(map(_context_label, mine)):
+                points = sorted((int(r["ppl_ctx"]), _ppl(r)) for r in mine if _context_label(r) == label)
+                ax.plot([c for c, _ in points], [p for _, p in points], "o-", label=f"{model}: {label}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens per window)")
+        ax.set_ylabel("perplexity (log)")
+        ax.set_title("Perplexity vs context length")
+        ax.legend(fontsize=7)
+        save(fig, "study_context.png")
+
+    if rows["patterns"]:
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        models = _models(rows["patterns"])
+        width = 0.8 / len(models)
+        labels = list(dict.fromkeys(f"{_pattern_label(r)}\nalpha {bench.number(r['alpha']):.3g}" for r in rows["patterns"]))
+        for k, model in enumerate(models):
+            values = []
+            for label in labels:
+                row = next((r for r in rows["patterns"] if r["model"] == model and
+                            f"{_pattern_label(r)}\nalpha {bench.number(r['alpha']):.3g}" == label), None)
+                ref = reference(row, rows["patterns"]) if row else None
+                values.append(_ppl(row) / ref if row and ref else 0)
+            ax.bar([i + (k - (len(models) - 1) / 2) * width for i in range(len(labels))], values, width, label=model)
+        ax.axhline(1, color="black", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
+        ax.set_ylabel("PPL / unpatched PPL (log)")
+        ax.set_title("Layer patterns and parallel blocks (blocks:N = N adjacent layers off, N kept)")
+        ax.legend(fontsize=8)
+        save(fig, "study_patterns.png")
+    return paths
