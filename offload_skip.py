@@ -12,6 +12,9 @@ layer
 
 With alpha = 1 and no two offloaded layers adjacent the first form returns L(x) itself,
 bit for bit, so the patched model computes exactly what the original model computes.
+A layer with alpha = 0 is removed: never read, never computed. With inject_distance = k > 1
+a run's contribution sum_i alpha_i (L_i(x) - x) is added later, before the k-th resident
+layer after the run (a different model, by design).
 
 Pieces, top to bottom: ``select_layers`` (which layers), the tensor plumbing of a layer
 (parameters, buffers and bitsandbytes quant states), the layer file format and
