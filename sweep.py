@@ -101,7 +101,11 @@ def suite_cases(suite: str, out: Path, importances: dict | None = None) -> list[
             if not scores:
                 raise bench.UsageError(f"planner: no importance rows for {model} in {out.parent}; "
                                        "run: python sweep.py importance")
-            for point in planner_points(offloaded, scores):
+            try:
+                points = planner_points(offloaded, scores)
+            except ValueError as err:  # an importance suite that has not finished
+                raise bench.UsageError(f"planner: {model}: {err}; run: python sweep.py importance") from None
+            for point in points:
                 skip = ("--skip", ",".join(map(str, point.skipped))) if point.skipped else ()
                 cases.append(case("--variant", "diskoffload", "--prefetch", "0", *skip))
         elif suite == "distance":
@@ -179,11 +183,13 @@ def run_cases(cases: list[Case], repo_dir: Path = bench.REPO_DIR) -> list[Case]:
 
 
 def _relative(path: Path) -> Path:
-    """Paths under the repo as relative ones, so the recorded commands run from any clone."""
+    """Paths under the repo as relative ones, so the recorded commands run from any clone;
+    others absolute, since the cases run from the repo."""
+    path = Path(path).resolve()
     try:
-        return Path(path).resolve().relative_to(bench.REPO_DIR)
+        return path.relative_to(bench.REPO_DIR)
     except ValueError:
-        return Path(path)
+        return path
 
 
 def build_parser() -> argparse.ArgumentParser:
