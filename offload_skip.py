@@ -380,9 +380,12 @@ class LayerStore:
     on disk, or a CacheError names it: a cache never silently feeds wrong weights.
     """
 
-    def __init__(self, cache_dir: str | Path, fingerprint: str, identity: dict):
+    def __init__(self, cache_dir: str | Path, fingerprint: str, identity: dict, cold: bool = False):
         self.dir = Path(cache_dir) / fingerprint
         self.identity = identity
+        # cold: drop a file's pages from the page cache before each read, so its bytes come
+        # from the storage device (what a model larger than RAM, or a cold start, sees).
+        self.cold = cold
         self.manifest_path = self.dir / "manifest.json"
         self.layouts: dict[int, Layout] = {}
         self.written: list[int] = []  # layers written (not reused) by the last sync()
@@ -450,6 +453,8 @@ class LayerStore:
         size = os.fstat(fd).st_size
         if size != layout.file_bytes:
             raise _bad_file(self.path(index), f"truncated layer file ({size} bytes, expected {layout.file_bytes})")
+        if self.cold:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         got = 0
         while got < layout.data_bytes:
             n = self._pread(index, fd, target[got:], layout.header_bytes + got)
@@ -826,6 +831,11 @@ class OffloadController:
                 for i, stub in stubs.items():
                     self._layer_list[i] = stub
 
+    @property
+    def store(self) -> LayerStore:
+        """The layer files (for measurements such as a storage read rate)."""
+        return self._store
+
     def read_bytes_per_forward(self) -> int:
         """Bytes of layer files one forward reads in stream mode: the computed layers not kept
         by the budget. (A session reads the computed layers once, on entry.)"""
@@ -1039,7 +1049,7 @@ def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode: str = "session",
                 prefetch: int = 2, budget_bytes: int = 0, io_bandwidth: float | None = None,
-                inject_distance: int = 1, progress: bool = True) -> OffloadController:
+                inject_distance: int = 1, cold: bool = False, progress: bool = True) -> OffloadController:
     """Offload `layers` of `model` to `cache_dir` and replace them by stubs, in place.
 
     layers: a list of indices or a select_layers pattern (``even``, ``every:3``, ``2-10``).
@@ -1050,6 +1060,8 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
     fit in `budget_bytes`, which are kept like in a session.
     prefetch: in stream mode, how many layers a background thread reads ahead (0: none).
     io_bandwidth: bytes/s; throttle reads to emulate slower storage (None: as fast as it goes).
+    cold: drop each layer file from the page cache before reading it (posix_fadvise
+    DONTNEED), so reads come from the storage device, not from memory (Linux).
     inject_distance: k; a run's contribution sum_i alpha_i (L_i(x) - x) is added before the
     k-th resident layer after it instead of the next (each layer still computed from its own
     input x; k = 1 is the lerp above, exact at alpha = 1; k > 1 is a different model, summed
@@ -1063,6 +1075,8 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
         raise ValueError(f"prefetch must be >= 0, got {prefetch}")
     if io_bandwidth is not None and io_bandwidth <= 0:
         raise ValueError(f"io_bandwidth must be > 0 bytes/s, got {io_bandwidth}")
+    if cold and not hasattr(os, "posix_fadvise"):
+        raise ValueError("cold reads need os.posix_fadvise, which this platform lacks (it is Linux/Unix only)")
     if not isinstance(inject_distance, int) or inject_distance < 1:
         raise ValueError(f"inject_distance must be a whole number >= 1, got {inject_distance!r}")
     layer_list = find_decoder_layers(model)
@@ -1077,7 +1091,7 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
         prepack_nf4_for_cpu(model)
     tensors = {i: {name: ref.get() for name, ref in layer_tensor_refs(layer_list[i]).items()} for i in offloaded}
     _check_not_shared(model, layer_list, tensors)
-    store = LayerStore(cache_dir, *model_fingerprint(model, device))
+    store = LayerStore(cache_dir, *model_fingerprint(model, device), cold=cold)
     store.sync(tensors, progress=progress)
     del tensors
     controller = OffloadController(model, layer_list, offloaded, store, alphas, mode, budget_bytes, device,

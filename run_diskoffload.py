@@ -1,9 +1,11 @@
 """Disk-offload variant: stream residency. Each offloaded layer is read just before it is
 used and released right after, a background reader --prefetch layers ahead; layers that
 fit in --budget stay resident. KV cache on by default; --no-kv-cache recomputes the whole
-sequence per token like the original's slow variant. --io-bandwidth emulates slower storage.
+sequence per token like the original's slow variant. --io-bandwidth emulates slower storage;
+--cold drops each layer file from the page cache before reading it, so reads hit the device.
 
     python run_diskoffload.py --prefetch 0 --io-bandwidth 600M
+    python run_diskoffload.py --cold --prefetch 2
 """
 from __future__ import annotations
 
@@ -20,12 +22,13 @@ def run(args) -> bench.Result:
     unpatched = bench.measure_memory(run_)  # this process's resident model: the row's baseline
     # offload_skip.patch_model(mode="stream", prefetch=..., budget_bytes=..., io_bandwidth=...)
     ctl = bench.patch(run_)
+    read_rate = bench.cold_read_bytes_s(ctl) if args.cold else None
     # No generate() timing: the decode loop is the comparison path, and generate cannot
     # run without a KV cache.
     speed = bench.measure_speed(run_, ctl)
     ppl = eval_ppl.evaluate(run_, ctl)
     memory = bench.measure_memory(run_, ctl)
-    return bench.finish(run_, bench.make_result(run_, ctl, memory, speed, ppl, unpatched))
+    return bench.finish(run_, bench.make_result(run_, ctl, memory, speed, ppl, unpatched, read_rate))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,12 +17,12 @@ ones above it in this list:
 The names below are the harness's public surface; scripts use them as ``bench.<name>``.
 """
 from .base import REPO_DIR, RESULTS_DIR, UsageError, default_cache_dir, first_line
-from .cli import (CPU_DEFAULT_PREFETCH, CUDA_DEFAULT_PREFETCH, DEFAULT_PROMPT, SIZE_HELP, build_parser,
+from .cli import (BATCH_PROMPTS, CPU_DEFAULT_PREFETCH, CUDA_DEFAULT_PREFETCH, DEFAULT_PROMPT, SIZE_HELP, build_parser,
                   default_ppl_dataset, finish_args, main, new_parser, parse_size)
 from .corpus import CORPORA, SHORT_TEXTS, load_corpus, parse_wiki_docs
-from .experiment import Run, inference, open_run, patch, select
-from .measure import (DecodeTiming, Memory, Speed, decode, generate, measure_memory, measure_speed, synchronize,
-                      weight_bytes)
+from .experiment import Run, inference, open_run, patch, prompt_batch, select
+from .measure import (DecodeTiming, Memory, Speed, cold_read_bytes_s, decode, generate, measure_memory, measure_speed,
+                      synchronize, weight_bytes)
 from .models import DEFAULT_MODEL, EMBEDDED_GGUFS, EMBEDDED_MODELS, QUANTS, load_model, model_kind, resolve_model
 from .results import (COLUMNS, FIELDS, Result, append_row, check_csv, cpu_name, device_name, environment, finish,
                       git_commit, latest_baseline, make_result, number, read_rows, summary, BUSY_OTHER_CPU_SHARE,

@@ -17,6 +17,25 @@ from .models import DEFAULT_MODEL, EMBEDDED_MODELS, QUANTS, model_kind
 from .results import VARIANTS, check_csv
 
 DEFAULT_PROMPT = "The history of the printing press in Europe began when"
+# --batch-size N takes the first N (cycling): --prompt, then these; unequal lengths, so the
+# batch is really left-padded.
+BATCH_PROMPTS = (
+    "Photosynthesis converts light into",
+    "The first steam locomotive",
+    "In mathematics, a prime number is a natural number greater than one that",
+    "The river flows",
+    "Early computers filled entire rooms and were programmed by",
+    "Mount Everest",
+    "The Roman Empire was divided into an eastern and a western half after",
+    "Bees communicate the location of flowers by",
+    "A violin has four strings tuned in",
+    "The periodic table arranges the chemical elements by",
+    "Glaciers form where",
+    "The printing of banknotes requires special paper and inks because",
+    "Octopuses have three hearts and",
+    "The speed of sound in air depends mainly on",
+    "Ancient libraries stored texts on",
+)
 CUDA_DEFAULT_PREFETCH = 2
 # Layers read ahead by the stream reader on CPU: none. Measured on the 2-core machine in
 # results/diskoffload.csv: when a layer reads from the page cache in ~0.15 ms, a reader
@@ -124,6 +143,9 @@ def build_parser(variant: str | None = None, description: str | None = None,
     if variant is not None:
         add("--prompt", default=DEFAULT_PROMPT, help="prompt for the timed greedy decoding")
         add("--max-new-tokens", type=_int_at_least(1), default=64, help="tokens decoded per timed run")
+        add("--batch-size", type=_int_at_least(1), default=1,
+            help="sequences decoded together (--prompt and built-in prompts of other lengths, padded left); "
+                 "tok/s then counts the tokens of every sequence")
         add("--warmup", type=_int_at_least(0), default=1, help="untimed runs before the measured ones")
         add("--repeats", type=_int_at_least(1), default=3, help="measured runs; the median is reported")
     add("--ppl-dataset", default=None, metavar="NAME|PATH",
@@ -142,6 +164,9 @@ def build_parser(variant: str | None = None, description: str | None = None,
                                  f"auto = {CUDA_DEFAULT_PREFETCH} on CUDA, {CPU_DEFAULT_PREFETCH} on CPU")
         stream.add_argument("--budget", type=_size_arg, default=0, metavar="SIZE",
                             help=f"bytes of offloaded layers kept resident instead of streamed; {SIZE_HELP}")
+        stream.add_argument("--cold", action="store_true",
+                            help="drop each layer file from the page cache before reading it (posix_fadvise), "
+                                 "so reads come from the storage device")
         stream.add_argument("--io-bandwidth", type=_rate_arg, default=None, metavar="RATE",
                             help=f"throttle layer reads to RATE bytes/s to emulate slower storage, e.g. 600M; "
                                  f"{SIZE_HELP}; default: unthrottled")
@@ -167,8 +192,9 @@ def default_ppl_dataset(model: str) -> str:
         return "wiki-embedded"  # open_run reports the unknown model first
 
 
-def finish_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the defaults that depend on other flags, and check what argparse cannot."""
+def finish_args(args: argparse.Namespace, row_type=None) -> argparse.Namespace:
+    """Fill the defaults that depend on other flags, and check what argparse cannot.
+    row_type: the dataclass the script appends to --out (default: Result)."""
     args.variant = args.script_variant or args.variant
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -182,14 +208,14 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     if not hasattr(args, "kv_cache"):
         args.kv_cache = True
     if not hasattr(args, "prefetch"):  # scripts without the stream flags
-        args.prefetch, args.budget, args.io_bandwidth = None, None, None
+        args.prefetch, args.budget, args.io_bandwidth, args.cold = None, None, None, False
     elif args.prefetch == "auto":
         args.prefetch = CUDA_DEFAULT_PREFETCH if args.device.startswith("cuda") else CPU_DEFAULT_PREFETCH
     if args.out is None:
         args.out = RESULTS_DIR / ("ppl.csv" if args.script_variant is None else f"{args.variant}.csv")
     if args.baseline_csv is None:
         args.baseline_csv = Path(args.out).parent / "baseline.csv"
-    check_csv(args.out)  # fail now, not after minutes of measuring
+    check_csv(args.out, *(row_type,) if row_type else ())  # fail now, not after minutes of measuring
     return args
 
 

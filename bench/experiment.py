@@ -14,7 +14,7 @@ import torch
 import offload_skip
 
 from .base import UsageError, first_line
-from .cli import DEFAULT_PROMPT
+from .cli import BATCH_PROMPTS, DEFAULT_PROMPT
 from .corpus import load_corpus
 from .models import DEFAULT_MODEL, load_model, model_kind, resolve_model
 from .results import VARIANT_MODES
@@ -31,7 +31,8 @@ class Run:
     skipped: list[int]  # of those, removed outright (--skip)
     docs: list[str] | None  # perplexity corpus (None: --ppl-max-tokens 0)
     ppl_dataset: str | None
-    input_ids: torch.Tensor  # the prompt, [1, n] on the device
+    input_ids: torch.Tensor  # the prompts, [batch, n] on the device
+    attention_mask: torch.Tensor | None = None  # a left-padded batch's real tokens (None: no padding)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @property
@@ -85,11 +86,23 @@ def open_run(args: argparse.Namespace) -> Run:
     layers = select(args.layers, n_layers)
     skipped = select_skipped(getattr(args, "skip", None), layers, n_layers)
     model, tokenizer, info = load_model(args.model, args.quant, args.device, args.cache_dir)
-    prompt = getattr(args, "prompt", DEFAULT_PROMPT)
-    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
-    if input_ids.shape[1] == 0:
+    input_ids, mask = prompt_batch(tokenizer, getattr(args, "prompt", DEFAULT_PROMPT), getattr(args, "batch_size", 1))
+    return Run(args, model, tokenizer, info, layers, skipped, docs, ppl_dataset, input_ids.to(args.device),
+               None if mask is None else mask.to(args.device))
+
+
+def prompt_batch(tokenizer, prompt: str, batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input_ids [batch, n], attention_mask or None): the prompt alone, or the prompt and the
+    first batch_size - 1 of BATCH_PROMPTS (cycling), padded left."""
+    if not tokenizer(prompt).input_ids:
         raise UsageError("--prompt gives no tokens")
-    return Run(args, model, tokenizer, info, layers, skipped, docs, ppl_dataset, input_ids)
+    if batch_size == 1:
+        return tokenizer(prompt, return_tensors="pt").input_ids, None
+    prompts = [prompt] + [BATCH_PROMPTS[k % len(BATCH_PROMPTS)] for k in range(batch_size - 1)]
+    if tokenizer.pad_token is None:  # padded positions are masked: any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    return batch.input_ids, batch.attention_mask
 
 
 def patch(run: Run):
@@ -101,7 +114,8 @@ def patch(run: Run):
     args = run.args
     stream = {}
     if mode == "stream":
-        stream = dict(prefetch=args.prefetch, budget_bytes=args.budget, io_bandwidth=args.io_bandwidth)
+        stream = dict(prefetch=args.prefetch, budget_bytes=args.budget, io_bandwidth=args.io_bandwidth,
+                      cold=args.cold)
     try:
         alpha = {i: 0.0 if i in run.skipped else args.alpha for i in run.layers}
         return offload_skip.patch_model(run.model, run.layers, Path(args.cache_dir) / "layers", alpha=alpha,

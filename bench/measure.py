@@ -40,15 +40,27 @@ def _last_logits_only(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
+def _padding(mask: torch.Tensor | None) -> dict:
+    """attention_mask and position_ids of a left-padded batch, as generate() makes them:
+    positions count each row's real tokens only. {} without a mask (no padding)."""
+    if mask is None:
+        return {}
+    positions = mask.long().cumsum(-1) - 1
+    positions.masked_fill_(mask == 0, 1)
+    return {"attention_mask": mask, "position_ids": positions}
+
+
 def decode(model, input_ids: torch.Tensor, max_new_tokens: int, kv_cache: bool = True,
-           context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> DecodeTiming:
+           context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+           attention_mask: torch.Tensor | None = None) -> DecodeTiming:
     """Greedy decoding through the model's forward: the one decode path every variant is timed on.
 
     Prefill runs the prompt and picks the first token; then one token per step, from the KV
     cache, or with ``kv_cache=False`` recomputing the whole sequence every step (the
     original's slow variant). Exactly max_new_tokens tokens, EOS ignored, so every run does
     the same work. The context is entered inside the timed region (a session's loads count
-    as prefill) and left outside it.
+    as prefill) and left outside it. A batch of prompts is left-padded: `attention_mask`
+    marks the real tokens (None: no padding).
     """
     device = input_ids.device
     keep = _last_logits_only(model)
@@ -56,19 +68,25 @@ def decode(model, input_ids: torch.Tensor, max_new_tokens: int, kv_cache: bool =
         synchronize(device)
         start = time.perf_counter()
         with context():
-            out = model(input_ids=input_ids, use_cache=kv_cache, **keep)
+            mask = attention_mask
+            out = model(input_ids=input_ids, use_cache=kv_cache, **keep, **_padding(mask))
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             synchronize(device)
             first = time.perf_counter()
             tokens, sequence = [token], input_ids
             past = out.past_key_values if kv_cache else None
             for _ in range(max_new_tokens - 1):
+                if mask is not None:
+                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
                 if kv_cache:
-                    out = model(input_ids=token, past_key_values=past, use_cache=True)
+                    padding = _padding(mask)
+                    if padding:
+                        padding["position_ids"] = padding["position_ids"][:, -1:]
+                    out = model(input_ids=token, past_key_values=past, use_cache=True, **padding)
                     past = out.past_key_values
                 else:
                     sequence = torch.cat([sequence, token], dim=1)
-                    out = model(input_ids=sequence, use_cache=False, **keep)
+                    out = model(input_ids=sequence, use_cache=False, **keep, **_padding(mask))
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 tokens.append(token)
             synchronize(device)
@@ -78,7 +96,7 @@ def decode(model, input_ids: torch.Tensor, max_new_tokens: int, kv_cache: bool =
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int,
              context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-             ) -> tuple[float, torch.Tensor]:
+             attention_mask: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
     """(wall seconds, new tokens) of one greedy ``model.generate`` with KV cache, exactly
     max_new_tokens long (min_new_tokens stops EOS from ending it early)."""
     from transformers import GenerationConfig
@@ -93,7 +111,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int,
         synchronize(input_ids.device)
         start = time.perf_counter()
         with context():
-            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            out = model.generate(input_ids, attention_mask=mask, generation_config=config)
             synchronize(input_ids.device)
             seconds = time.perf_counter() - start
     return seconds, out[:, input_ids.shape[1]:]
@@ -170,12 +189,14 @@ def _mean_stats(per_run: list[dict]) -> dict:
 
 
 def _speed(timings: list[DecodeTiming], generate_s: list[float], n: int, **extra) -> Speed:
+    """Throughput over the batch: tokens of every sequence per second; ms per decode step."""
     decode_s = statistics.median(t.decode_s for t in timings)
+    batch = timings[-1].tokens.shape[0]
     return Speed(
         prefill_s=statistics.median(t.prefill_s for t in timings),
-        decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else None,
+        decode_tok_s=batch * (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
         decode_ms_per_tok=1000 * decode_s / (n - 1) if n > 1 else None,
-        generate_tok_s=n / statistics.median(generate_s) if generate_s else None,
+        generate_tok_s=batch * n / statistics.median(generate_s) if generate_s else None,
         tokens=timings[-1].tokens,
         **extra,
     )
@@ -205,24 +226,24 @@ def measure_speed(run: Run, ctl=None, generate_too: bool = False) -> Speed:
 
 
 def _interleaved(run: Run, ctl, generate_too: bool) -> Speed:
-    args, model, ids = run.args, run.model, run.input_ids
+    args, model, ids, mask = run.args, run.model, run.input_ids, run.attention_mask
     n = args.max_new_tokens
     variant = inference(ctl)
     resident = ctl.unpatched if ctl is not None else None
     for _ in tqdm(range(args.warmup), desc="warmup", leave=False, disable=args.warmup < 2):
         if resident:
             with resident():
-                decode(model, ids, n)
-        decode(model, ids, n, args.kv_cache, variant)
+                decode(model, ids, n, attention_mask=mask)
+        decode(model, ids, n, args.kv_cache, variant, mask)
     timings, base_timings, per_run, peak, cuda_max = [], [], [], None, None
     for _ in tqdm(range(args.repeats), desc=f"timing {run.variant}", unit="run", leave=False):
         if resident:
             with resident():
-                base_timings.append(decode(model, ids, n))
+                base_timings.append(decode(model, ids, n, attention_mask=mask))
         if ctl is not None:
             ctl.reset_stats()
         _cuda_peak(run.device, reset=True)
-        timings.append(decode(model, ids, n, args.kv_cache, variant))
+        timings.append(decode(model, ids, n, args.kv_cache, variant, mask))
         if run.device.type == "cuda":
             cuda_max = max(cuda_max or 0, _cuda_peak(run.device))
         if ctl is not None:
@@ -234,12 +255,30 @@ def _interleaved(run: Run, ctl, generate_too: bool) -> Speed:
         for _ in range(args.warmup + args.repeats):
             if resident:
                 with resident():
-                    base_generate_s.append(generate(model, ids, n)[0])
-            generate_s.append(generate(model, ids, n, variant)[0])
+                    base_generate_s.append(generate(model, ids, n, attention_mask=mask)[0])
+            generate_s.append(generate(model, ids, n, variant, mask)[0])
         generate_s, base_generate_s = generate_s[args.warmup:], base_generate_s[args.warmup:]
     baseline = _speed(base_timings, base_generate_s, n) if base_timings else None
     return _speed(timings, generate_s, n, peak_bytes=peak, cuda_max_allocated_bytes=cuda_max,
                   stats=_mean_stats(per_run) if per_run else {}, baseline=baseline)
+
+
+def cold_read_bytes_s(ctl) -> float:
+    """Storage read rate of the streamed layer files: each dropped from the page cache and read
+    once, one after the other, into one host buffer; total bytes / total seconds."""
+    store = ctl.store
+    layers = [i for i in ctl.computed_layers if i not in ctl.keep] or ctl.computed_layers
+    buffer = torch.empty(max(ctl.layer_bytes[i] for i in layers), dtype=torch.uint8)
+    cold, store.cold = store.cold, True
+    try:
+        start = time.perf_counter()
+        for i in layers:
+            store.read_into(i, buffer)
+        seconds = time.perf_counter() - start
+    finally:
+        store.cold = cold
+        store.close()
+    return sum(ctl.layer_bytes[i] for i in layers) / seconds
 
 
 @dataclass(frozen=True)

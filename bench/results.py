@@ -48,9 +48,14 @@ COLUMNS = {
     "prefetch": "stream: layers read ahead by the background reader (resolved from auto)",
     "budget_bytes": "stream: bytes of offloaded layers allowed to stay resident",
     "io_bandwidth": "stream: emulated storage bandwidth in bytes/s (empty: unthrottled)",
+    "cold_reads": "stream: True when every layer read first dropped the file from the page cache (--cold), "
+                  "so its bytes came from the storage device",
+    "cold_read_bytes_s": "stream --cold: bytes/s of reading each streamed layer file once, cold, one after "
+                         "the other, measured before the timed runs",
     "kv_cache": "True: decode from the KV cache; False: recompute the whole sequence per token; "
                 "empty: nothing decoded (eval_ppl.py)",
     "max_new_tokens": "tokens decoded per timed run",
+    "batch_size": "sequences decoded together (left-padded prompts of unequal length); tok/s counts all of them",
     "prompt_tokens": "tokens in the prompt",
     "warmup": "untimed runs before the measured ones",
     "repeats": "measured runs (timings are their median)",
@@ -83,10 +88,11 @@ COLUMNS = {
     # speed
     "prefill_s": "median seconds from the start of an inference to its first new token (a session's layer "
                  "loads included)",
-    "decode_tok_s": "median (max_new_tokens - 1) / seconds from the first to the last new token, greedy, "
-                    "through the shared decode loop",
-    "decode_ms_per_tok": "1000 / decode_tok_s",
-    "generate_tok_s": "max_new_tokens / median wall seconds of model.generate (greedy, KV cache); "
+    "decode_tok_s": "median batch_size * (max_new_tokens - 1) / seconds from the first to the last new token, "
+                    "greedy, through the shared decode loop",
+    "decode_ms_per_tok": "milliseconds per decode step (one token of every sequence): "
+                         "1000 * batch_size / decode_tok_s",
+    "generate_tok_s": "batch_size * max_new_tokens / median wall seconds of model.generate (greedy, KV cache); "
                       "baseline and kvcache only",
     "baseline_decode_tok_s": "variants: decode_tok_s of the unpatched model (KV cache on), its repeats "
                              "interleaved with the variant's in the same process",
@@ -141,8 +147,11 @@ class Result:
     prefetch: int | None
     budget_bytes: int | None
     io_bandwidth: int | None
+    cold_reads: bool | None
+    cold_read_bytes_s: float | None
     kv_cache: bool | None
     max_new_tokens: int | None
+    batch_size: int | None
     prompt_tokens: int | None
     warmup: int | None
     repeats: int | None
@@ -265,7 +274,7 @@ def _ratio(value: float | None, base: float | None) -> float | None:
 
 
 def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=None,
-                baseline_memory: Memory | None = None) -> Result:
+                baseline_memory: Memory | None = None, cold_read_bytes_s: float | None = None) -> Result:
     """The row for a run. ppl: an eval_ppl.Perplexity or None. Peak bytes come from the
     timed runs, or from the perplexity pass when nothing was timed (eval_ppl.py).
     baseline_memory: the unpatched model's, measured in this process before patching; the
@@ -300,8 +309,11 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         prefetch=ctl.prefetch if stream else None,
         budget_bytes=args.budget if stream else None,
         io_bandwidth=args.io_bandwidth if stream else None,
+        cold_reads=bool(args.cold) if stream else None,
+        cold_read_bytes_s=cold_read_bytes_s,
         kv_cache=bool(args.kv_cache) if timed else None,
         max_new_tokens=args.max_new_tokens if timed else None,
+        batch_size=run.input_ids.shape[0] if timed else None,
         prompt_tokens=run.input_ids.shape[1] if timed else None,
         warmup=args.warmup if timed else None,
         repeats=args.repeats if timed else None,
@@ -442,7 +454,13 @@ def summary(row: Result, baseline: dict | None = None) -> str:
             config += f", injected {row.inject_distance} resident layers later"
     if row.mode == "stream":
         bandwidth = "unthrottled" if row.io_bandwidth is None else f"{row.io_bandwidth / 1e6:g} MB/s"
+        if row.cold_reads:
+            bandwidth += ", cold (page cache dropped)"
+            if row.cold_read_bytes_s:
+                bandwidth += f", storage read {row.cold_read_bytes_s / 1e6:.0f} MB/s"
         config += f"; stream prefetch {row.prefetch}, budget {_mb(row.budget_bytes)}, reads {bandwidth}"
+    if row.batch_size and row.batch_size > 1:
+        config += f"; batch {row.batch_size}"
     if row.kv_cache is False:  # None: nothing decoded
         config += "; no KV cache"
 

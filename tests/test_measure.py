@@ -1,4 +1,5 @@
 """bench.measure: the decode loop, same-run pairing with the unpatched model, the busy watch."""
+import contextlib
 import subprocess
 import sys
 import threading
@@ -45,6 +46,39 @@ def test_decode_through_a_session_equals_resident(tmp_path):
     assert torch.equal(bench.decode(model, ids, 5, context=session).tokens, expected)
     assert entered == [1]
     assert ctl.resident_bytes() < offload_skip.tensor_bytes(offload_skip.module_tensors(tiny_model("qwen2")))
+
+
+def _left_padded(batch: int, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(5)
+    ids = torch.randint(1, 96, (batch, longest))
+    mask = torch.ones_like(ids)
+    for row in range(batch):
+        pad = row % 4  # rows of unequal length, padded on the left
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16])
+@pytest.mark.parametrize("mode, prefetch", [("session", 0), ("stream", 0), ("stream", 2)])
+def test_batched_decoding_offloaded_equals_resident(batch, mode, prefetch, tmp_path):
+    model = tiny_model("qwen2")
+    ids, mask = _left_padded(batch, 9)
+    resident = bench.decode(model, ids, 6, attention_mask=mask).tokens
+    _, generated = bench.generate(model, ids, 6, attention_mask=mask)
+    assert resident.shape == (batch, 6) and torch.equal(resident, generated)  # padding handled as generate() does
+    ctl = offload_skip.patch_model(model, "even", tmp_path, mode=mode, prefetch=prefetch, progress=False)
+    context = ctl.session if mode == "session" else contextlib.nullcontext
+    assert torch.equal(bench.decode(model, ids, 6, context=context, attention_mask=mask).tokens, resident)
+    ctl.standby()
+
+
+def test_a_left_padded_row_decodes_like_the_row_alone():
+    model = tiny_model("llama")
+    ids, mask = _left_padded(4, 9)
+    batched = bench.decode(model, ids, 5, attention_mask=mask).tokens
+    for row in range(4):
+        alone = ids[row, mask[row].bool()][None]
+        assert torch.equal(bench.decode(model, alone, 5).tokens[0], batched[row])
 
 
 # --------------------------------------------------------------------------- same-run pairing

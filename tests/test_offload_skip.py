@@ -580,6 +580,45 @@ def test_a_layer_file_of_another_format_is_named(tmp_path):
         osk.read_layout(path)
 
 
+@pytest.mark.parametrize("rows", [7, 4096 // 4, 4096 // 4 + 3])  # data sizes around a 4 KiB page
+def test_cold_reads_drop_the_page_cache_and_return_the_same_bytes(rows, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    tensors = {"w": torch.randn(rows, 4), "b": torch.randint(0, 255, (rows + 1,), dtype=torch.uint8)}
+    layout, chunks = osk.serialize_layer(tensors)
+    path = tmp_path / "layer.safetensors"
+    osk._atomic_write(path, chunks)
+    dropped = []
+    fadvise = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: (dropped.append(advice), fadvise(fd, off, n, advice)))
+    store = osk.LayerStore(tmp_path, "", {}, cold=True)
+    store.dir, store.layouts[0] = tmp_path, layout
+    store.path = lambda i: path
+    for _ in range(2):
+        flat = torch.full((layout.data_bytes,), 7, dtype=torch.uint8)
+        store.read_into(0, flat)
+        assert all(torch.equal(view, tensors[name]) for name, view in layout.views(flat).items())
+    assert dropped == [os.POSIX_FADV_DONTNEED] * 2  # before every read
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CacheError, match=f"{path}: truncated layer file"):
+        store.read_into(0, flat)
+    store.close()
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_cold_stream_is_bit_identical(prefetch, tmp_path, prompt_ids):
+    model = make_model("qwen2-bf16", tmp_path)
+    logits = _logits(model, prompt_ids)
+    patch_model(model, "even", tmp_path / "cache", mode="stream", prefetch=prefetch, cold=True, progress=False)
+    assert torch.equal(_logits(model, prompt_ids), logits)
+
+
+def test_cold_reads_need_posix_fadvise(tmp_path, monkeypatch):
+    model = make_model("llama-fp32", tmp_path)
+    monkeypatch.delattr(os, "posix_fadvise")
+    with pytest.raises(ValueError, match="cold reads need os.posix_fadvise"):
+        patch_model(model, "even", tmp_path / "cache", mode="stream", cold=True, progress=False)
+
+
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_reads_without_preadv(prefetch, tmp_path, prompt_ids, monkeypatch):
     """Windows has no os.preadv: per-thread file objects, seek and readinto (reader thread included)."""
