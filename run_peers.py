@@ -5,8 +5,11 @@ process (resident, ours, each peer, repeated), so every ratio is a same-run rati
 Peers: Hugging Face accelerate's disk offload (``device_map`` sends the layers to "disk";
 transformers 5 reads them from the checkpoint's own safetensors file) and its CPU offload
 (the layers' weights kept in CPU RAM and moved to the GPU per forward: on a CPU-only
-machine the CPU is the execution device, so it does not apply and the row says so).
-accelerate cannot offload bitsandbytes 4-bit modules, hence --quant bf16 by default.
+machine the CPU is the execution device, so it does not apply and the row says so). And
+AirLLM (pip install airllm), which streams every decoder layer from its own per-layer files
+for every token; it is too slow to interleave, so it is timed once, after the rounds, on a
+short decode (its row's note says so). accelerate cannot offload bitsandbytes 4-bit modules,
+hence --quant bf16 by default.
 
     python run_peers.py --model smollm2-135m --prefetch 0      # appends to results/peers.csv
 """
@@ -26,7 +29,8 @@ from tqdm import tqdm
 import bench
 import offload_skip
 
-PEERS = ("accelerate-disk", "accelerate-cpu")
+PEERS = ("accelerate-disk", "accelerate-cpu", "airllm")
+AIRLLM_TOKENS = 8  # AirLLM streams every layer for every token: a short decode, timed once
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,14 @@ def check_peers(peers: list[str], quant: str) -> list[str]:
     return peers
 
 
+def _version(package: str) -> str:
+    import importlib.metadata
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
 def _rss() -> int:
     gc.collect()
     offload_skip.trim_host_memory()
@@ -143,6 +155,15 @@ def load_peer(peer: str, source, quant: str, device: str, offloaded: list[int], 
                                                 device_map=device_map, offload_folder=str(folder)).eval()
 
 
+def load_airllm(source, quant: str, device: str, folder: Path):
+    try:
+        from airllm import AutoModel
+    except ImportError:
+        raise bench.UsageError("--peers airllm needs AirLLM; run: pip install airllm") from None
+    return AutoModel.from_pretrained(str(source), device=device, dtype=bench.models._TORCH_DTYPES[quant],
+                                     layer_shards_saving_path=str(folder / "airllm"))
+
+
 def run(args) -> list[PeerRow]:
     peers = check_peers([p for p in args.peers.split(",") if p and p != "none"], args.quant)
     run_ = bench.open_run(args)
@@ -160,7 +181,13 @@ def run(args) -> list[PeerRow]:
              "stream": dict(idle=ctl.resident_bytes(), peak=None, rss=rss_ours - rss_resident)}
     notes = {"resident": "", "stream": f"offload-skip stream residency, prefetch {ctl.prefetch}"}
     folder = Path(tempfile.mkdtemp(prefix="peers-offload-"))
+    airllm = None
     for peer in peers:
+        if peer == "airllm":
+            before = _rss()
+            airllm = load_airllm(source, args.quant, str(device), folder)
+            extra[peer] = dict(rss=_rss() - before)
+            continue
         if peer == "accelerate-cpu" and device.type == "cpu":
             notes[peer] = "not applicable on a CPU-only machine: the CPU is the execution device, nothing moves"
             continue
@@ -190,6 +217,16 @@ def run(args) -> list[PeerRow]:
     extra["stream"]["peak"] = max(peaks)
     batch = ids.shape[0]
     tok_s = {name: batch * (n - 1) / statistics.median(t) for name, t in times.items()}
+    if airllm is not None:
+        short = min(n, AIRLLM_TOKENS)
+        expected = bench.decode(run_.model, ids, short, context=ctl.unpatched, attention_mask=mask).tokens
+        timing = bench.decode(airllm, ids, short, attention_mask=mask)
+        tok_s["airllm"] = batch * (short - 1) / timing.decode_s
+        systems["airllm"] = (airllm, None)
+        extra["airllm"].update(idle=None, peak=None)
+        same = "equal to" if torch.equal(timing.tokens, expected) else "DIFFERENT from"
+        notes["airllm"] = (f"AirLLM {_version('airllm')}: every layer streamed; one decode of {short} tokens after "
+                           f"the rounds, not interleaved; greedy tokens {same} the resident model's")
     env = bench.environment()
     rows = []
     for name in list(systems) + [p for p in peers if p not in systems]:
