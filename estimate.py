@@ -119,15 +119,15 @@ def reference_table() -> str:
 
 # ---------------------------------------------------------------------------- check against measurements
 
-def check_table(results: Path) -> str:
+def check_table(results: Path, csv_name: str = "diskoffload.csv") -> str:
     """For each stream row with KV cache that was not busy: predicted vs measured decode time
     per token, with t_compute from the row's own baseline (the unpatched model timed in the
-    same process, interleaved) and the storage rate from the row (its throttle, or its own
-    measured page-cache read time)."""
-    lines = ["| model | machine | prefetch | budget MB | io_bandwidth GB/s | t_compute ms | read ms/token | "
+    same process, interleaved) and the storage rate from the row: its cold storage read rate
+    (--cold rows), else its throttle or its own measured page-cache read time."""
+    lines = ["| model | machine | prefetch | reads | budget MB | io_bandwidth GB/s | t_compute ms | read ms/token | "
              "predicted ms/token | measured ms/token | measured/predicted |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in bench.read_rows(results / "diskoffload.csv"):
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in bench.read_rows(results / csv_name):
         base_tok_s = bench.number(row.get("baseline_decode_tok_s"))
         if not base_tok_s or row["kv_cache"] != "True" or not bench.number(row["loads"]) or row.get("busy") == "True":
             continue
@@ -138,12 +138,15 @@ def check_table(results: Path) -> str:
         io_Bps = bench.number(row["io_bandwidth"])
         measured_read_Bps = per_layer / (bench.number(row["per_layer_load_ms"]) / 1e3)
         storage_Bps = min(io_Bps, measured_read_Bps) if io_Bps else measured_read_Bps
+        cold_Bps = bench.number(row.get("cold_read_bytes_s"))
+        if cold_Bps:
+            storage_Bps = min(io_Bps, cold_Bps) if io_Bps else cold_Bps
         p = predict(layer_bytes, int(bench.number(row["budget_bytes"]) or 0), compute_s, storage_Bps, None)
         predicted = p.stream_prefetch_s if int(row["prefetch"]) > 0 else p.stream_serial_s
         measured = bench.number(row["decode_ms_per_tok"]) / 1e3
         lines.append(
             f"| {row['model']} {row['quant']} {row['device']} | {row['device_name']} ({row['cpu_isa']}) | "
-            f"{row['prefetch']} | "
+            f"{row['prefetch']} | {'cold' if row.get('cold_reads') == 'True' else 'page cache'} | "
             f"{bench.number(row['budget_bytes']) / 1e6:.1f} | {io_Bps / GB if io_Bps else '-'} | {compute_s * 1e3:.1f} | "
             f"{p.streamed_bytes / storage_Bps * 1e3:.1f} | {predicted * 1e3:.1f} | {measured * 1e3:.1f} | "
             f"{measured / predicted:.2f} |")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import bench
 import estimate
+import report_streaming
 import report_study
 import sweep
 
@@ -111,7 +112,8 @@ def load_rows(results_dir: Path) -> list[dict]:
     exactness.csv, and the study's suite CSVs are left out), files in name order, each row with a 'file' key; a column
     a file lacks (an older schema) reads as empty."""
     rows = []
-    study = {f"{suite}.csv" for suite in sweep.SUITES}  # the study's suites: report_study.py
+    # the study's suites and the streaming files have sections of their own
+    study = {f"{suite}.csv" for suite in sweep.SUITES} | set(report_streaming.FILES)
     for path in sorted(Path(results_dir).glob("*.csv")):
         if path.name in study:
             continue
@@ -357,12 +359,13 @@ def main(argv: list[str] | None = None) -> int:
         "estimate-reference": estimate.reference_table(),
         "estimate-check": estimate.check_table(args.results),
         **report_study.sections(args.results),
+        **report_streaming.sections(args.results),
     }
     for name, text in sections.items():
         if update_readme(args.readme, text, name):
             print(f"{args.readme}: {name} section updated")
     if not args.no_plots:
-        for path in plot(rows, args.results) + report_study.plots(args.results):
+        for path in plot(rows, args.results) + report_study.plots(args.results) + report_streaming.plots(args.results):
             print(f"wrote {path}")
     return 0
 

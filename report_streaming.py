@@ -1,0 +1,147 @@
+"""Streaming against its peers, on cold storage and in batches: README blocks and plots from
+results/peers.csv (run_peers.py), results/cold.csv (run_diskoffload.py --cold) and
+results/batch.csv (--batch-size). Called by report.py; every number comes from a row."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import bench
+import estimate
+
+FILES = ("peers.csv", "cold.csv", "batch.csv")
+
+
+def _mb(cell) -> str:
+    value = bench.number(cell)
+    return "" if value is None else f"{value / 1e6:.1f}"
+
+
+def _num(cell, spec: str) -> str:
+    value = bench.number(cell)
+    return "" if value is None else format(value, spec)
+
+
+def _table(headers: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(out + ["| " + " | ".join(cells) + " |" for cells in lines])
+
+
+def _missing(name: str, command: str) -> str:
+    return f"No rows in results/{name} yet: run `{command}`."
+
+
+def peers_section(results: Path) -> str:
+    rows = bench.read_rows(results / "peers.csv")
+    if not rows:
+        return _missing("peers.csv", "python run_peers.py --model smollm2-135m --prefetch 0")
+    lines = []
+    for row in rows:
+        runs = [r for r in rows if r["run_id"] == row["run_id"]]
+        peer = next((r for r in runs if r["system"] == "accelerate-disk"), None)
+        ours = next((r for r in runs if r["system"] == "stream"), None)
+        versus = ""
+        if row["system"] == "stream" and peer and bench.number(peer["decode_tok_s"]):
+            versus = f"{bench.number(row['decode_tok_s']) / bench.number(peer['decode_tok_s']):.2f}x accelerate-disk"
+        elif row["system"] != "stream" and ours and bench.number(row["decode_tok_s"]):
+            versus = f"ours {bench.number(ours['decode_tok_s']) / bench.number(row['decode_tok_s']):.2f}x"
+        lines.append([row["model"], row["quant"], row["system"], f"{len(row['layers_offloaded'].split())}/{row['n_layers']}",
+                      _num(row["decode_tok_s"], ".2f"), _num(row["ratio_to_resident"], ".2f") + ("x" if row["ratio_to_resident"] else ""),
+                      versus, _mb(row["idle_bytes"]), _mb(row["peak_bytes"]), _num(row["rss_delta_bytes"], "+,.0f"),
+                      row["note"], row["run_id"][:6]])
+    headers = ["model", "quant", "system", "offloaded", "decode tok/s", "vs resident", "stream vs peer",
+               "idle MB", "peak MB", "RSS delta bytes", "note", "run"]
+    machines = sorted({f"{r['device_name']} ({r['cpu_isa']})" for r in rows})
+    return (f"From results/peers.csv (`python run_peers.py`; {', '.join(machines)}; commit "
+            f"{', '.join(sorted({r['commit'] for r in rows}))}). Rows of one run share its interleaved rounds.\n\n"
+            + _table(headers, lines))
+
+
+def cold_section(results: Path) -> str:
+    if not bench.read_rows(results / "cold.csv"):
+        return _missing("cold.csv", "python run_diskoffload.py --cold --out results/cold.csv")
+    return ("From results/cold.csv (`run_diskoffload.py --cold`: each layer file dropped from the page cache "
+            "before it is read; the rows without --cold read from the page cache). Predicted with estimate.py's "
+            "model from the row's own same-run compute time and its measured cold read rate:\n\n"
+            + estimate.check_table(results, "cold.csv"))
+
+
+def batch_section(results: Path) -> str:
+    rows = [r for r in bench.read_rows(results / "batch.csv") if r["busy"] != "True"]
+    if not rows:
+        return _missing("batch.csv", "python run_diskoffload.py --batch-size 16 --out results/batch.csv")
+    lines = []
+    for row in rows:
+        lines.append([row["model"], row["quant"], row["variant"], row["mode"] + (f" p{row['prefetch']}" if row["prefetch"] else ""),
+                      row["batch_size"], _num(row["decode_tok_s"], ".1f"), _num(row["decode_ms_per_tok"], ".1f"),
+                      _num(row["baseline_decode_tok_s"], ".1f"), _num(row["decode_ratio"], ".2f") + "x",
+                      _num(row["other_cpu_share"], ".2f"), row["repeats"]])
+    headers = ["model", "quant", "variant", "mode", "batch", "tok/s (whole batch)", "ms per step",
+               "resident tok/s, same run", "vs resident", "other CPU share", "repeats"]
+    return (f"From results/batch.csv (`--batch-size N`, left-padded prompts of unequal length, greedy; "
+            f"commit {', '.join(sorted({r['commit'] for r in rows}))}).\n\n" + _table(headers, lines))
+
+
+def sections(results: Path) -> dict[str, str]:
+    return {"peers": peers_section(results), "cold": cold_section(results), "batch": batch_section(results)}
+
+
+def plots(results: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        path = results / name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+
+    peers = [r for r in bench.read_rows(results / "peers.csv") if bench.number(r["decode_tok_s"])]
+    if peers:
+        latest = {}
+        for row in peers:  # the latest run per model and format
+            latest[(row["model"], row["quant"])] = row["run_id"]
+        shown = [r for r in peers if latest[(r["model"], r["quant"])] == r["run_id"]]
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(shown) + 2), 4.5))
+        labels = [f"{r['system']}\n{r['model']} {r['quant']}" for r in shown]
+        bars = ax.bar(range(len(shown)), [bench.number(r["decode_tok_s"]) for r in shown])
+        ax.bar_label(bars, [f"{bench.number(r['decode_tok_s']):.2g}" for r in shown], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(shown)), labels, fontsize=7, rotation=20, ha="right")
+        ax.set_ylabel("decode tok/s (log)")
+        ax.set_title("Ours (stream) against accelerate disk offload and AirLLM, same run")
+        save(fig, "peers.png")
+
+    cold = [r for r in bench.read_rows(results / "cold.csv") if bench.number(r["decode_ms_per_tok"])]
+    if cold:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, is_cold in (("cold reads", "True"), ("page cache", "False")):
+            points = sorted((int(r["prefetch"]), bench.number(r["decode_ms_per_tok"])) for r in cold
+                            if r["cold_reads"] == is_cold)
+            if points:
+                ax.plot([p for p, _ in points], [t for _, t in points], "o-", label=label)
+        compute = [1000 / bench.number(r["baseline_decode_tok_s"]) for r in cold if bench.number(r["baseline_decode_tok_s"])]
+        if compute:
+            ax.axhline(sum(compute) / len(compute), color="gray", ls=":", label="resident, same runs (mean)")
+        ax.set_xlabel("prefetch depth (layers read ahead)")
+        ax.set_ylabel("ms per token")
+        ax.set_title(f"Stream decode time per token: {cold[0]['model']} {cold[0]['quant']}")
+        ax.legend(fontsize=8)
+        save(fig, "cold.png")
+
+    batch = [r for r in bench.read_rows(results / "batch.csv") if bench.number(r["decode_tok_s"]) and r["busy"] != "True"]
+    if batch:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for mode in dict.fromkeys(r["mode"] for r in batch):
+            points = sorted((int(r["batch_size"]), bench.number(r["decode_tok_s"])) for r in batch if r["mode"] == mode)
+            ax.plot([b for b, _ in points], [t for _, t in points], "o-", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("decode tok/s over the batch")
+        ax.set_title(f"Throughput vs batch size: {batch[0]['model']} {batch[0]['quant']}")
+        ax.legend(fontsize=8)
+        save(fig, "batch.png")
+    return paths
