@@ -323,3 +323,24 @@ def test_report_fills_every_named_section(results, tmp_path):
     assert "Qwen2.5-3B NF4, layers 2..32 even (16 x 39.8 MB" in text
     assert "| model | machine | prefetch | budget MB |" in text
     assert "exactness" not in text.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
+
+
+@pytest.mark.parametrize("module, extra", [
+    (run_kvcache, ("--batch-size", "3")),
+    (run_diskoffload, ("--batch-size", "3", "--prefetch", "1")),
+    (run_diskoffload, ("--cold", "--prefetch", "2")),
+])
+def test_batch_and_cold_rows(setup, tmp_path, module, extra):
+    out = tmp_path / "rows.csv"
+    argv = _argv(setup, out, *extra)
+    argv[argv.index("--ppl-max-tokens") + 1] = "0"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert module.main(argv) == 0
+    row = bench.read_rows(out)[0]
+    batch = 3 if "--batch-size" in extra else 1
+    assert row["batch_size"] == str(batch)
+    # tok/s counts every sequence's tokens: batch * (new tokens - 1) per decode time
+    assert _n(row["decode_ms_per_tok"]) == pytest.approx(1000 * batch / _n(row["decode_tok_s"]), rel=1e-3)
+    if module is run_diskoffload:
+        assert row["cold_reads"] == str("--cold" in extra)
+        assert (_n(row["cold_read_bytes_s"]) or 0) > 0 if "--cold" in extra else row["cold_read_bytes_s"] == ""
