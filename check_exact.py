@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ import eval_ppl
 import offload_skip
 
 
-@dataclass(frozen=True)
+@bench.csv_row
 class Exactness:
     model: str
     quant: str
@@ -39,15 +38,6 @@ class Exactness:
     standby_bytes_before: int   # weights on the device, unpatched
     standby_bytes_after: int    # after patch_model + standby()
     saved_bytes: int
-    torch: str
-    transformers: str
-    bitsandbytes: str
-    python: str
-    torch_threads: int
-    machine: str
-    cpu_isa: str
-    commit: str
-    timestamp: str
 
 
 def _outputs(model, window: torch.Tensor, prompt: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import bench
 import estimate
+from report_study import markdown_table, save_figure
 
 FILES = ("peers.csv", "cold.csv", "batch.csv")
 
@@ -19,11 +20,6 @@ def _mb(cell) -> str:
 def _num(cell, spec: str) -> str:
     value = bench.number(cell)
     return "" if value is None else format(value, spec)
-
-
-def _table(headers: list[str], lines: list[list[str]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return "\n".join(out + ["| " + " | ".join(cells) + " |" for cells in lines])
 
 
 def _missing(name: str, command: str) -> str:
@@ -53,7 +49,7 @@ def peers_section(results: Path) -> str:
     machines = sorted({f"{r['device_name']} ({r['cpu_isa']})" for r in rows})
     return (f"From results/peers.csv (`python run_peers.py`; {', '.join(machines)}; commit "
             f"{', '.join(sorted({r['commit'] for r in rows}))}). Rows of one run share its interleaved rounds.\n\n"
-            + _table(headers, lines))
+            + markdown_table(headers, lines))
 
 
 def cold_section(results: Path) -> str:
@@ -78,7 +74,7 @@ def batch_section(results: Path) -> str:
     headers = ["model", "quant", "variant", "mode", "batch", "tok/s (whole batch)", "ms per step",
                "resident tok/s, same run", "vs resident", "other CPU share", "repeats"]
     return (f"From results/batch.csv (`--batch-size N`, left-padded prompts of unequal length, greedy; "
-            f"commit {', '.join(sorted({r['commit'] for r in rows}))}).\n\n" + _table(headers, lines))
+            f"commit {', '.join(sorted({r['commit'] for r in rows}))}).\n\n" + markdown_table(headers, lines))
 
 
 def sections(results: Path) -> dict[str, str]:
@@ -93,11 +89,7 @@ def plots(results: Path) -> list[Path]:
     paths = []
 
     def save(fig, name):
-        fig.tight_layout()
-        path = results / name
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, results / name))
 
     peers = [r for r in bench.read_rows(results / "peers.csv") if bench.number(r["decode_tok_s"])]
     if peers:

@@ -56,7 +56,7 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "" if value is None else format(value, spec)
 
 
-def _table(headers: list[str], lines: list[list[str]]) -> str:
+def markdown_table(headers: list[str], lines: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(cells) + " |" for cells in lines]
     return "\n".join(out)
@@ -98,7 +98,7 @@ def alpha_section(rows: list[dict]) -> str:
             cells.append(_fmt(_ppl(match[-1]) if match else None))
         lines.append(cells)
     headers = ["model", "even layers offloaded", "unpatched"] + [f"alpha {a:g}" for a in sweep.ALPHAS]
-    return _source(rows, "alpha") + "\n\n" + _table(headers, lines)
+    return _source(rows, "alpha") + "\n\n" + markdown_table(headers, lines)
 
 
 def _pattern_label(row: dict) -> str:
@@ -121,7 +121,7 @@ def patterns_section(rows: list[dict]) -> str:
                       _fmt(bench.number(row["alpha"]), ".3g"), _fmt(ppl), _fmt(ref),
                       _fmt(ppl / ref if ppl and ref else None, ".3f") + "x"])
     headers = ["model", "layers", "offloaded", "alpha", "PPL", "unpatched", "PPL / unpatched"]
-    return _source(rows, "patterns") + "\n\n" + _table(headers, lines)
+    return _source(rows, "patterns") + "\n\n" + markdown_table(headers, lines)
 
 
 def importance_scores(rows: list[dict], influence: list[dict]) -> dict:
@@ -160,7 +160,7 @@ def importance_section(rows: list[dict], influence: list[dict]) -> str:
                       f"{worst} ({removal[worst]:.4g})"])
     headers = ["model", "layers scored", "unpatched PPL", "Spearman rho, all layers", "rho, band",
                "least important by removal (PPL without it)", "least by Block Influence (BI)", "most important"]
-    return _source(rows, "importance") + "\n\n" + _table(headers, lines)
+    return _source(rows, "importance") + "\n\n" + markdown_table(headers, lines)
 
 
 def planner_curves(rows: list[dict], scores: dict) -> dict:
@@ -194,7 +194,7 @@ def planner_section(rows: list[dict], scores: dict) -> str:
                           _fmt(at_half and at_half[0], ".1f"), _fmt(at_half and at_half[1]), _fmt(none_read and none_read[1])])
     headers = ["model", "skip order", "PPL, all streamed (exact)", "skipped at half",
                "MB read per token at half", "PPL at half the bytes", "PPL, all skipped"]
-    return _source(rows, "planner") + "\n\n" + _table(headers, lines)
+    return _source(rows, "planner") + "\n\n" + markdown_table(headers, lines)
 
 
 def distance_section(rows: list[dict]) -> str:
@@ -210,7 +210,7 @@ def distance_section(rows: list[dict]) -> str:
                 cells.append(_fmt(_ppl(row)))
             lines.append(cells)
     headers = ["model", "alpha"] + [f"inject_distance {k}" for k in sweep.DISTANCES]
-    return _source(rows, "distance") + "\n\n" + _table(headers, lines)
+    return _source(rows, "distance") + "\n\n" + markdown_table(headers, lines)
 
 
 def _context_label(row: dict) -> str:
@@ -232,7 +232,7 @@ def context_section(rows: list[dict]) -> str:
                 cells.append(_fmt(_ppl(row)))
             lines.append(cells)
     headers = ["model", "configuration"] + [f"ctx {c}" for c in sweep.CONTEXTS]
-    return _source(rows, "context") + "\n\n" + _table(headers, lines)
+    return _source(rows, "context") + "\n\n" + markdown_table(headers, lines)
 
 
 def sections(results_dir: Path) -> dict[str, str]:
@@ -252,6 +252,14 @@ def sections(results_dir: Path) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- plots
 
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plots(results_dir: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -262,11 +270,7 @@ def plots(results_dir: Path) -> list[Path]:
     paths = []
 
     def save(fig, name):
-        fig.tight_layout()
-        path = results_dir / name
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, results_dir / name))
 
     if rows["alpha"]:
         fig, ax = plt.subplots(figsize=(7, 4.5))

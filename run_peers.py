@@ -19,8 +19,6 @@ import contextlib
 import gc
 import statistics
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +31,7 @@ PEERS = ("accelerate-disk", "accelerate-cpu", "airllm")
 AIRLLM_TOKENS = 8  # AirLLM streams every layer for every token: a short decode, timed once
 
 
-@dataclass(frozen=True)
+@bench.csv_row
 class PeerRow:
     """One system of one peers run: a row of results/peers.csv."""
     system: str            # resident, stream (ours), accelerate-disk, accelerate-cpu
@@ -57,15 +55,6 @@ class PeerRow:
     note: str
     run_id: str
     command: str
-    torch: str
-    transformers: str
-    bitsandbytes: str
-    python: str
-    torch_threads: int
-    machine: str
-    cpu_isa: str
-    commit: str
-    timestamp: str
 
 
 RSS_NOTE = ("rss_delta_bytes: resident = RSS after loading the model minus before; stream = after patching and "
@@ -104,14 +93,6 @@ def check_peers(peers: list[str], quant: str) -> list[str]:
         raise bench.UsageError("accelerate cannot offload bitsandbytes 4-bit modules; "
                                "use --quant bf16 (or fp32) for the peers, or --peers none for ours alone")
     return peers
-
-
-def _version(package: str) -> str:
-    import importlib.metadata
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
 
 
 def _rss() -> int:
@@ -225,7 +206,7 @@ def run(args) -> list[PeerRow]:
         systems["airllm"] = (airllm, None)
         extra["airllm"].update(idle=None, peak=None)
         same = "equal to" if torch.equal(timing.tokens, expected) else "DIFFERENT from"
-        notes["airllm"] = (f"AirLLM {_version('airllm')}: every layer streamed; one decode of {short} tokens after "
+        notes["airllm"] = (f"AirLLM {bench.results._version('airllm')}: every layer streamed; one decode of {short} tokens after "
                            f"the rounds, not interleaved; greedy tokens {same} the resident model's")
     env = bench.environment()
     rows = []

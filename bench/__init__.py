@@ -24,6 +24,6 @@ from .experiment import Run, inference, open_run, patch, prompt_batch, select
 from .measure import (DecodeTiming, Memory, Speed, cold_read_bytes_s, decode, generate, measure_memory, measure_speed,
                       synchronize, weight_bytes)
 from .models import DEFAULT_MODEL, EMBEDDED_GGUFS, EMBEDDED_MODELS, QUANTS, load_model, model_kind, resolve_model
-from .results import (COLUMNS, FIELDS, Result, append_row, check_csv, cpu_name, device_name, environment, finish,
+from .results import (COLUMNS, ENVIRONMENT_FIELDS, FIELDS, Result, append_row, csv_row, check_csv, cpu_name, device_name, environment, finish,
                       git_commit, latest_baseline, make_result, number, read_rows, summary, BUSY_OTHER_CPU_SHARE,
                       VARIANT_MODES, VARIANTS)

@@ -11,7 +11,7 @@ from torch import nn
 
 import offload_skip
 
-from .results import environment
+from .results import csv_row, environment
 
 
 class InfluenceMeter:
@@ -51,7 +51,7 @@ class InfluenceMeter:
         return [1.0 - c / n for c, n in zip(self.cos_sum, self.tokens)]
 
 
-@dataclass(frozen=True)
+@csv_row
 class InfluenceRow:
     """One layer's Block Influence: a row of results/block_influence.csv."""
     model: str
@@ -67,15 +67,6 @@ class InfluenceRow:
     ppl_ctx: int
     command: str
     run_id: str
-    torch: str
-    transformers: str
-    bitsandbytes: str
-    python: str
-    torch_threads: int
-    machine: str
-    cpu_isa: str
-    commit: str
-    timestamp: str
 
 
 def influence_rows(meter: InfluenceMeter, result, command: str) -> list[InfluenceRow]:

@@ -128,7 +128,19 @@ COLUMNS = {
 }
 
 
-@dataclass(frozen=True)
+# The environment columns every row type ends with (values: environment()).
+ENVIRONMENT_FIELDS = {"torch": str, "transformers": str, "bitsandbytes": str, "python": str, "torch_threads": int,
+                      "machine": str, "cpu_isa": str, "commit": str, "timestamp": str}
+
+
+def csv_row(cls):
+    """A frozen dataclass for one CSV row: the class's own fields, then the environment columns."""
+    cls.__annotations__ = {**cls.__dict__.get("__annotations__", {}),
+                           **{name: kind.__name__ for name, kind in ENVIRONMENT_FIELDS.items()}}
+    return dataclass(frozen=True)(cls)
+
+
+@csv_row
 class Result:
     """One CSV row; the columns are these fields in this order (meanings in COLUMNS).
     None is an empty cell: a column that does not apply to this run."""
@@ -191,15 +203,6 @@ class Result:
     wait_s: float | None
     forward_s: float | None
     overlap: float | None
-    torch: str
-    transformers: str
-    bitsandbytes: str
-    python: str
-    torch_threads: int
-    machine: str
-    cpu_isa: str
-    commit: str
-    timestamp: str
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Result))

@@ -321,7 +321,7 @@ def test_report_fills_every_named_section(results, tmp_path):
     assert "#### CPU: X (avx2)\n\n| model |" in text  # exactness is stated per machine kind
     assert "| m | nf4 | even | stream | 0 | True | True (6 tok) |  | 2.0 -> 1.0 | abc |" in text
     assert "Qwen2.5-3B NF4, layers 2..32 even (16 x 39.8 MB" in text
-    assert "| model | machine | prefetch | budget MB |" in text
+    assert "| model | machine | prefetch | reads | budget MB |" in text
     assert "exactness" not in text.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
 
 
