@@ -9,7 +9,8 @@ import bench
 import estimate
 from report_study import markdown_table, save_figure
 
-FILES = ("peers.csv", "cold.csv", "batch.csv")
+FILES = ("peers.csv", "cold.csv", "batch.csv", "profile.csv")
+PROFILE_OPS = 6  # per run: the ops whose time differs most between the two modes
 
 
 def _mb(cell) -> str:
@@ -77,8 +78,31 @@ def batch_section(results: Path) -> str:
             f"commit {', '.join(sorted({r['commit'] for r in rows}))}).\n\n" + markdown_table(headers, lines))
 
 
+def profile_section(results: Path) -> str:
+    rows = bench.read_rows(results / "profile.csv")
+    if not rows:
+        return _missing("profile.csv", "python profile_step.py --batch-size 16")
+    lines = []
+    for run_id in dict.fromkeys(r["run_id"] for r in rows):
+        run = [r for r in rows if r["run_id"] == run_id]
+        modes = list(dict.fromkeys(r["mode"] for r in run))
+        ms = {(r["mode"], r["op"]): bench.number(r["self_ms_per_step"]) for r in run}
+        step = {r["mode"]: bench.number(r["step_ms"]) for r in run}
+        ops = sorted({r["op"] for r in run}, key=lambda op: -abs(ms.get((modes[-1], op), 0) - ms.get((modes[0], op), 0)))
+        for op in ops[:PROFILE_OPS]:
+            a, b = ms.get((modes[0], op)), ms.get((modes[-1], op))
+            lines.append([run[0]["model"], run[0]["quant"], run[0]["batch_size"], f"{modes[0]} {step[modes[0]]:.1f} / "
+                          f"{modes[-1]} {step[modes[-1]]:.1f}", op, _num(a, ".2f"), _num(b, ".2f"),
+                          _num((b or 0) - (a or 0), "+.2f")])
+    headers = ["model", "quant", "batch", "self CPU ms per step (all ops)", "op", "resident ms/step", "variant ms/step",
+               "difference"]
+    return ("From results/profile.csv (`python profile_step.py`: torch.profiler over alternating decodes; an op "
+            "missing from a mode's top 25 is blank).\n\n" + markdown_table(headers, lines))
+
+
 def sections(results: Path) -> dict[str, str]:
-    return {"peers": peers_section(results), "cold": cold_section(results), "batch": batch_section(results)}
+    return {"peers": peers_section(results), "cold": cold_section(results), "batch": batch_section(results),
+            "profile": profile_section(results)}
 
 
 def plots(results: Path) -> list[Path]:
