@@ -67,7 +67,10 @@ def _source(rows: list[dict], suite: str) -> str:
         return f"No rows yet: run `python sweep.py {suite}`."
     commits = sorted({r["commit"] for r in rows})
     machines = sorted({f"{r['device_name']} ({r['cpu_isa']})" for r in rows})
-    tokens = sorted({f"{r['model']} {r['quant']}: {r['ppl_tokens']} tokens" for r in rows})
+    scored: dict = {}
+    for r in rows:
+        scored.setdefault(f"{r['model']} {r['quant']}", set()).add(int(r["ppl_tokens"]))
+    tokens = sorted(f"{name}: {min(n)}{'-' + str(max(n)) if len(n) > 1 else ''} tokens" for name, n in scored.items())
     return (f"From results/{suite}.csv ({len(rows)} rows; `python sweep.py {suite}`; {', '.join(machines)}; "
             f"commit {', '.join(commits)}; {'; '.join(tokens)} of {rows[0]['ppl_dataset']} scored).")
 
