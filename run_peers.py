@@ -147,9 +147,10 @@ def load_airllm(source, quant: str, device: str, folder: Path):
 
 def run(args) -> list[PeerRow]:
     peers = check_peers([p for p in args.peers.split(",") if p and p != "none"], args.quant)
+    import transformers  # noqa: F401  (imported before the first RSS sample: its own memory is not the model's)
+    rss0 = _rss()
     run_ = bench.open_run(args)
     device = run_.device
-    rss0 = _rss()
     unpatched = bench.measure_memory(run_)
     rss_resident = _rss()
     ctl = bench.patch(run_)
