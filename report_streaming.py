@@ -131,7 +131,7 @@ def plots(results: Path) -> list[Path]:
         ax.set_title("Ours (stream) against accelerate disk offload and AirLLM, same run")
         save(fig, "peers.png")
 
-    cold = [r for r in bench.read_rows(results / "cold.csv") if bench.number(r["decode_ms_per_tok"])]
+    cold = [r for r in bench.read_rows(results / "cold.csv") if bench.number(r["decode_ms_per_tok"]) and r["busy"] != "True"]
     if cold:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, is_cold in (("cold reads", "True"), ("page cache", "False")):
