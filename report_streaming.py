@@ -41,7 +41,9 @@ def peers_section(results: Path) -> str:
             versus = f"{bench.number(row['decode_tok_s']) / bench.number(peer['decode_tok_s']):.2f}x accelerate-disk"
         elif row["system"] != "stream" and ours and bench.number(row["decode_tok_s"]):
             versus = f"ours {bench.number(ours['decode_tok_s']) / bench.number(row['decode_tok_s']):.2f}x"
-        lines.append([row["model"], row["quant"], row["system"], f"{len(row['layers_offloaded'].split())}/{row['n_layers']}",
+        # AirLLM streams every layer by design (rows before that was recorded list the others' layers)
+        offloaded = row["n_layers"] if row["system"] == "airllm" else len(row["layers_offloaded"].split())
+        lines.append([row["model"], row["quant"], row["system"], f"{offloaded}/{row['n_layers']}",
                       _num(row["decode_tok_s"], ".2f"), _num(row["ratio_to_resident"], ".2f") + ("x" if row["ratio_to_resident"] else ""),
                       versus, _mb(row["idle_bytes"]), _mb(row["peak_bytes"]), _num(row["rss_delta_bytes"], "+,.0f"),
                       row["note"], row["run_id"][:6]])

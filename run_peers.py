@@ -216,7 +216,8 @@ def run(args) -> list[PeerRow]:
         rows.append(PeerRow(
             system=name, model=run_.info["model"], quant=run_.info["quant"], device=device.type,
             device_name=bench.device_name(device), layers=args.layers,
-            layers_offloaded=" ".join(map(str, run_.layers)), n_layers=run_.info["n_layers"],
+            layers_offloaded=" ".join(map(str, range(run_.info["n_layers"]) if name == "airllm" else run_.layers)),
+            n_layers=run_.info["n_layers"],
             prefetch=ctl.prefetch if name == "stream" else None, max_new_tokens=n, batch_size=batch,
             repeats=args.repeats, decode_tok_s=tok_s.get(name), resident_decode_tok_s=tok_s["resident"],
             ratio_to_resident=tok_s[name] / tok_s["resident"] if measured else None,
