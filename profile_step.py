@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 import bench
