@@ -49,5 +49,19 @@ for suite in alpha importance planner distance patterns context; do
   python sweep.py $suite
 done
 
+# --- Streaming against its peers, cold reads, batches (README "Streaming against its peers") ---
+python run_peers.py --model smollm2-135m --prefetch 0 --repeats 5 --max-new-tokens 32        # needs: pip install airllm
+python run_peers.py --model smollm2-135m --quant nf4 --peers none --prefetch 0 --repeats 5 --max-new-tokens 32
+Q="--model qwen2.5-coder-0.5b --quant bf16 --max-new-tokens 16 --repeats 3 --ppl-max-tokens 0 --out results/cold.csv"
+for p in 0 1 2 3; do python run_diskoffload.py $Q --cold --prefetch $p; done
+for p in 0 2; do python run_diskoffload.py $Q --prefetch $p; done
+B="--max-new-tokens 16 --ppl-max-tokens 0 --out results/batch.csv"
+for b in 1 4 16; do
+  python run_kvcache.py $B --batch-size $b --repeats 5
+  python run_diskoffload.py $B --batch-size $b --repeats 5 --prefetch 0
+done
+python run_diskoffload.py $B --batch-size 16 --repeats 9 --prefetch 0
+for b in 1 16; do python profile_step.py --batch-size $b --prefetch 0 --max-new-tokens 8 --repeats 3; done
+
 python estimate.py --check results
 python report.py
