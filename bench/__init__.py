@@ -13,6 +13,7 @@ ones above it in this list:
 - cli: the shared command line
 - experiment: one invocation (``Run``, ``open_run``) and the variant's residency (``patch``)
 - measure: the decode loop, timers, memory
+- importance: Block Influence, rank correlation, the planner's skip orders
 
 The names below are the harness's public surface; scripts use them as ``bench.<name>``.
 """

@@ -1,0 +1,36 @@
+"""report_streaming.py: peers, cold-read, batch and profile blocks from their rows."""
+import bench
+import report_streaming
+import run_peers
+from test_results import _row
+
+
+def _peer(system, tok_s, run_id="r1", **changes):
+    values = dict(system=system, model="m", quant="bf16", device="cpu", device_name="CPU: x", layers="even",
+                  layers_offloaded="2 4", n_layers=8, prefetch=0 if system == "stream" else None, max_new_tokens=8,
+                  batch_size=1, repeats=3, decode_tok_s=tok_s, resident_decode_tok_s=20.0,
+                  ratio_to_resident=None if tok_s is None else tok_s / 20.0, idle_bytes=1_000_000,
+                  peak_bytes=2_000_000, rss_delta_bytes=-5, note="", run_id=run_id, command="c",
+                  **bench.environment())
+    values.update(changes)
+    return run_peers.PeerRow(**values)
+
+
+def test_peers_block_states_the_same_run_ratio(tmp_path):
+    for row in (_peer("resident", 20.0), _peer("stream", 15.0), _peer("accelerate-disk", 5.0),
+                _peer("airllm", 0.1, layers_offloaded="0 1 2 3 4 5 6 7")):
+        bench.append_row(tmp_path / "peers.csv", row)
+    text = report_streaming.sections(tmp_path)["peers"]
+    assert "| m | bf16 | stream | 2/8 | 15.00 | 0.75x | 3.00x accelerate-disk |" in text
+    assert "| m | bf16 | accelerate-disk | 2/8 | 5.00 | 0.25x | ours 3.00x |" in text
+    assert "| m | bf16 | airllm | 8/8 | 0.10 |" in text
+
+
+def test_batch_block_leaves_busy_rows_out_and_missing_files_name_their_command(tmp_path):
+    common = dict(variant="diskoffload", mode="stream", prefetch=0, decode_ratio=0.95, baseline_decode_tok_s=30.0)
+    bench.append_row(tmp_path / "batch.csv", _row(**common, batch_size=16, decode_tok_s=28.5, repeats=5))
+    bench.append_row(tmp_path / "batch.csv", _row(**common, batch_size=4, decode_tok_s=9.0, busy=True))
+    text = report_streaming.sections(tmp_path)
+    assert "| m | fp32 | diskoffload | stream p0 | 16 | 28.5 |" in text["batch"]
+    assert "| 4 |" not in text["batch"]
+    assert text["cold"] == "No rows in results/cold.csv yet: run `python run_diskoffload.py --cold --out results/cold.csv`."
