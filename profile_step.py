@@ -101,18 +101,12 @@ def build_parser():
     parser.set_defaults(ppl_max_tokens=0, repeats=3, max_new_tokens=8, out=bench.RESULTS_DIR / "profile.csv")
     parser.add_argument("--variant", choices=("kvcache", "diskoffload"), default="diskoffload",
                         help="the residency profiled against the resident model")
+    parser.set_defaults(script_variant=None)  # the variant is --variant's, not the parser's stream flags'
     return parser
 
 
-def finish(args):
-    variant = args.variant
-    args = bench.finish_args(args, ProfileRow)
-    args.variant = variant
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
-    return bench.main(run, build_parser(), argv, finish=finish)
+    return bench.main(run, build_parser(), argv, finish=lambda args: bench.finish_args(args, ProfileRow))
 
 
 if __name__ == "__main__":
