@@ -33,6 +33,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ FORMAT = "offload-skip/2"
 # round differently and break alpha = 1 exactness on a GPU. (Format 1 aligned to 64 bytes;
 # the format is part of the cache fingerprint, so old caches are rebuilt, never misread.)
 ALIGN_BYTES = 256
+EMBEDDING = "embedding"  # the input embedding's key in a LayerStore (layers are ints)
 
 
 class CacheError(RuntimeError):
@@ -181,13 +183,14 @@ def module_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
         yield ref.get()
 
 
-def tensor_bytes(tensors, device: torch.device | str | None = None) -> int:
+def tensor_bytes(tensors, device: torch.device | str | None = None, seen: set | None = None) -> int:
     """Bytes held by the distinct storages behind `tensors` (on `device` if given).
 
-    Each storage is counted once, whole: a view keeps its entire storage alive.
+    Each storage is counted once, whole: a view keeps its entire storage alive. `seen`: the
+    storages counted already (updated), to split one count into parts.
     """
     device = torch.device(device) if device is not None else None
-    seen: set[tuple[str, int]] = set()
+    seen = set() if seen is None else seen
     total = 0
     for tensor in tensors:
         if device is not None and tensor.device.type != device.type:
@@ -199,6 +202,28 @@ def tensor_bytes(tensors, device: torch.device | str | None = None) -> int:
         seen.add(key)
         total += storage.nbytes()
     return total
+
+
+def weight_breakdown(model: nn.Module, device: torch.device | str) -> dict[str, int]:
+    """Bytes of the weights resident on `device`, by part: the input embedding, the output head,
+    the decoder layers in the model (an offloaded layer's stub holds none), and the rest (norms,
+    rotary tables). Each storage is counted once, in that order: a head tied to the embedding
+    adds nothing of its own. The parts sum to tensor_bytes(module_tensors(model), device)."""
+    def get(getter: str) -> list[nn.Module]:
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            return []
+        return [module] if module is not None else []
+    try:
+        layers = list(find_decoder_layers(model))
+    except ValueError:
+        layers = []
+    seen: set = set()
+    parts = (("embedding_bytes", get("get_input_embeddings")), ("head_bytes", get("get_output_embeddings")),
+             ("resident_layers_bytes", layers), ("other_bytes", [model]))
+    return {name: tensor_bytes((t for m in modules for t in module_tensors(m)), device, seen)
+            for name, modules in parts}
 
 
 def prepack_nf4_for_cpu(module: nn.Module) -> None:
@@ -394,8 +419,9 @@ class LayerStore:
         self._local = threading.local()
         self._files_lock = threading.Lock()
 
-    def path(self, index: int) -> Path:
-        return self.dir / f"layer_{index}.safetensors"
+    def path(self, key: int | str) -> Path:
+        """A decoder layer's file (int key) or a named one (EMBEDDING)."""
+        return self.dir / (f"layer_{key}.safetensors" if isinstance(key, int) else f"{key}.safetensors")
 
     def _read_manifest(self) -> dict:
         if not self.manifest_path.exists():
@@ -441,29 +467,57 @@ class LayerStore:
         if file_sha256(path) != entry["sha256"]:
             raise _bad_file(path, "corrupt layer file (sha256 differs from the manifest)")
 
-    def read_into(self, index: int, out: torch.Tensor) -> None:
-        """Read layer `index`'s data section into the host uint8 tensor `out` (its first bytes).
+    def read_into(self, index: int | str, out: torch.Tensor) -> None:
+        """Read file `index`'s data section into the host uint8 tensor `out` (its first bytes).
 
         The file stays open until close(): a positional read per load, no open/seek, and safe
         from two threads. Its size is checked on every read, so truncation is caught.
         """
         layout = self.layouts[index]
-        fd = self._fd(index)
-        target = memoryview(out.numpy())[: layout.data_bytes]
+        fd = self._open_checked(index)
+        self._read_exact(index, fd, memoryview(out.numpy())[: layout.data_bytes], layout.header_bytes)
+
+    def read_rows(self, key: int | str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (distinct, ascending, CPU int64) of the one 2-D tensor in file `key`, as a
+        new host tensor: one positional read per run of adjacent rows, nothing else is read."""
+        layout = self.layouts[key]
+        (entry,) = layout.entries.values()
+        n_rows, width = entry.shape
+        row_bytes = (entry.end - entry.start) // n_rows
+        out = torch.empty((len(rows), width), dtype=entry.dtype)
+        if not len(rows):
+            return out
+        fd = self._open_checked(key)
+        target = memoryview(out.view(-1).view(torch.uint8).numpy())
+        # Runs of consecutive ids: where the step to the next row is not 1, a new read starts.
+        breaks = (torch.nonzero(rows.diff() != 1).flatten() + 1).tolist()
+        for begin, end in zip([0, *breaks], [*breaks, len(rows)]):
+            first = int(rows[begin])
+            self._read_exact(key, fd, target[begin * row_bytes:end * row_bytes],
+                             layout.header_bytes + entry.start + first * row_bytes)
+        return out
+
+    def _open_checked(self, key: int | str) -> int:
+        """The open file, its size checked against the layout (and dropped from the page cache if cold)."""
+        layout = self.layouts[key]
+        fd = self._fd(key)
         size = os.fstat(fd).st_size
         if size != layout.file_bytes:
-            raise _bad_file(self.path(index), f"truncated layer file ({size} bytes, expected {layout.file_bytes})")
+            raise _bad_file(self.path(key), f"truncated layer file ({size} bytes, expected {layout.file_bytes})")
         if self.cold:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return fd
+
+    def _read_exact(self, key: int | str, fd: int, target: memoryview, offset: int) -> None:
         got = 0
-        while got < layout.data_bytes:
-            n = self._pread(index, fd, target[got:], layout.header_bytes + got)
+        while got < target.nbytes:
+            n = self._pread(key, fd, target[got:], offset + got)
             if not n:
-                raise _bad_file(self.path(index),
-                                f"truncated layer file (read {got} of {layout.data_bytes} data bytes)")
+                raise _bad_file(self.path(key), f"truncated layer file (read {got} of {target.nbytes} bytes "
+                                                f"at offset {offset})")
             got += n
 
-    def _pread(self, index: int, fd: int, target: memoryview, offset: int) -> int:
+    def _pread(self, index: int | str, fd: int, target: memoryview, offset: int) -> int:
         if hasattr(os, "preadv"):  # a positional read: no shared file position between threads
             return os.preadv(fd, [target], offset)
         # Windows has no preadv: a file object per thread keeps seek + readinto from racing.
@@ -478,7 +532,7 @@ class LayerStore:
         f.seek(offset)
         return f.readinto(target)
 
-    def _fd(self, index: int) -> int:
+    def _fd(self, index: int | str) -> int:
         fd = self._fds.get(index)
         if fd is None:
             try:
@@ -501,7 +555,9 @@ class LayerStore:
             f.close()
         self._local = threading.local()
 
-    __del__ = close
+    def __del__(self):
+        with contextlib.suppress(Exception):  # at interpreter exit the modules close() uses may be gone
+            self.close()
 
 
 def _progress(items, desc: str, enabled: bool):
@@ -522,34 +578,60 @@ def trim_host_memory() -> None:
 
 # --------------------------------------------------------------------------- stubs and controller
 
-class OffloadedLayer(nn.Module):
-    """Stands in for decoder layer `index` in the model's layer list.
+class _StandIn(nn.Module):
+    """A module that stands in for `original` (kept as a plain attribute: not a submodule, so
+    state_dict()/to() never touch it) and falls back to its attributes, so code that inspects
+    ``model.model.layers[i].self_attn.layer_idx`` or ``embed_tokens.num_embeddings`` still
+    sees the real values."""
 
-    Its weights are on disk; the layer object itself (attributes, layer_idx, hooks) is kept
-    by the controller and reachable through attribute fallback, so code that inspects
-    ``model.model.layers[i].self_attn.layer_idx`` still sees the real value.
-    """
-
-    def __init__(self, controller: "OffloadController", index: int, layer: nn.Module):
+    def __init__(self, controller: "OffloadController", original: nn.Module):
         super().__init__()
-        self.index = index
-        self.__dict__["_controller"] = controller  # plain attributes: not submodules, so
-        self.__dict__["_layer"] = layer            # state_dict()/to() never touch them
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return self._controller._on_stub(self.index, hidden_states, args, kwargs)
+        self.__dict__["_controller"] = controller
+        self.__dict__["_original"] = original
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            layer = self.__dict__.get("_layer")
-            if layer is None:  # half-built (copy, unpickling): no fallback yet
+            original = self.__dict__.get("_original")
+            if original is None:  # half-built (copy, unpickling): no fallback yet
                 raise
-            return getattr(layer, name)
+            return getattr(original, name)
+
+
+class OffloadedLayer(_StandIn):
+    """Stands in for decoder layer `index` in the model's layer list; its weights are on disk."""
+
+    def __init__(self, controller: "OffloadController", index: int, layer: nn.Module):
+        super().__init__(controller, layer)
+        self.index = index
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self._controller._on_stub(self.index, hidden_states, args, kwargs)
 
     def extra_repr(self) -> str:
         return f"index={self.index}, offloaded"
+
+
+class OffloadedEmbedding(_StandIn):
+    """Stands in for the input embedding; its weight is on disk and a forward reads only the
+    rows of the tokens it is given."""
+
+    def __init__(self, controller: "OffloadController", embedding: nn.Module):
+        super().__init__(controller, embedding)
+        # Its buffers (Gemma 3's embed_scale) stay resident: registered here too, non-persistent,
+        # so the byte counts, which walk submodules, still see them.
+        for name, buffer in embedding._buffers.items():
+            if buffer is not None:  # (register_buffer would see the name through the fallback)
+                self._buffers[name] = buffer
+                self._non_persistent_buffers_set.add(name)
+
+    def forward(self, input_ids):
+        return self._controller._embed(input_ids)
+
+    def extra_repr(self) -> str:
+        entry = self._controller._embedding_entry
+        return f"{entry.shape[0]} x {entry.shape[1]} {entry.dtype}, rows read from disk"
 
 
 _LAYER_PATHS = ("model.layers", "model.language_model.layers", "layers")
@@ -737,8 +819,16 @@ class OffloadController:
     """
 
     def __init__(self, model, layer_list, offloaded, store, alphas, mode, budget_bytes, device,
-                 prefetch=2, io_bandwidth=None, inject_distance=1):
+                 prefetch=2, io_bandwidth=None, inject_distance=1, embedding=None, embedding_residency="resident"):
         self.model = model
+        # resident: not asked; disk: rows read per forward; tied: asked, but the head holds it.
+        self.embedding_residency = embedding_residency
+        self._embedding = embedding  # the original input embedding module while its weight is on disk
+        if embedding is not None:
+            self._embedding_ref = TensorRef(embedding, "weight", "param")
+            self._embedding_entry = store.layouts[EMBEDDING].entries["weight"]
+            self._embedding_device = embedding.weight.device
+            self._embedding_slot = _parent_slot(model, embedding)
         self.offloaded_layers: list[int] = list(offloaded)
         # alpha = 0 is removal: lerp(x, L(x), 0) is x, so such a layer is never read or computed.
         self.skipped_layers = [i for i in offloaded if alphas[i] == 0]
@@ -822,6 +912,8 @@ class OffloadController:
         with self.session():
             for i in self.skipped_layers:
                 self._acquire(i)
+            # the embedding first: if its file fails, the stubs are all still in place
+            embedding_stub = self._restore_embedding() if self._embedding is not None else None
             stubs = {i: self._layer_list[i] for i in self.offloaded_layers}
             for i in stubs:
                 self._layer_list[i] = self._layers[i]
@@ -830,6 +922,9 @@ class OffloadController:
             finally:
                 for i, stub in stubs.items():
                     self._layer_list[i] = stub
+                if embedding_stub is not None:
+                    setattr(*self._embedding_slot, embedding_stub)
+                    self._embedding_ref.set(_placeholder(self._embedding_entry.dtype, self._embedding_device))
 
     @property
     def store(self) -> LayerStore:
@@ -840,6 +935,11 @@ class OffloadController:
         """Bytes of layer files one forward reads in stream mode: the computed layers not kept
         by the budget. (A session reads the computed layers once, on entry.)"""
         return sum(self.layer_bytes[i] for i in self.computed_layers if i not in self.keep or self.mode != "stream")
+
+    def resident_breakdown(self) -> dict[str, int]:
+        """resident_bytes() by part: weight_breakdown()'s parts and ``offloaded_buffer_bytes``
+        (the offloaded layers' buffers that exist now); the parts sum to resident_bytes()."""
+        return {**weight_breakdown(self.model, self.device), "offloaded_buffer_bytes": self._buffer_bytes()}
 
     def resident_bytes(self) -> int:
         """Bytes of weights and buffers on the compute device: the model's resident tensors
@@ -875,6 +975,8 @@ class OffloadController:
             for name, view in self._store.layouts[i].views(flat).items():
                 self._refs[i][name].set(view.clone())
             self._layer_list[i] = layer
+        if self._embedding is not None:
+            self._restore_embedding(copy=True)
         self._store.close()
         for hook in self._hooks:
             hook.remove()
@@ -945,6 +1047,41 @@ class OffloadController:
             if i not in self._own:  # stays bound to the slot: rebinding is skipped if it gets it again
                 self._streamer.release(i)
         return out[0] if isinstance(out, tuple) else out
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding module's own forward (a scaled one stays scaled) over a weight made of
+        just the rows of the distinct ids in the batch, read from the file; ids renumbered to
+        index it. The rows are the stored bytes, so the output equals the original's."""
+        if not self._patched:
+            raise RuntimeError("this OffloadController was unpatched; its stubs must not run")
+        entry = self._embedding_entry
+        rows, inverse = torch.unique(input_ids.reshape(-1).cpu(), sorted=True, return_inverse=True)
+        if len(rows) and (rows[0] < 0 or rows[-1] >= entry.shape[0]):
+            bad = int(rows[0] if rows[0] < 0 else rows[-1])
+            raise IndexError(f"token id {bad} is out of range of the {entry.shape[0]}-row input embedding")
+        weight = self._store.read_rows(EMBEDDING, rows).to(self._embedding_device)
+        module = self._embedding
+        # padding_idx indexes the full matrix; it only shapes gradients, and the renumbered
+        # weight is smaller than it, which F.embedding would reject.
+        padding_idx, module.padding_idx = module.padding_idx, None
+        self._embedding_ref.set(weight)
+        try:
+            return module(inverse.view(input_ids.shape).to(input_ids.device))
+        finally:
+            module.padding_idx = padding_idx
+            self._embedding_ref.set(_placeholder(entry.dtype, self._embedding_device))
+
+    def _restore_embedding(self, copy: bool = False) -> nn.Module:
+        """Put the original embedding module back with its whole weight read from the file (in a
+        storage of its own if `copy`); returns the stand-in it replaces."""
+        flat = torch.empty(self._store.layouts[EMBEDDING].data_bytes, dtype=torch.uint8)
+        self._store.read_into(EMBEDDING, flat)
+        weight = self._store.layouts[EMBEDDING].views(flat)["weight"].to(self._embedding_device, copy=copy)
+        self._embedding_ref.set(weight)
+        parent, name = self._embedding_slot
+        stub = getattr(parent, name)
+        setattr(parent, name, self._embedding)
+        return stub
 
     def _forward_begins(self, module, args) -> None:
         self._deferred.clear()  # what an interrupted forward left behind
@@ -1049,7 +1186,8 @@ def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode: str = "session",
                 prefetch: int = 2, budget_bytes: int = 0, io_bandwidth: float | None = None,
-                inject_distance: int = 1, cold: bool = False, progress: bool = True) -> OffloadController:
+                inject_distance: int = 1, cold: bool = False, offload_embeddings: bool = False,
+                progress: bool = True) -> OffloadController:
     """Offload `layers` of `model` to `cache_dir` and replace them by stubs, in place.
 
     layers: a list of indices or a select_layers pattern (``even``, ``every:3``, ``2-10``).
@@ -1066,6 +1204,10 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
     k-th resident layer after it instead of the next (each layer still computed from its own
     input x; k = 1 is the lerp above, exact at alpha = 1; k > 1 is a different model, summed
     in fp32).
+    offload_embeddings: also put the input embedding's weight in a file; each forward reads only
+    the rows of its tokens (exact). When another module holds that weight too (an output head
+    tied to it needs the whole matrix every forward), it stays resident with a warning, nothing
+    is saved, and ``controller.embedding_residency`` says ``tied``.
     """
     if mode not in ("session", "stream"):
         raise ValueError(f"mode must be 'session' or 'stream', got {mode!r}")
@@ -1091,14 +1233,20 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
         prepack_nf4_for_cpu(model)
     tensors = {i: {name: ref.get() for name, ref in layer_tensor_refs(layer_list[i]).items()} for i in offloaded}
     _check_not_shared(model, layer_list, tensors)
+    embedding, residency = _embedding_to_offload(model) if offload_embeddings else (None, "resident")
+    if embedding is not None:
+        tensors[EMBEDDING] = {"weight": embedding.weight.data}
     store = LayerStore(cache_dir, *model_fingerprint(model, device), cold=cold)
     store.sync(tensors, progress=progress)
     del tensors
     controller = OffloadController(model, layer_list, offloaded, store, alphas, mode, budget_bytes, device,
-                                   prefetch, io_bandwidth, inject_distance)
+                                   prefetch, io_bandwidth, inject_distance, embedding, residency)
     for i in offloaded:
         controller._unbind(i)
         layer_list[i] = OffloadedLayer(controller, i, controller._layers[i])
+    if embedding is not None:
+        controller._embedding_ref.set(_placeholder(embedding.weight.dtype, embedding.weight.device))
+        setattr(*controller._embedding_slot, OffloadedEmbedding(controller, embedding))
     controller.standby()
     controller.reset_stats()
     return controller
@@ -1134,6 +1282,37 @@ def _check_not_shared(model: nn.Module, layer_list: nn.ModuleList, tensors: dict
                 raise ValueError(f"layer {i} tensor {name} shares storage with {owners[key]}; "
                                  "tied or shared tensors cannot be offloaded")
             owners[key] = f"layer {i} tensor {name}"
+
+
+def _embedding_to_offload(model: nn.Module) -> tuple[nn.Module | None, str]:
+    """(the input embedding, "disk"); or (None, "tied") with a warning when another module holds
+    its weight too: a tied output head needs the whole matrix every forward, so it stays."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    if not isinstance(embedding, nn.Embedding) or embedding.max_norm is not None:
+        raise ValueError("offload_embeddings needs an input embedding (get_input_embeddings()) that is an "
+                         f"nn.Embedding without max_norm; this model has {type(embedding).__name__}")
+    key = _storage_key(embedding.weight)
+    for mod_name, mod in model.named_modules():
+        if mod is embedding:
+            continue
+        for name, ref in _own_tensor_refs(mod, f"{mod_name}." if mod_name else "").items():
+            if ref.get().numel() and _storage_key(ref.get()) == key:
+                warnings.warn(f"the input embedding shares its weight with {name} (tied): it stays resident, "
+                              "since that module needs the whole matrix; offloading it saves nothing", stacklevel=3)
+                return None, "tied"
+    return embedding, "disk"
+
+
+def _parent_slot(model: nn.Module, module: nn.Module) -> tuple[nn.Module, str]:
+    """(parent, attribute name) under which `module` sits in `model`."""
+    for name, mod in model.named_modules():
+        if mod is module and name:
+            parent_name, _, attr = name.rpartition(".")
+            return model.get_submodule(parent_name), attr
+    raise ValueError(f"{type(module).__name__} is not a submodule of the model")
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:

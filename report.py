@@ -17,6 +17,7 @@ from pathlib import Path
 
 import bench
 import estimate
+import report_beyond
 import report_streaming
 import report_study
 import sweep
@@ -360,12 +361,14 @@ def main(argv: list[str] | None = None) -> int:
         "estimate-check": estimate.check_table(args.results),
         **report_study.sections(args.results),
         **report_streaming.sections(args.results),
+        **report_beyond.sections(args.results),
     }
     for name, text in sections.items():
         if update_readme(args.readme, text, name):
             print(f"{args.readme}: {name} section updated")
     if not args.no_plots:
-        for path in plot(rows, args.results) + report_study.plots(args.results) + report_streaming.plots(args.results):
+        for path in (plot(rows, args.results) + report_study.plots(args.results) + report_streaming.plots(args.results)
+                     + report_beyond.plots(args.results)):
             print(f"wrote {path}")
     return 0
 

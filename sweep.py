@@ -1,5 +1,6 @@
-"""The study's sweeps: named suites of cases, each case one command line of eval_ppl.py, so
-that any row is reproduced by one command. Each suite appends to results/<suite>.csv.
+"""The study's sweeps: named suites of cases, each case one command line of eval_ppl.py (or,
+for ``beyond``, of run_baseline.py / run_kvcache.py), so that any row is reproduced by one
+command. Each suite appends to results/<suite>.csv.
 
     python sweep.py alpha               # run the cases not yet in results/alpha.csv
     python sweep.py planner --dry-run   # print one command per case (for a SLURM array, GNU parallel)
@@ -7,7 +8,7 @@ that any row is reproduced by one command. Each suite appends to results/<suite>
 
 Resumable: a case whose exact command line is already in its suite's CSV (the `command`
 column every row carries) is skipped. Suites: alpha, patterns, importance, planner,
-distance, context. The planner's cases depend on the importance suite's rows: run
+distance, context, beyond. The planner's cases depend on the importance suite's rows: run
 ``importance`` first.
 """
 from __future__ import annotations
@@ -42,7 +43,24 @@ CONTEXTS = (128, 256, 512, 1024, 2048)
 CONTEXT_TOKENS = 2048  # enough for one full window at the longest context
 CONTEXT_PATTERN = "blocks:2"  # the parallel-residual pattern of the context suite
 PLANNER_POINTS = 4  # skip 0, n/4, n/2, 3n/4, n of the n offloaded layers
-SUITES = ("alpha", "patterns", "importance", "planner", "distance", "context")
+# beyond: past the layers (input-embedding rows from disk, an NF4 output head), in the mission's
+# format, NF4, timed and scored: one row per model and step. NF4 decodes slowly on this CPU
+# (no fused kernel), so the 1.5B decodes and scores fewer tokens.
+BEYOND_MODELS = {
+    "smollm2-135m": dict(tokens=1024, new_tokens=16),
+    "gemma3-270m": dict(tokens=1024, new_tokens=16),
+    "qwen2.5-coder-0.5b": dict(tokens=1024, new_tokens=16),
+    "qwen2.5-coder-1.5b": dict(tokens=512, new_tokens=8),
+}
+BEYOND_STEPS = (  # unpatched, layers offloaded, + embedding rows from disk, + NF4 output head, streamed
+    ("run_baseline.py",),
+    ("run_kvcache.py",),
+    ("run_kvcache.py", "--offload-embeddings"),
+    ("run_kvcache.py", "--offload-embeddings", "--quant-head", "nf4"),
+    ("run_diskoffload.py", "--offload-embeddings", "--quant-head", "nf4"),  # the peak stays low too
+)
+BEYOND_REPEATS = 2
+SUITES = ("alpha", "patterns", "importance", "planner", "distance", "context", "beyond")
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,11 @@ def half_band(n_layers: int) -> tuple[str, str]:
 def suite_cases(suite: str, out: Path, importances: dict | None = None) -> list[Case]:
     """The cases of a suite, in run order. out: the suite's CSV. importances: for the planner,
     {model: {"removal": {layer: ppl}, "block-influence": {layer: score}}} (planner_importances)."""
+    if suite == "beyond":
+        return [Case(suite, (script, "--model", model, "--quant", "nf4", "--max-new-tokens", str(spec["new_tokens"]),
+                             "--repeats", str(BEYOND_REPEATS), "--ppl-max-tokens", str(spec["tokens"]), *flags,
+                             "--out", str(out)))
+                for model, spec in BEYOND_MODELS.items() for script, *flags in BEYOND_STEPS]
     cases = []
     for model, spec in STUDY_MODELS.items():
         n, tokens = spec["n_layers"], spec["tokens"]

@@ -13,7 +13,7 @@ import torch
 import offload_skip
 
 from .base import RESULTS_DIR, UsageError, default_cache_dir, first_line
-from .models import DEFAULT_MODEL, EMBEDDED_MODELS, QUANTS, model_kind
+from .models import DEFAULT_MODEL, EMBEDDED_MODELS, HEAD_QUANTS, QUANTS, model_kind
 from .results import VARIANTS, check_csv
 
 DEFAULT_PROMPT = "The history of the printing press in Europe began when"
@@ -138,6 +138,12 @@ def build_parser(variant: str | None = None, description: str | None = None,
     add("--inject-distance", type=_int_at_least(1), default=1, metavar="K",
         help="add an offloaded layer's contribution before the K-th resident layer after it "
              "(1: the next one, exact at alpha 1)")
+    add("--offload-embeddings", action="store_true",
+        help="also keep the input embedding's weight on disk: each forward reads only the rows of its tokens "
+             "(exact); an embedding tied to the output head stays resident (the head needs all of it)")
+    add("--quant-head", choices=HEAD_QUANTS, default="none",
+        help="output head format: none (as loaded) or nf4 (bitsandbytes 4-bit, a copy of its own: "
+             "approximate, it changes the model's logits)")
     add("--cache-dir", type=Path, default=default_cache_dir(),
         help="converted embedded models go to <cache-dir>/hf, offloaded layer files to <cache-dir>/layers")
     if variant is not None:
@@ -205,6 +211,9 @@ def finish_args(args: argparse.Namespace, row_type=None) -> argparse.Namespace:
     if args.ppl_stride > args.ppl_ctx:
         raise UsageError(f"--ppl-stride {args.ppl_stride} is larger than --ppl-ctx {args.ppl_ctx}: "
                          "tokens would go unscored")
+    if args.offload_embeddings and args.variant == "baseline":
+        raise UsageError("--offload-embeddings needs a patched variant (kvcache or diskoffload); "
+                         "the baseline is the unpatched model")
     if not hasattr(args, "kv_cache"):
         args.kv_cache = True
     if not hasattr(args, "prefetch"):  # scripts without the stream flags

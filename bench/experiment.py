@@ -16,7 +16,7 @@ import offload_skip
 from .base import UsageError, first_line
 from .cli import BATCH_PROMPTS, DEFAULT_PROMPT
 from .corpus import load_corpus
-from .models import DEFAULT_MODEL, load_model, model_kind, resolve_model
+from .models import DEFAULT_MODEL, embeddings_tied, load_model, model_kind, quantize_head, resolve_model
 from .results import VARIANT_MODES
 
 
@@ -86,6 +86,8 @@ def open_run(args: argparse.Namespace) -> Run:
     layers = select(args.layers, n_layers)
     skipped = select_skipped(getattr(args, "skip", None), layers, n_layers)
     model, tokenizer, info = load_model(args.model, args.quant, args.device, args.cache_dir)
+    info["tied_embeddings"] = embeddings_tied(model)  # as the checkpoint has it, before --quant-head
+    quantize_head(model, getattr(args, "quant_head", "none"))
     input_ids, mask = prompt_batch(tokenizer, getattr(args, "prompt", DEFAULT_PROMPT), getattr(args, "batch_size", 1))
     return Run(args, model, tokenizer, info, layers, skipped, docs, ppl_dataset, input_ids.to(args.device),
                None if mask is None else mask.to(args.device))
@@ -119,7 +121,8 @@ def patch(run: Run):
     try:
         alpha = {i: 0.0 if i in run.skipped else args.alpha for i in run.layers}
         return offload_skip.patch_model(run.model, run.layers, Path(args.cache_dir) / "layers", alpha=alpha,
-                                        mode=mode, inject_distance=args.inject_distance, **stream)
+                                        mode=mode, inject_distance=args.inject_distance,
+                                        offload_embeddings=getattr(args, "offload_embeddings", False), **stream)
     except ValueError as err:  # e.g. a pattern that names tied tensors
         raise UsageError(str(err)) from None
 

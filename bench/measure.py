@@ -286,6 +286,9 @@ class Memory:
     standby_bytes: int
     rss_bytes: int | None
     cuda_allocated_bytes: int | None
+    # standby_bytes by part (offload_skip.weight_breakdown): embedding_bytes, head_bytes,
+    # resident_layers_bytes, other_bytes; they sum to standby_bytes
+    parts: dict = field(default_factory=dict)
 
 
 def weight_bytes(model, ctl, device: torch.device) -> int:
@@ -311,6 +314,7 @@ def measure_memory(run: Run, ctl=None) -> Memory:
             raise UsageError("measuring RSS needs psutil; run: pip install psutil") from None
         rss = psutil.Process().memory_info().rss
     cuda = torch.cuda.memory_allocated(run.device) if run.device.type == "cuda" else None
-    return Memory(weight_bytes(run.model, ctl, run.device), rss, cuda)
+    parts = offload_skip.weight_breakdown(run.model, run.device)
+    return Memory(weight_bytes(run.model, ctl, run.device), rss, cuda, parts)
 
 

@@ -84,6 +84,7 @@ class _DropHubKernelWarning(logging.Filter):
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropHubKernelWarning())
 
 QUANTS = ("nf4", "bf16", "fp16", "fp32")
+HEAD_QUANTS = ("none", "nf4")  # --quant-head: the output head as loaded, or bitsandbytes NF4
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Hugging Face repo ids are "org/name" with alphanumerics, '-', '_' and '.'.
@@ -159,6 +160,40 @@ def resolve_model(name: str, cache_dir: Path) -> tuple[str, str]:
     if kind == "dir":
         return str(Path(name).expanduser()), name
     return name, name
+
+
+def embeddings_tied(model) -> bool:
+    """True when the output head computes with the input embedding's own storage."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return head is not None and head.weight.untyped_storage().data_ptr() == embedding.weight.untyped_storage().data_ptr()
+
+
+def quantize_head(model, quant: str) -> None:
+    """Replace the output head by a bitsandbytes NF4 copy of its weight, computing in the
+    weight's dtype. Approximate by design: it changes the model's logits. A head tied to the
+    input embedding gets a copy of its own, which frees the embedding to be offloaded."""
+    if quant == "none":
+        return
+    if quant not in HEAD_QUANTS:
+        raise UsageError(f"unknown head format {quant!r}: use one of {', '.join(HEAD_QUANTS)}")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UsageError("--quant-head nf4 needs bitsandbytes; run: pip install bitsandbytes") from None
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        raise UsageError(f"--quant-head nf4 needs an nn.Linear output head; this model has {type(head).__name__}")
+    weight = head.weight.data
+    nf4 = bnb.nn.Linear4bit(head.in_features, head.out_features, bias=head.bias is not None,
+                            compute_dtype=weight.dtype, compress_statistics=True, quant_type="nf4", device="meta")
+    # The same settings as the body's NF4 (double quant); a copy, so a tied embedding keeps its matrix.
+    nf4.weight = bnb.nn.Params4bit(weight.detach().to("cpu", copy=True), requires_grad=False,
+                                   compress_statistics=True, quant_type="nf4")
+    if head.bias is not None:
+        nf4.bias = torch.nn.Parameter(head.bias.data.clone(), requires_grad=False)
+    model.set_output_embeddings(nf4.to(weight.device))  # bitsandbytes quantises on this move
+    if weight.device.type == "cpu":
+        offload_skip.prepack_nf4_for_cpu(model)
 
 
 def model_kind(name: str) -> str:

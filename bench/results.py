@@ -35,6 +35,8 @@ COLUMNS = {
     "variant": "baseline (unpatched), kvcache (session residency) or diskoffload (stream residency)",
     "model": "--model as given (embedded alias, directory or hub id)",
     "quant": "weight format: nf4 (bitsandbytes, double quant, bf16 compute), bf16, fp16, fp32",
+    "quant_head": "output head format: none (as loaded; bitsandbytes leaves the head unquantised) or nf4 "
+                  "(--quant-head: a 4-bit copy, approximate by design)",
     "device": "compute device (cpu, cuda)",
     "device_name": "CUDA device name, or 'CPU: <model name>'",
     "layers": "--layers pattern (empty for the baseline)",
@@ -44,6 +46,9 @@ COLUMNS = {
     "skipped_layers": "offloaded layers removed outright (--skip: alpha 0, never read), space-separated",
     "inject_distance": "an offloaded run's contribution is added before the k-th resident layer after it "
                        "(1: the next one, exact at alpha 1); empty for the baseline",
+    "embedding_residency": "input embedding: resident; disk (--offload-embeddings: each forward reads its tokens' "
+                           "rows from a file); tied (asked, but kept resident: the output head shares the matrix)",
+    "tied_embeddings": "True when the checkpoint's output head shares the input embedding's matrix (before --quant-head)",
     "mode": "residency: resident (baseline), session (loaded for each inference), stream (loaded per layer use)",
     "prefetch": "stream: layers read ahead by the background reader (resolved from auto)",
     "budget_bytes": "stream: bytes of offloaded layers allowed to stay resident",
@@ -68,6 +73,13 @@ COLUMNS = {
                      "states; each storage once); variants: after standby()",
     "peak_bytes": "most weight bytes resident on the device during the measured runs (controller accounting, "
                   "stream slots included); baseline: = standby_bytes",
+    "embedding_bytes": "of standby_bytes: the input embedding (0 when its rows are read from disk; a tied head's "
+                       "matrix is counted here)",
+    "head_bytes": "of standby_bytes: the output head's own tensors (0 when tied to the embedding)",
+    "resident_layers_bytes": "of standby_bytes: the decoder layers kept in the model",
+    "other_bytes": "of standby_bytes: everything else (final norm, rotary tables); the four parts sum to standby_bytes",
+    "offloaded_buffer_bytes": "peak_bytes - standby_bytes: the offloaded layers' device buffers at the peak "
+                              "(0 for the baseline)",
     "rss_bytes": "CPU only: process resident set size while idle, after malloc_trim (everything: weights, "
                  "torch, tokenizer, Python)",
     "cuda_allocated_bytes": "CUDA only: torch.cuda.memory_allocated while idle",
@@ -147,6 +159,7 @@ class Result:
     variant: str
     model: str
     quant: str
+    quant_head: str
     device: str
     device_name: str
     layers: str
@@ -155,6 +168,8 @@ class Result:
     alpha: float | None
     skipped_layers: str
     inject_distance: int | None
+    embedding_residency: str
+    tied_embeddings: bool | None
     mode: str
     prefetch: int | None
     budget_bytes: int | None
@@ -172,6 +187,11 @@ class Result:
     run_id: str
     standby_bytes: int
     peak_bytes: int | None
+    embedding_bytes: int | None
+    head_bytes: int | None
+    resident_layers_bytes: int | None
+    other_bytes: int | None
+    offloaded_buffer_bytes: int | None
     rss_bytes: int | None
     cuda_allocated_bytes: int | None
     cuda_max_allocated_bytes: int | None
@@ -300,6 +320,7 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         variant=run.variant,
         model=run.info["model"],
         quant=run.info["quant"],
+        quant_head=getattr(args, "quant_head", "none"),
         device=run.device.type,
         device_name=device_name(run.device),
         layers=args.layers if patched else "",
@@ -308,6 +329,8 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         alpha=args.alpha if patched else None,
         skipped_layers=" ".join(map(str, ctl.skipped_layers)) if patched else "",
         inject_distance=ctl.inject_distance if patched else None,
+        embedding_residency=ctl.embedding_residency if patched else "resident",
+        tied_embeddings=run.info.get("tied_embeddings"),
         mode=VARIANT_MODES[run.variant],
         prefetch=ctl.prefetch if stream else None,
         budget_bytes=args.budget if stream else None,
@@ -325,6 +348,11 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         run_id=run.run_id,
         standby_bytes=memory.standby_bytes,
         peak_bytes=peak,
+        embedding_bytes=memory.parts.get("embedding_bytes"),
+        head_bytes=memory.parts.get("head_bytes"),
+        resident_layers_bytes=memory.parts.get("resident_layers_bytes"),
+        other_bytes=memory.parts.get("other_bytes"),
+        offloaded_buffer_bytes=peak - memory.standby_bytes if peak is not None else None,
         rss_bytes=memory.rss_bytes,
         cuda_allocated_bytes=memory.cuda_allocated_bytes,
         cuda_max_allocated_bytes=speed.cuda_max_allocated_bytes if timed else None,
@@ -426,7 +454,7 @@ def number(value) -> float | None:
 
 # A baseline row's perplexity is comparable when these match: the same model and weights,
 # computed by the same kernels (NF4 on CPU differs between CPUs and library versions).
-_SAME_COMPUTATION = ("model", "quant", "device", "device_name", "cpu_isa", "torch", "transformers", "bitsandbytes")
+_SAME_COMPUTATION = ("model", "quant", "quant_head", "device", "device_name", "cpu_isa", "torch", "transformers", "bitsandbytes")
 
 
 def latest_baseline(path: Path, row: Result) -> dict | None:
@@ -455,6 +483,12 @@ def summary(row: Result, baseline: dict | None = None) -> str:
             config += f", layers {row.skipped_layers} removed"
         if row.inject_distance and row.inject_distance > 1:
             config += f", injected {row.inject_distance} resident layers later"
+    if row.embedding_residency == "disk":
+        config += "; input embedding rows read from disk"
+    elif row.embedding_residency == "tied":
+        config += "; input embedding kept resident (tied to the output head: nothing saved)"
+    if row.quant_head not in (None, "none"):
+        config += f"; output head in {row.quant_head.upper()} (approximate)"
     if row.mode == "stream":
         bandwidth = "unthrottled" if row.io_bandwidth is None else f"{row.io_bandwidth / 1e6:g} MB/s"
         if row.cold_reads:
@@ -480,6 +514,10 @@ def summary(row: Result, baseline: dict | None = None) -> str:
                                ("idle RSS", row.rss_bytes, row.baseline_rss_bytes)):
         if value is not None:
             lines.append(f"  {label:<15} {_mb(value):>10}" + versus(value, base, percent=True))
+    if row.embedding_bytes is not None:
+        lines.append(f"  {'standby parts':<15} embedding {_mb(row.embedding_bytes)}, head {_mb(row.head_bytes)}, "
+                     f"resident layers {_mb(row.resident_layers_bytes)}, other {_mb(row.other_bytes)}; "
+                     f"offloaded layers at the peak {_mb(row.offloaded_buffer_bytes)}")
     if row.ppl is not None:
         same_tokens = baseline is not None and row.variant != "baseline" and all(
             baseline.get(k) == _cell(getattr(row, k)) for k in ("ppl_dataset", "ppl_ctx", "ppl_stride", "ppl_tokens"))

@@ -67,3 +67,39 @@ def test_load_model_rejects_bad_quant_or_device(tmp_path, quant, device):
         bench.load_model("smollm2-135m", quant, device, tmp_path)
     assert repr(quant if quant == "int8" else device) in _one_line(err)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_quantize_head_replaces_the_head_by_an_nf4_copy(tied):
+    import torch
+    from bitsandbytes.nn import Linear4bit
+    from conftest import tiny_model
+
+    model = tiny_model("llama", torch.bfloat16)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    assert models.embeddings_tied(model) is tied
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        before = model(ids).logits
+        models.quantize_head(model, "nf4")
+        after = model(ids).logits
+    assert isinstance(model.lm_head, Linear4bit) and model.lm_head.weight.quant_type == "nf4"
+    assert not models.embeddings_tied(model)  # a copy of its own: the embedding is free to go to disk
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    assert after.dtype == before.dtype and not torch.equal(after, before)  # approximate by design
+    assert torch.corrcoef(torch.stack([after.flatten().float(), before.flatten().float()]))[0, 1] > 0.9
+
+
+def test_quantize_head_none_and_unknown():
+    import torch
+    from conftest import tiny_model
+
+    model = tiny_model("qwen2")
+    head = model.lm_head
+    models.quantize_head(model, "none")
+    assert model.lm_head is head and type(head) is torch.nn.Linear
+    with pytest.raises(bench.UsageError) as err:
+        models.quantize_head(model, "int3")
+    assert _one_line(err) == "unknown head format 'int3': use one of none, nf4"

@@ -337,7 +337,7 @@ def test_resident_bytes_drop_by_the_offloaded_layers(kind, tmp_path, prompt_ids)
     ctl.standby()
     assert ctl.resident_bytes() == before - offloaded
     for i in (2, 4):  # no offloaded tensor is left behind
-        assert all(t.numel() == 0 for t in osk.module_tensors(model.model.layers[i]._layer))
+        assert all(t.numel() == 0 for t in osk.module_tensors(model.model.layers[i]._original))
 
 
 @pytest.mark.parametrize("prefetch", [0, 1, 2, 5])

@@ -166,6 +166,40 @@ def test_nf4_kvcache(setup, tmp_path, capsys):
     assert "kvcache: " in capsys.readouterr().out
 
 
+def _parts_sum(row) -> float:
+    return sum(_n(row[k]) for k in ("embedding_bytes", "head_bytes", "resident_layers_bytes", "other_bytes"))
+
+
+def test_rows_split_the_standby_bytes_into_parts(results):
+    _, rows, _ = results
+    for row in [r for name in rows for r in rows[name]]:
+        assert _parts_sum(row) == _n(row["standby_bytes"])
+        assert _n(row["offloaded_buffer_bytes"]) == _n(row["peak_bytes"]) - _n(row["standby_bytes"])
+        assert (row["quant_head"], row["embedding_residency"], row["tied_embeddings"]) == ("none", "resident", "False")
+    base, kv = rows["baseline"][0], rows["kvcache"][0]
+    assert _n(base["offloaded_buffer_bytes"]) == 0 and _n(base["embedding_bytes"]) > 0
+    assert kv["embedding_bytes"] == base["embedding_bytes"] and kv["head_bytes"] == base["head_bytes"]
+    assert _n(kv["resident_layers_bytes"]) < _n(base["resident_layers_bytes"])
+
+
+@pytest.mark.parametrize("module", [run_kvcache, run_diskoffload])
+def test_embedding_rows_from_disk_and_nf4_head(results, setup, tmp_path, module):
+    base, kv = results[1]["baseline"][0], results[1]["kvcache"][0]
+    out = tmp_path / "beyond.csv"
+    assert module.main(_argv(setup, out, "--offload-embeddings")) == 0
+    assert module.main(_argv(setup, out, "--offload-embeddings", "--quant-head", "nf4")) == 0
+    exact, nf4 = bench.read_rows(out)
+    assert exact["embedding_residency"] == nf4["embedding_residency"] == "disk"
+    assert exact["embedding_bytes"] == nf4["embedding_bytes"] == "0"
+    assert _n(exact["standby_bytes"]) == _n(kv["standby_bytes"]) - _n(base["embedding_bytes"])
+    assert exact["ppl"] == base["ppl"]  # the rows are the stored bytes: exact
+    assert (exact["quant_head"], nf4["quant_head"]) == ("none", "nf4")
+    assert 0 < _n(nf4["head_bytes"]) < _n(base["head_bytes"]) / 3  # 4-bit codes plus their scales
+    assert nf4["ppl"] != base["ppl"]  # approximate by design
+    for row in (exact, nf4):
+        assert _parts_sum(row) == _n(row["standby_bytes"])
+
+
 def test_ppl_skipped_with_zero_tokens(setup, tmp_path):
     out = tmp_path / "b.csv"
     assert run_baseline.main(_argv(setup, out, "--ppl-max-tokens", "0", "--ppl-dataset", "no-such-corpus")) == 0
@@ -179,6 +213,9 @@ def test_ppl_skipped_with_zero_tokens(setup, tmp_path):
     (run_diskoffload, ["--budget", "12X"], "argument --budget: invalid size '12X'"),
     (run_baseline, ["--ppl-dataset", "/no/such/corpus.txt"], "corpus file /no/such/corpus.txt not found"),
     (eval_ppl, ["--variant", "kvcache", "--ppl-max-tokens", "0"], "--ppl-max-tokens 0 leaves nothing to evaluate"),
+    (run_baseline, ["--offload-embeddings"], "--offload-embeddings needs a patched variant (kvcache or diskoffload)"),
+    (eval_ppl, ["--offload-embeddings"], "--offload-embeddings needs a patched variant"),
+    (run_kvcache, ["--quant-head", "int3"], "argument --quant-head: invalid choice: 'int3'"),
 ])
 def test_cli_errors(setup, tmp_path, capsys, module, extra, message):
     out = tmp_path / "x.csv"

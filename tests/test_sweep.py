@@ -8,6 +8,9 @@ import pytest
 import bench
 import eval_ppl
 import offload_skip
+import run_baseline
+import run_diskoffload
+import run_kvcache
 import sweep
 from bench import importance
 
@@ -75,15 +78,35 @@ def test_every_case_is_one_eval_ppl_command(tmp_path, suite, count):
     assert bench.read_rows(out) == [] and not out.exists()
 
 
+SCRIPTS = {"eval_ppl.py": eval_ppl, "run_baseline.py": run_baseline, "run_kvcache.py": run_kvcache,
+           "run_diskoffload.py": run_diskoffload}
+
+
 @pytest.mark.parametrize("suite", sweep.SUITES)
-def test_every_case_parses_with_eval_ppls_command_line(tmp_path, monkeypatch, suite):
+def test_every_case_parses_with_its_scripts_command_line(tmp_path, monkeypatch, suite):
     parsed = []
     monkeypatch.setattr(bench, "main", lambda run, parser, argv: parsed.append(parser.parse_args(argv)) or 0)
     cases = sweep.suite_cases(suite, tmp_path / f"{suite}.csv", _importances())
     for case in cases:
-        assert eval_ppl.main(list(case.argv[1:])) == 0
+        assert SCRIPTS[case.argv[0]].main(list(case.argv[1:])) == 0
     assert len(parsed) == len(cases)
     assert {str(args.out) for args in parsed} == {str(tmp_path / f"{suite}.csv")}
+
+
+def test_beyond_suite(tmp_path):
+    out = tmp_path / "beyond.csv"
+    cases = sweep.suite_cases("beyond", out)
+    assert len(cases) == len(sweep.BEYOND_MODELS) * len(sweep.BEYOND_STEPS) == 20
+    first = [c.command for c in cases[:5]]
+    common = f"--model smollm2-135m --quant nf4 --max-new-tokens 16 --repeats 2 --ppl-max-tokens 1024"
+    assert first == [
+        f"python run_baseline.py {common} --out {out}",
+        f"python run_kvcache.py {common} --out {out}",
+        f"python run_kvcache.py {common} --offload-embeddings --out {out}",
+        f"python run_kvcache.py {common} --offload-embeddings --quant-head nf4 --out {out}",
+        f"python run_diskoffload.py {common} --offload-embeddings --quant-head nf4 --out {out}",
+    ]
+    assert [c.argv[2] for c in cases[::5]] == list(sweep.BEYOND_MODELS)
 
 
 def test_alpha_suite(tmp_path):
@@ -175,7 +198,7 @@ def test_unknown_suite(tmp_path):
     with pytest.raises(bench.UsageError) as err:
         sweep.suite_cases("alphas", tmp_path / "x.csv")
     assert str(err.value) == ("unknown suite 'alphas'; choose from "
-                              "alpha, patterns, importance, planner, distance, context")
+                              "alpha, patterns, importance, planner, distance, context, beyond")
 
 
 # --------------------------------------------------------------------------- the planner
@@ -389,6 +412,7 @@ def test_list(tmp_path, capsys):
         f"planner     planner: no importance rows for smollm2-135m in {tmp_path}; run: python sweep.py importance",
         "distance     12 cases,   7 pending",
         "context      30 cases,  30 pending",
+        "beyond       20 cases,  20 pending",
     ]
 
 
