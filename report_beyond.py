@@ -91,8 +91,10 @@ def beyond_section(results: Path) -> str:
     return (f"From results/{SUITE}.csv (`python sweep.py {SUITE}`; weights NF4, CPU: {'; '.join(machines)}; "
             f"commit {', '.join(sorted({r['commit'] for r in rows}))}). Perplexity on wiki-embedded, ctx 512 "
             f"({', '.join(tokens)}). Checkpoints whose head is tied to the input embedding: "
-            f"{', '.join(tied) or 'none'}. Decode speed: greedy, KV cache, its ratio to the unpatched model "
-            "timed in the same process; busy rows (other work on the CPU) show no speed.\n\n"
+            f"{', '.join(tied) or 'none'}. Decode speed: greedy, KV cache; in brackets its ratio to the "
+            "unpatched model timed in the same process, with the same head (so a ratio compares residency, "
+            "and the NF4 head's own cost shows in the tok/s against the unpatched row); busy rows (other "
+            "work on the CPU) show no speed.\n\n"
             + markdown_table(headers, lines))
 
 

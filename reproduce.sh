@@ -63,5 +63,8 @@ done
 python run_diskoffload.py $B --batch-size 16 --repeats 9 --prefetch 0
 for b in 1 16; do python profile_step.py --batch-size $b --prefetch 0 --max-new-tokens 8 --repeats 3; done
 
+# --- Beyond the layers: embedding rows from disk, NF4 head (README "Beyond the layers") ---
+python sweep.py beyond
+
 python estimate.py --check results
 python report.py
