@@ -20,6 +20,7 @@ import estimate
 import report_beyond
 import report_streaming
 import report_study
+from report_study import mb
 import sweep
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -34,10 +35,10 @@ TABLE = (
     ("offloaded", lambda r: _offloaded(r)),
     ("alpha", lambda r: r["alpha"]),
     ("mode", lambda r: _mode(r)),
-    ("standby MB", lambda r: _mb(r["standby_bytes"])),
-    ("peak MB", lambda r: _mb(r["peak_bytes"])),
+    ("standby MB", lambda r: mb(r["standby_bytes"])),
+    ("peak MB", lambda r: mb(r["peak_bytes"])),
     ("peak vs unpatched", lambda r: _percent(r["peak_bytes"], r["baseline_standby_bytes"])),
-    ("idle RSS MB", lambda r: _mb(r["rss_bytes"])),
+    ("idle RSS MB", lambda r: mb(r["rss_bytes"])),
     ("PPL", lambda r: _ppl(r)),
     ("prefill s", lambda r: _num(r["prefill_s"], ".3f")),
     ("decode tok/s", lambda r: _num(r["decode_tok_s"], ".1f")),
@@ -63,11 +64,6 @@ def _percent(cell, base_cell) -> str:
     return "" if value is None or not base else f"{100 * value / base:.1f}%"
 
 
-def _mb(cell) -> str:
-    value = bench.number(cell)
-    return "" if value is None else f"{value / 1e6:.1f}"
-
-
 def _offloaded(row: dict) -> str:
     n = len(row["layers_offloaded"].split())
     return f"{n}/{row['n_layers']}" + (f" ({row['layers']})" if row["layers"] else "")
@@ -78,7 +74,7 @@ def _mode(row: dict) -> str:
     if row["mode"] == "stream":
         parts.append(f"prefetch {row['prefetch']}")
         if bench.number(row["budget_bytes"]):
-            parts.append(f"budget {_mb(row['budget_bytes'])} MB")
+            parts.append(f"budget {mb(row['budget_bytes'])} MB")
         if row["io_bandwidth"]:
             parts.append(f"{bench.number(row['io_bandwidth']) / 1e6:g} MB/s")
     if row["kv_cache"] == "False":
@@ -103,7 +99,7 @@ EXACTNESS_TABLE = (
     ("logits equal", lambda r: r["logits_equal"]),
     ("greedy tokens equal", lambda r: f"{r['tokens_equal']} ({r['greedy_tokens']} tok)"),
     ("first divergence", lambda r: r["first_divergence"]),
-    ("standby MB", lambda r: f"{_mb(r['standby_bytes_before'])} -> {_mb(r['standby_bytes_after'])}"),
+    ("standby MB", lambda r: f"{mb(r['standby_bytes_before'])} -> {mb(r['standby_bytes_after'])}"),
     ("commit", lambda r: r["commit"]),
 )
 
@@ -266,7 +262,7 @@ def _label(row: dict, several_setups: bool) -> str:
     if row["mode"] == "stream":
         label += f" p{row['prefetch']}"
         if bench.number(row["budget_bytes"]):
-            label += f" b{_mb(row['budget_bytes'])}M"
+            label += f" b{mb(row['budget_bytes'])}M"
         if row["io_bandwidth"]:
             label += f" {bench.number(row['io_bandwidth']) / 1e6:g}MB/s"
     if row["kv_cache"] == "False":

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import bench
-from report_study import markdown_table, save_figure, suite_rows
+from report_study import markdown_table, mb, save_figure, suite_rows
 
 SUITE = "beyond"
 # The stacked parts of a bar: standby parts (they sum to standby_bytes), then the offloaded
@@ -39,11 +39,6 @@ def short_step(row: dict) -> str:
     if row["quant_head"] == "nf4":
         return "+ NF4 head"
     return {"disk": "+ embedding\nrows", "tied": "+ embedding\n(tied: kept)"}.get(row["embedding_residency"], "layers")
-
-
-def _mb(cell) -> str:
-    value = bench.number(cell)
-    return "" if value is None else f"{value / 1e6:.1f}"
 
 
 def _unpatched(rows: list[dict], row: dict) -> dict | None:
@@ -80,8 +75,8 @@ def beyond_section(results: Path) -> str:
         base = _unpatched(rows, row)
         standby = bench.number(row["standby_bytes"])
         share = f"{100 * standby / bench.number(base['standby_bytes']):.0f}%" if base and standby else ""
-        lines.append([row["model"], step(row), _mb(row["standby_bytes"]), share, _mb(row["peak_bytes"]),
-                      _mb(row["embedding_bytes"]), _mb(row["head_bytes"]), _mb(row["resident_layers_bytes"]),
+        lines.append([row["model"], step(row), mb(row["standby_bytes"]), share, mb(row["peak_bytes"]),
+                      mb(row["embedding_bytes"]), mb(row["head_bytes"]), mb(row["resident_layers_bytes"]),
                       _speed(row), _ppl(row, base)])
     headers = ["model", "step", "standby MB", "of unpatched", "peak MB", "embedding MB", "head MB",
                "resident layers MB", "decode tok/s (x same-run unpatched)", "PPL"]

@@ -7,15 +7,10 @@ from pathlib import Path
 
 import bench
 import estimate
-from report_study import markdown_table, save_figure
+from report_study import markdown_table, mb, save_figure
 
 FILES = ("peers.csv", "cold.csv", "batch.csv", "profile.csv")
 PROFILE_OPS = 6  # per run: the ops whose time differs most between the two modes
-
-
-def _mb(cell) -> str:
-    value = bench.number(cell)
-    return "" if value is None else f"{value / 1e6:.1f}"
 
 
 def _num(cell, spec: str) -> str:
@@ -45,7 +40,7 @@ def peers_section(results: Path) -> str:
         offloaded = row["n_layers"] if row["system"] == "airllm" else len(row["layers_offloaded"].split())
         lines.append([row["model"], row["quant"], row["system"], f"{offloaded}/{row['n_layers']}",
                       _num(row["decode_tok_s"], ".2f"), _num(row["ratio_to_resident"], ".2f") + ("x" if row["ratio_to_resident"] else ""),
-                      versus, _mb(row["idle_bytes"]), _mb(row["peak_bytes"]), _num(row["rss_delta_bytes"], "+,.0f"),
+                      versus, mb(row["idle_bytes"]), mb(row["peak_bytes"]), _num(row["rss_delta_bytes"], "+,.0f"),
                       row["note"], row["run_id"][:6]])
     headers = ["model", "quant", "system", "offloaded", "decode tok/s", "vs resident", "stream vs peer",
                "idle MB", "peak MB", "RSS delta bytes", "note", "run"]

@@ -56,6 +56,12 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "" if value is None else format(value, spec)
 
 
+def mb(cell) -> str:
+    """A CSV byte cell in MB (10^6, one decimal); '' when empty."""
+    value = bench.number(cell)
+    return "" if value is None else f"{value / 1e6:.1f}"
+
+
 def markdown_table(headers: list[str], lines: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(cells) + " |" for cells in lines]
