@@ -139,8 +139,8 @@ def run(args) -> bench.Result:
         raise bench.UsageError("--block-influence scores the unpatched model's layers; use --variant baseline")
     bench.check_csv(args.influence_out, importance.InfluenceRow)
     run_ = bench.open_run(args)
-    unpatched = bench.measure_memory(run_)  # this process's resident model: the row's baseline
     ctl = bench.patch(run_)
+    unpatched = bench.measure_unpatched(run_, ctl)  # this process's model, unpatched: the row's baseline
     meter = importance.InfluenceMeter(run_.model) if args.block_influence else contextlib.nullcontext()
     with meter:
         ppl = evaluate(run_, ctl)

@@ -432,13 +432,16 @@ class LayerStore:
             raise CacheError(f"{self.manifest_path}: corrupt manifest ({err}); delete {self.dir} to rebuild") from None
         return manifest if manifest.get("identity") == self.identity else {}
 
-    def sync(self, layers: dict[int, dict[str, torch.Tensor]], progress: bool = True) -> None:
-        """Make the files for `layers` (index -> named tensors) exist and match them."""
+    def sync(self, layers, total: int | None = None, progress: bool = True) -> None:
+        """Make the files for `layers` exist and match them: a dict index -> named tensors, or an
+        iterable of (index, named tensors) pairs, consumed one at a time (`total`: their count,
+        for the progress bar)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         manifest = self._read_manifest()
         entries = manifest.get("layers", {})
         self.written = []
-        for index, tensors in _progress(layers.items(), "storing offloaded layers", progress):
+        items = layers.items() if isinstance(layers, dict) else layers
+        for index, tensors in _progress(items, "storing offloaded layers", progress, total):
             layout, chunks = serialize_layer(tensors)
             expected = _sha256(chunks)
             path = self.path(index)
@@ -467,15 +470,19 @@ class LayerStore:
         if file_sha256(path) != entry["sha256"]:
             raise _bad_file(path, "corrupt layer file (sha256 differs from the manifest)")
 
-    def read_into(self, index: int | str, out: torch.Tensor) -> None:
-        """Read file `index`'s data section into the host uint8 tensor `out` (its first bytes).
+    def read_into(self, index: int | str, out: torch.Tensor, start: int = 0) -> None:
+        """Read file `index`'s data section from byte `start` into the host uint8 tensor `out`:
+        all of the rest if `start` is 0 (into out's first bytes), else len(out) bytes (a chunk).
 
         The file stays open until close(): a positional read per load, no open/seek, and safe
         from two threads. Its size is checked on every read, so truncation is caught.
         """
         layout = self.layouts[index]
-        fd = self._open_checked(index)
-        self._read_exact(index, fd, memoryview(out.numpy())[: layout.data_bytes], layout.header_bytes)
+        fd = self._open_checked(index, cold=start == 0)
+        n = layout.data_bytes if start == 0 else len(out)
+        if start + n > layout.data_bytes:
+            raise ValueError(f"bytes {start}..{start + n} are past the {layout.data_bytes}-byte data section")
+        self._read_exact(index, fd, memoryview(out.numpy())[:n], layout.header_bytes + start)
 
     def read_rows(self, key: int | str, rows: torch.Tensor) -> torch.Tensor:
         """Rows `rows` (distinct, ascending, CPU int64) of the one 2-D tensor in file `key`, as a
@@ -497,14 +504,15 @@ class LayerStore:
                              layout.header_bytes + entry.start + first * row_bytes)
         return out
 
-    def _open_checked(self, key: int | str) -> int:
-        """The open file, its size checked against the layout (and dropped from the page cache if cold)."""
+    def _open_checked(self, key: int | str, cold: bool = True) -> int:
+        """The open file, its size checked against the layout (and dropped from the page cache if
+        cold: once per read of a file, not per chunk)."""
         layout = self.layouts[key]
         fd = self._fd(key)
         size = os.fstat(fd).st_size
         if size != layout.file_bytes:
             raise _bad_file(self.path(key), f"truncated layer file ({size} bytes, expected {layout.file_bytes})")
-        if self.cold:
+        if self.cold and cold:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         return fd
 
@@ -560,12 +568,14 @@ class LayerStore:
             self.close()
 
 
-def _progress(items, desc: str, enabled: bool):
+def _progress(items, desc: str, enabled: bool, total: int | None = None):
     if not enabled:
         return items
     from tqdm.auto import tqdm
-    items = list(items)
-    return tqdm(items, desc=desc, unit="layer", leave=False, disable=len(items) < 2)
+    if total is None:
+        items = list(items)
+        total = len(items)
+    return tqdm(items, desc=desc, unit="layer", total=total, leave=False, disable=total < 2)
 
 
 def trim_host_memory() -> None:
@@ -669,27 +679,81 @@ def throttle_delay_s(nbytes: int, io_bandwidth: float | None, elapsed_s: float) 
     return max(0.0, nbytes / io_bandwidth - elapsed_s)
 
 
-def read_layer(store: LayerStore, i: int, flat: torch.Tensor, staging: torch.Tensor | None,
-               io_bandwidth: float | None, copy_stream=None) -> float:
+# Pinned host memory for reads to a CUDA device: two chunks of this size, whatever the layer size
+# (an 8B bf16 layer is ~0.4 GB; one staging buffer per slot of that size would lock GBs of RAM).
+STAGING_CHUNK_BYTES = 64 << 20
+
+
+class Staging:
+    """Two host buffers of `chunk_bytes`, shared by every read to the device. A layer's data
+    section is read chunk by chunk into them in turn; each chunk is copied to the device on
+    `stream` (asynchronously from pinned memory on CUDA), and a buffer is refilled only after
+    its previous copy completed (its event), so reading the next chunk overlaps copying this
+    one. Bounded by 2 x chunk_bytes; released with the object (standby()). On a CPU device
+    the same path runs with plain buffers and synchronous copies (tests use it)."""
+
+    def __init__(self, chunk_bytes: int, device: torch.device):
+        cuda = device.type == "cuda"
+        self.chunk_bytes = chunk_bytes
+        self.buffers = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
+        self.events: list = [None, None]  # CUDA: the last copy out of each buffer
+        self._next = 0
+        self._lock = threading.Lock()  # the reader thread and kept-layer reads take turns
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self.buffers)
+
+    def read(self, store: "LayerStore", i: int, flat: torch.Tensor, stream=None, copy_events=None) -> None:
+        n = store.layouts[i].data_bytes
+        with self._lock:
+            first = last = None
+            for start in range(0, n, self.chunk_bytes):
+                k, self._next = self._next, self._next ^ 1
+                if self.events[k] is not None:
+                    self.events[k].synchronize()
+                chunk = self.buffers[k][:min(self.chunk_bytes, n - start)]
+                store.read_into(i, chunk, start)
+                if stream is None:  # CPU
+                    flat[start:start + len(chunk)].copy_(chunk)
+                    continue
+                with torch.cuda.stream(stream):
+                    if first is None:
+                        first = _timing_event(stream.device, stream)
+                    flat[start:start + len(chunk)].copy_(chunk, non_blocking=True)
+                    last = _timing_event(stream.device, stream)
+                self.events[k] = last
+            if copy_events is not None and first is not None:
+                copy_events.append((first, last))
+
+
+def _timing_event(device: torch.device, stream=None):
+    """A CUDA event with timing, recorded now on `stream` (the current one if None)."""
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream if stream is not None else torch.cuda.current_stream(device))
+    return event
+
+
+def read_layer(store: LayerStore, i: int, flat: torch.Tensor, staging: Staging | None,
+               io_bandwidth: float | None, copy_stream=None, copy_events: list | None = None) -> float:
     """Read layer `i` into the device buffer `flat`; returns the seconds spent.
 
-    On CPU the file is read straight into `flat`. On CUDA it is read into the pinned
-    `staging` buffer and copied asynchronously on `copy_stream` (the current stream if
-    None); the caller orders that copy against compute with events. The throttle sleeps,
-    so an emulated slow disk costs time but no CPU.
+    Without staging (CPU) the file is read straight into `flat`. With it (CUDA) it goes through
+    the staging chunks, copied asynchronously on `copy_stream` (the current stream if None);
+    the caller orders those copies against compute with events, and `copy_events` gets their
+    (start, end) timing events. Returns the host's seconds. The throttle sleeps, so an
+    emulated slow disk costs time but no CPU.
     """
     start = time.perf_counter()
     n = store.layouts[i].data_bytes
     if staging is None:
         store.read_into(i, flat)
     else:
-        store.read_into(i, staging)
+        stream = copy_stream or (torch.cuda.current_stream(flat.device) if flat.device.type == "cuda" else None)
+        staging.read(store, i, flat, stream, copy_events)
     delay_s = throttle_delay_s(n, io_bandwidth, time.perf_counter() - start)
     if delay_s > 0:  # even sleep(0) costs ~0.1 ms here: a syscall and a GIL hand-off
         time.sleep(delay_s)
-    if staging is not None:
-        with torch.cuda.stream(copy_stream or torch.cuda.current_stream(flat.device)):
-            flat[:n].copy_(staging[:n], non_blocking=True)
     return time.perf_counter() - start
 
 
@@ -703,7 +767,7 @@ class LayerStreamer:
     """
 
     def __init__(self, store: LayerStore, order: list[int], device: torch.device, depth: int,
-                 io_bandwidth: float | None, count):
+                 io_bandwidth: float | None, count, staging: Staging | None = None, copy_events=None):
         self.store, self.order, self.device, self.depth = store, order, device, depth
         self.io_bandwidth = io_bandwidth
         self._count = count  # count(key, seconds, **counts): the controller's thread-safe stats
@@ -712,10 +776,10 @@ class LayerStreamer:
         n_slots = min(depth + 1, len(order))  # more slots than streamed layers would only hold memory
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(n_slots)]
         cuda = device.type == "cuda"
-        self.staging = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) if cuda else None
-                        for _ in range(n_slots)]
+        self.staging = staging  # the controller's, shared with kept-layer reads (CUDA)
+        self.copy_events = copy_events  # CUDA: where each read's copy event pair goes
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
-        self.copied = [None] * n_slots  # CUDA events: slot's copy done (and its staging reusable)
+        self.copied = [None] * n_slots  # CUDA events: slot's copy done
         self.freed = [None] * n_slots   # CUDA events: compute done with the slot's previous layer
         self.free_slots = collections.deque(range(n_slots))
         self.jobs: dict[int, tuple[int, Future | None]] = {}  # layer -> (slot, pending read)
@@ -782,12 +846,10 @@ class LayerStreamer:
             self._count("wait_s", self._read(i, slot))  # compute waits for all of it
 
     def _read(self, i: int, slot: int) -> float:
-        if self.copied[slot] is not None:
-            self.copied[slot].synchronize()  # the staging buffer's last copy must be done
         if self.freed[slot] is not None:
             self.copy_stream.wait_event(self.freed[slot])
-        seconds = read_layer(self.store, i, self.slots[slot], self.staging[slot], self.io_bandwidth,
-                             self.copy_stream)
+        seconds = read_layer(self.store, i, self.slots[slot], self.staging, self.io_bandwidth,
+                             self.copy_stream, self.copy_events)
         if self.copy_stream is not None:
             self.copied[slot] = self.copy_stream.record_event()
         self._count("load_s", seconds, loads=1, loaded_bytes=self.store.layouts[i].data_bytes)
@@ -852,7 +914,7 @@ class OffloadController:
         self._own: dict[int, torch.Tensor] = {}  # flat buffers of kept layers
         self._bound: dict[int, torch.Tensor] = {}  # layer -> the buffer its tensors view
         self._streamer: LayerStreamer | None = None
-        self._staging: torch.Tensor | None = None  # pinned host buffer for kept layers (CUDA)
+        self._staging: Staging | None = None  # pinned chunks for every read (CUDA), until standby()
         self._in_session = False
         self._pending: list = []
         self._pending_input = None
@@ -861,6 +923,8 @@ class OffloadController:
         self._lock = threading.Lock()
         self._stats: dict = {}
         self._forward_start = None
+        self._forward_events: list = []  # CUDA: (start, end) event pairs of forward calls
+        self._copy_events: list = []     # CUDA: (start, end) event pairs of layer copies
         self._hooks = [model.register_forward_pre_hook(self._forward_begins),
                        model.register_forward_hook(self._forward_ends)]
         if inject_distance > 1:
@@ -873,27 +937,36 @@ class OffloadController:
         self.reset_stats()
 
     # ---- public API
-    def standby(self) -> None:
-        """Drop every offloaded layer from the device: only resident layers remain."""
+    def standby(self, release: bool = True) -> None:
+        """Drop every offloaded layer from the device: only resident layers remain.
+
+        release: also hand cached memory back (the CUDA allocator's cache, the pinned staging
+        chunks, freed host heap). False keeps them for the next inference, so a timed run
+        makes no allocator calls for buffers the previous one already had."""
         if self._streamer is not None:
             self._streamer.close()
             self._streamer = None
         for i in list(self._bound):
             self._unbind(i)
         self._own.clear()
-        self._staging = None
         self._store.close()
         self._pending, self._pending_input = [], None
         self._deferred.clear()
+        if not release:
+            return
+        self._staging = None
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # nothing still copies out of the staging chunks
             torch.cuda.empty_cache()
+            if hasattr(torch._C, "_host_emptyCache"):  # PyTorch caches freed pinned blocks too
+                torch._C._host_emptyCache()
         else:
             trim_host_memory()
 
     @contextlib.contextmanager
-    def session(self):
+    def session(self, release: bool = True):
         """Load the offloaded layers that are computed (alpha != 0) on entry, keep them for the
-        whole block, standby() on exit."""
+        whole block, standby(release) on exit."""
         self._in_session = True
         try:
             for i in self.computed_layers:
@@ -901,15 +974,15 @@ class OffloadController:
             yield self
         finally:
             self._in_session = False
-            self.standby()
+            self.standby(release)
 
     @contextlib.contextmanager
-    def unpatched(self):
+    def unpatched(self, release: bool = True):
         """The original model for the block, nothing rewritten: every offloaded layer loaded
         (as in a session) and the real layer modules put back in the layer list; the stubs
-        and standby() on exit. Lets a script time the resident model in the same process,
+        and standby(release) on exit. Lets a script time the resident model in the same process,
         interleaved with the patched one, without loading the model twice."""
-        with self.session():
+        with self.session(release):
             for i in self.skipped_layers:
                 self._acquire(i)
             # the embedding first: if its file fails, the stubs are all still in place
@@ -950,9 +1023,12 @@ class OffloadController:
 
     def stats(self) -> dict:
         """loads, loaded_bytes, load_s (read time, reader thread included), wait_s (compute
-        stalled waiting for a layer), forward_s (wall time inside model forward calls),
-        overlap (share of the smaller of read and compute time that was hidden),
-        peak_resident_bytes (most resident_bytes() seen since reset_stats())."""
+        stalled waiting for a layer), forward_s (time inside model forward calls), overlap
+        (share of the smaller of read and compute time that was hidden), peak_resident_bytes
+        (most resident_bytes() seen since reset_stats()). On CUDA, device work is timed with
+        CUDA events, not host enqueue: forward_s is the device time from a forward's start to
+        its end, and load_s adds the device time of the host-to-device copies to the reads."""
+        self._collect_device_times()
         with self._lock:
             stats = dict(self._stats)
         compute_s = stats["forward_s"] - stats["wait_s"]
@@ -962,9 +1038,18 @@ class OffloadController:
         return stats
 
     def reset_stats(self) -> None:
+        self._collect_device_times()
         with self._lock:
             self._stats.update(loads=0, loaded_bytes=0, load_s=0.0, wait_s=0.0, forward_s=0.0)
         self._peak_bytes = self.resident_bytes()
+
+    def _collect_device_times(self) -> None:
+        """Add the finished CUDA event pairs (forward calls, layer copies) to the stats."""
+        for key, pairs in (("forward_s", self._forward_events), ("load_s", self._copy_events)):
+            while pairs:
+                start, end = pairs.pop(0)
+                end.synchronize()
+                self._count(key, start.elapsed_time(end) / 1000)
 
     def unpatch(self) -> nn.Module:
         """Put the original layers back, each tensor in a storage of its own, and return the model."""
@@ -1085,12 +1170,16 @@ class OffloadController:
 
     def _forward_begins(self, module, args) -> None:
         self._deferred.clear()  # what an interrupted forward left behind
-        self._forward_start = time.perf_counter()
+        self._forward_start = _timing_event(self.device) if self.device.type == "cuda" else time.perf_counter()
 
     def _forward_ends(self, module, args, output) -> None:
-        if self._forward_start is not None:
+        if self._forward_start is None:
+            return
+        if self.device.type == "cuda":  # summed in stats(): no synchronisation inside a forward
+            self._forward_events.append((self._forward_start, _timing_event(self.device)))
+        else:
             self._count("forward_s", time.perf_counter() - self._forward_start)
-            self._forward_start = None
+        self._forward_start = None
 
     # ---- residency
     def _acquire(self, i: int) -> nn.Module:
@@ -1104,21 +1193,30 @@ class OffloadController:
             if self._streamer is None:
                 order = [j for j in self.computed_layers if j not in self.keep]
                 self._streamer = LayerStreamer(self._store, order, self.device, self.prefetch,
-                                               self.io_bandwidth, self._count)
+                                               self.io_bandwidth, self._count, self._staging_buffers(),
+                                               self._copy_events)
             flat = self._streamer.acquire(i)
         self._bind(i, flat)
         self._note_peak()
         return self._layers[i]
 
     def _read_kept(self, i: int, flat: torch.Tensor) -> float:
-        """Read a layer into a buffer of its own, synchronously."""
-        if self.device.type == "cuda" and self._staging is None:
-            self._staging = torch.empty(max(self.layer_bytes.values()), dtype=torch.uint8, pin_memory=True)
-        seconds = read_layer(self._store, i, flat, self._staging, self.io_bandwidth)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # the staging buffer is reused next
+        """Read a layer into a buffer of its own. On CUDA the copies are queued on the current
+        stream, so compute that uses the layer runs after them with no host synchronisation;
+        reading the next layer overlaps them (the staging chunks guard their own reuse)."""
+        seconds = read_layer(self._store, i, flat, self._staging_buffers(), self.io_bandwidth,
+                             copy_events=self._copy_events)
         self._count("load_s", seconds, loads=1, loaded_bytes=self.layer_bytes[i])
         return seconds
+
+    def _staging_buffers(self) -> Staging | None:
+        if self.device.type == "cuda" and self._staging is None:
+            self._staging = Staging(min(STAGING_CHUNK_BYTES, max(self.layer_bytes.values())), self.device)
+        return self._staging
+
+    def staging_bytes(self) -> int:
+        """Pinned host bytes held for reads now (0 on CPU and after standby())."""
+        return self._staging.nbytes if self._staging is not None else 0
 
     def _count(self, key: str, seconds: float, **counts) -> None:
         """Add to the stats; the reader thread counts too, hence the lock."""
@@ -1184,10 +1282,42 @@ def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- entry point
 
+def store_layers(model: nn.Module, layers: list[int], cache_dir: str | Path, materialize,
+                 device: torch.device | str, progress: bool = True) -> LayerStore:
+    """Write the layer files of a model whose `layers` are not loaded (meta tensors): for each in
+    turn, ``materialize(i, layer)`` makes it real on `device`, it is stored, and its tensors
+    are dropped (placeholders) before the next, so no two are ever on the device together.
+    `model` may be a skeleton holding nothing else (from_config on the meta device, the
+    model's config and name): then the most the device holds is one layer. Returns the store,
+    for ``patch_model(..., store=...)`` once the model's other weights are loaded; the layer
+    modules keep their structure (a bitsandbytes layer its quant states) for the binding.
+    ``store.peak_bytes`` is the most weight bytes this held on the device."""
+    device = torch.device(device)
+    layer_list = find_decoder_layers(model)
+    store = LayerStore(cache_dir, *model_fingerprint(model, device))
+    peak = [tensor_bytes(module_tensors(model), device)]
+
+    def one_at_a_time():
+        for i in layers:
+            materialize(i, layer_list[i])
+            peak.append(tensor_bytes(module_tensors(model), device))
+            tensors = {name: ref.get() for name, ref in layer_tensor_refs(layer_list[i]).items()}
+            # within the layer only: the layers before it were freed (their addresses may be reused)
+            _check_not_shared(i, tensors, {})
+            yield i, tensors
+            del tensors  # stored: its memory goes before the next one comes
+            for ref in layer_tensor_refs(layer_list[i]).values():
+                ref.set(_placeholder(ref.get().dtype, device))
+
+    store.sync(one_at_a_time(), total=len(layers), progress=progress)
+    store.peak_bytes = max(peak)
+    return store
+
+
 def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode: str = "session",
                 prefetch: int = 2, budget_bytes: int = 0, io_bandwidth: float | None = None,
                 inject_distance: int = 1, cold: bool = False, offload_embeddings: bool = False,
-                progress: bool = True) -> OffloadController:
+                store: LayerStore | None = None, progress: bool = True) -> OffloadController:
     """Offload `layers` of `model` to `cache_dir` and replace them by stubs, in place.
 
     layers: a list of indices or a select_layers pattern (``even``, ``every:3``, ``2-10``).
@@ -1208,6 +1338,11 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
     the rows of its tokens (exact). When another module holds that weight too (an output head
     tied to it needs the whole matrix every forward), it stays resident with a warning, nothing
     is saved, and ``controller.embedding_residency`` says ``tied``.
+    store: the layers' files, already written by store_layers (a model too large for the
+    device, loaded without them); the layers hold no tensors, only their structure.
+    ``controller.load_peak_bytes`` is the most weight bytes on the device while the layers
+    were stored: the model's whole weights if they were loaded, else store_layers' peak or
+    the model's resident part, whichever is more.
     """
     if mode not in ("session", "stream"):
         raise ValueError(f"mode must be 'session' or 'stream', got {mode!r}")
@@ -1228,17 +1363,26 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
     if not offloaded or offloaded[0] < 0 or offloaded[-1] >= len(layer_list):
         raise ValueError(f"layers {layers!r} are not valid indices of a {len(layer_list)}-layer model")
     alphas = _alphas(alpha, offloaded)
-    device = next(layer_list[offloaded[0]].parameters()).device
+    device = next(layer_list[offloaded[0]].parameters()).device if store is None else \
+        next(p.device for p in model.parameters() if p.device.type != "meta")
     if device.type == "cpu":  # all of it, so resident_bytes() does not change at the first forward
         prepack_nf4_for_cpu(model)
-    tensors = {i: {name: ref.get() for name, ref in layer_tensor_refs(layer_list[i]).items()} for i in offloaded}
-    _check_not_shared(model, layer_list, tensors)
     embedding, residency = _embedding_to_offload(model) if offload_embeddings else (None, "resident")
+    load_peak_bytes = tensor_bytes(module_tensors(model), device)
+    items: dict = {}
+    if store is None:
+        store = LayerStore(cache_dir, *model_fingerprint(model, device))
+        items = {i: {name: ref.get() for name, ref in layer_tensor_refs(layer_list[i]).items()} for i in offloaded}
+        _check_not_shared_with_resident(model, layer_list, items)
+    else:
+        _check_stored(store, layer_list, offloaded)
+        load_peak_bytes = max(load_peak_bytes, getattr(store, "peak_bytes", 0))
+    store.cold = cold
     if embedding is not None:
-        tensors[EMBEDDING] = {"weight": embedding.weight.data}
-    store = LayerStore(cache_dir, *model_fingerprint(model, device), cold=cold)
-    store.sync(tensors, progress=progress)
-    del tensors
+        items[EMBEDDING] = {"weight": embedding.weight.data}
+    if items:
+        store.sync(items, progress=progress)
+    del items
     controller = OffloadController(model, layer_list, offloaded, store, alphas, mode, budget_bytes, device,
                                    prefetch, io_bandwidth, inject_distance, embedding, residency)
     for i in offloaded:
@@ -1249,7 +1393,21 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
         setattr(*controller._embedding_slot, OffloadedEmbedding(controller, embedding))
     controller.standby()
     controller.reset_stats()
+    controller.load_peak_bytes = load_peak_bytes
     return controller
+
+
+def _check_stored(store: LayerStore, layer_list: nn.ModuleList, offloaded: list[int]) -> None:
+    """The store holds every offloaded layer, with the tensors (names, dtypes, shapes) the
+    layer modules expect."""
+    for i in offloaded:
+        layout = store.layouts.get(i)
+        if layout is None:
+            raise ValueError(f"layer {i} is not in the given store ({store.dir})")
+        refs = layer_tensor_refs(layer_list[i])
+        if set(refs) != set(layout.entries):
+            raise ValueError(f"layer {i}: the stored tensors {sorted(layout.entries)} are not the module's "
+                             f"{sorted(refs)} ({store.path(i)})")
 
 
 def _alphas(alpha, offloaded: list[int]) -> dict[int, float]:
@@ -1261,9 +1419,8 @@ def _alphas(alpha, offloaded: list[int]) -> dict[int, float]:
     return {i: float(alpha) for i in offloaded}
 
 
-def _check_not_shared(model: nn.Module, layer_list: nn.ModuleList, tensors: dict) -> None:
-    """Refuse to offload a tensor that a resident module also holds (tied weights): it would
-    stay in memory anyway and come back as a second copy."""
+def _check_not_shared_with_resident(model: nn.Module, layer_list: nn.ModuleList, tensors: dict) -> None:
+    """_check_not_shared for every offloaded layer, against every tensor outside them."""
     offloaded_modules = {id(m) for i in tensors for m in layer_list[i].modules()}
     owners: dict[tuple, str] = {}
     for mod_name, mod in model.named_modules():
@@ -1274,14 +1431,24 @@ def _check_not_shared(model: nn.Module, layer_list: nn.ModuleList, tensors: dict
             if tensor.numel():
                 owners[_storage_key(tensor)] = name
     for i, named in tensors.items():
-        for name, tensor in named.items():
-            if not tensor.numel():
-                continue
-            key = _storage_key(tensor)
-            if key in owners:
-                raise ValueError(f"layer {i} tensor {name} shares storage with {owners[key]}; "
-                                 "tied or shared tensors cannot be offloaded")
-            owners[key] = f"layer {i} tensor {name}"
+        _check_not_shared(i, named, owners)
+
+
+def _check_not_shared(i: int, tensors: dict, owners: dict) -> None:
+    """Refuse to offload a tensor that a resident module (or another offloaded layer) also
+    holds (tied weights): it would stay in memory anyway and come back as a second copy.
+    `owners` (storage -> tensor name) gains this layer's tensors."""
+    for name, tensor in tensors.items():
+        if not tensor.numel():
+            continue
+        if tensor.device.type == "meta":
+            raise ValueError(f"layer {i} tensor {name} is on the meta device (not loaded); "
+                             "store the layers with store_layers and pass store=")
+        key = _storage_key(tensor)
+        if key in owners:
+            raise ValueError(f"layer {i} tensor {name} shares storage with {owners[key]}; "
+                             "tied or shared tensors cannot be offloaded")
+        owners[key] = f"layer {i} tensor {name}"
 
 
 def _embedding_to_offload(model: nn.Module) -> tuple[nn.Module | None, str]:

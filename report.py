@@ -18,6 +18,7 @@ from pathlib import Path
 import bench
 import estimate
 import report_beyond
+import report_load
 import report_streaming
 import report_study
 from report_study import mb
@@ -358,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         **report_study.sections(args.results),
         **report_streaming.sections(args.results),
         **report_beyond.sections(args.results),
+        **report_load.sections(args.results),
     }
     for name, text in sections.items():
         if update_readme(args.readme, text, name):

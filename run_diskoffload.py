@@ -19,9 +19,9 @@ VARIANT = "diskoffload"
 
 def run(args) -> bench.Result:
     run_ = bench.open_run(args)
-    unpatched = bench.measure_memory(run_)  # this process's resident model: the row's baseline
     # offload_skip.patch_model(mode="stream", prefetch=..., budget_bytes=..., io_bandwidth=...)
     ctl = bench.patch(run_)
+    unpatched = bench.measure_unpatched(run_, ctl)  # this process's model, unpatched: the row's baseline
     read_rate = bench.cold_read_bytes_s(ctl) if args.cold else None
     # No generate() timing: the decode loop is the comparison path, and generate cannot
     # run without a KV cache.

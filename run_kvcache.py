@@ -15,10 +15,10 @@ VARIANT = "kvcache"
 
 def run(args) -> bench.Result:
     run_ = bench.open_run(args)
-    unpatched = bench.measure_memory(run_)  # this process's resident model: the row's baseline
     # offload_skip.patch_model(mode="session"): every measured inference runs inside
     # ctl.session(), which loads all offloaded layers on entry and drops them on exit.
     ctl = bench.patch(run_)
+    unpatched = bench.measure_unpatched(run_, ctl)  # this process's model, unpatched: the row's baseline
     # generate() too: the patched model supports it, and the original timed it this way.
     speed = bench.measure_speed(run_, ctl, generate_too=True)
     ppl = eval_ppl.evaluate(run_, ctl)

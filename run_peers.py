@@ -155,7 +155,7 @@ def _run(args, folder: Path) -> list[PeerRow]:
     peers = check_peers([p for p in args.peers.split(",") if p and p != "none"], args.quant)
     import transformers  # noqa: F401  (imported before the first RSS sample: its own memory is not the model's)
     rss0 = _rss()
-    run_ = bench.open_run(args)
+    run_ = bench.open_run(args, whole=True)  # the resident model is a peer: loaded whole, as a user would
     device = run_.device
     unpatched = bench.measure_memory(run_)
     rss_resident = _rss()

@@ -1,5 +1,5 @@
 """The study's sweeps: named suites of cases, each case one command line of eval_ppl.py (or,
-for ``beyond``, of run_baseline.py / run_kvcache.py), so that any row is reproduced by one
+for ``beyond`` and ``load``, of the run_*.py scripts), so that any row is reproduced by one
 command. Each suite appends to results/<suite>.csv.
 
     python sweep.py alpha               # run the cases not yet in results/alpha.csv
@@ -8,7 +8,7 @@ command. Each suite appends to results/<suite>.csv.
 
 Resumable: a case whose exact command line is already in its suite's CSV (the `command`
 column every row carries) is skipped. Suites: alpha, patterns, importance, planner,
-distance, context, beyond. The planner's cases depend on the importance suite's rows: run
+distance, context, beyond, load. The planner's cases depend on the importance suite's rows: run
 ``importance`` first.
 """
 from __future__ import annotations
@@ -60,7 +60,11 @@ BEYOND_STEPS = (  # unpatched, layers offloaded, + embedding rows from disk, + N
     ("run_diskoffload.py", "--offload-embeddings", "--quant-head", "nf4"),  # the peak stays low too
 )
 BEYOND_REPEATS = 2
-SUITES = ("alpha", "patterns", "importance", "planner", "distance", "context", "beyond")
+# load: the load path of a model larger than the device. Patched variants load their offloaded
+# layers from the checkpoint one at a time (load_peak_bytes); the baseline loads everything.
+LOAD_MODEL = "qwen2.5-coder-1.5b"
+LOAD_SCRIPTS = ("run_baseline.py", "run_kvcache.py", "run_diskoffload.py")
+SUITES = ("alpha", "patterns", "importance", "planner", "distance", "context", "beyond", "load")
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,11 @@ def half_band(n_layers: int) -> tuple[str, str]:
 def suite_cases(suite: str, out: Path, importances: dict | None = None) -> list[Case]:
     """The cases of a suite, in run order. out: the suite's CSV. importances: for the planner,
     {model: {"removal": {layer: ppl}, "block-influence": {layer: score}}} (planner_importances)."""
+    if suite == "load":
+        # what is measured is the load and the perplexity (exactness); the decode is kept short
+        return [Case(suite, (script, "--model", LOAD_MODEL, "--quant", "nf4", "--max-new-tokens", "4",
+                             "--warmup", "0", "--repeats", "1", "--ppl-max-tokens", "512", "--out", str(out)))
+                for script in LOAD_SCRIPTS]
     if suite == "beyond":
         return [Case(suite, (script, "--model", model, "--quant", "nf4", "--max-new-tokens", str(spec["new_tokens"]),
                              "--repeats", str(BEYOND_REPEATS), "--ppl-max-tokens", str(spec["tokens"]), *flags,

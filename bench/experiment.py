@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,8 +76,12 @@ def select_skipped(pattern: str | None, offloaded: list[int], n_layers: int) -> 
     return skipped
 
 
-def open_run(args: argparse.Namespace) -> Run:
-    """Check the cheap things first (corpus, layer pattern), then load the model and prompt."""
+def open_run(args: argparse.Namespace, whole: bool = False) -> Run:
+    """Check the cheap things first (corpus, layer pattern), then load the model and prompt.
+
+    A patched variant stores its offloaded layers one at a time before loading the rest (they
+    never sit on the device together, nor beside the rest), so a model larger than the device
+    loads; whole=True loads every layer (for a script that also runs the unpatched model as loaded)."""
     from transformers import set_seed
 
     set_seed(args.seed)
@@ -85,7 +90,9 @@ def open_run(args: argparse.Namespace) -> Run:
     n_layers = _config_layers(args.model, args.cache_dir)
     layers = select(args.layers, n_layers)
     skipped = select_skipped(getattr(args, "skip", None), layers, n_layers)
-    model, tokenizer, info = load_model(args.model, args.quant, args.device, args.cache_dir)
+    streamed = not whole and VARIANT_MODES[args.variant] != "resident"
+    model, tokenizer, info = load_model(args.model, args.quant, args.device, args.cache_dir,
+                                        offloaded=layers if streamed else None, layers_dir=layers_dir(args))
     info["tied_embeddings"] = embeddings_tied(model)  # as the checkpoint has it, before --quant-head
     quantize_head(model, getattr(args, "quant_head", "none"))
     input_ids, mask = prompt_batch(tokenizer, getattr(args, "prompt", DEFAULT_PROMPT), getattr(args, "batch_size", 1))
@@ -109,9 +116,11 @@ def prompt_batch(tokenizer, prompt: str, batch_size: int = 1) -> tuple[torch.Ten
 
 def patch(run: Run):
     """Apply the run's variant to its model in place: None for the baseline, else the
-    offload_skip controller (session residency for kvcache, stream for diskoffload)."""
+    offload_skip controller (session residency for kvcache, stream for diskoffload). Sets
+    ``run.info["load_peak_bytes"]``: the most weight bytes on the device while loading."""
     mode = VARIANT_MODES[run.variant]
     if mode == "resident":
+        run.info["load_peak_bytes"] = load_peak_bytes(run, run.info["loaded_bytes"])
         return None
     args = run.args
     stream = {}
@@ -120,28 +129,44 @@ def patch(run: Run):
                       cold=args.cold)
     try:
         alpha = {i: 0.0 if i in run.skipped else args.alpha for i in run.layers}
-        return offload_skip.patch_model(run.model, run.layers, Path(args.cache_dir) / "layers", alpha=alpha,
-                                        mode=mode, inject_distance=args.inject_distance,
-                                        offload_embeddings=getattr(args, "offload_embeddings", False), **stream)
+        ctl = offload_skip.patch_model(run.model, run.layers, layers_dir(args), alpha=alpha,
+                                       mode=mode, inject_distance=args.inject_distance,
+                                       offload_embeddings=getattr(args, "offload_embeddings", False),
+                                       store=run.info["store"], **stream)
     except ValueError as err:  # e.g. a pattern that names tied tensors
         raise UsageError(str(err)) from None
+    run.info["load_peak_bytes"] = load_peak_bytes(run, ctl.load_peak_bytes)
+    return ctl
+
+
+def layers_dir(args: argparse.Namespace) -> Path:
+    return Path(args.cache_dir) / "layers"
+
+
+def load_peak_bytes(run: Run, weight_bytes: int) -> int:
+    """CUDA: the allocator's peak since load_model reset it; CPU: the weight accounting's peak."""
+    if run.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(run.device)
+    return weight_bytes
 
 
 def inference(ctl) -> Callable[[], contextlib.AbstractContextManager]:
     """What one measured inference runs inside: a session (all offloaded layers loaded on
     entry) for session mode; for stream mode a block that ends in standby(), so every run
-    starts from the idle state; nothing for the baseline."""
+    starts from the idle state; nothing for the baseline. Cached memory is kept between
+    inferences (standby(release=False)): no timed run pays for allocator calls the previous
+    one already made; measure_memory releases it before measuring the idle state."""
     if ctl is None:
         return contextlib.nullcontext
     if ctl.mode == "session":
-        return ctl.session
+        return functools.partial(ctl.session, release=False)
 
     @contextlib.contextmanager
     def stream():
         try:
             yield ctl
         finally:
-            ctl.standby()
+            ctl.standby(release=False)
     return stream
 
 

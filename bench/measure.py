@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import os
 import statistics
@@ -177,6 +178,7 @@ class Speed:
     tokens: torch.Tensor                 # the new tokens of the last measured run
     peak_bytes: int | None = None        # controller's peak over the repeats (None: baseline)
     cuda_max_allocated_bytes: int | None = None
+    cuda_max_reserved_bytes: int | None = None  # what runs a small card out of memory: the cache too
     stats: dict = field(default_factory=dict)  # _STAT_KEYS: mean per measured run; {} for the baseline
     baseline: Speed | None = None        # the unpatched model, timed interleaved in the same process
     cpu: CpuLoad | None = None           # what else ran meanwhile
@@ -202,12 +204,13 @@ def _speed(timings: list[DecodeTiming], generate_s: list[float], n: int, **extra
     )
 
 
-def _cuda_peak(device: torch.device, reset: bool = False) -> int | None:
+def _cuda_peak(device: torch.device, reset: bool = False) -> tuple[int, int] | None:
+    """(max allocated, max reserved) bytes since the last reset; None off CUDA."""
     if device.type != "cuda":
         return None
     if reset:
         torch.cuda.reset_peak_memory_stats(device)
-    return torch.cuda.max_memory_allocated(device)
+    return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
 
 
 def measure_speed(run: Run, ctl=None, generate_too: bool = False) -> Speed:
@@ -229,13 +232,13 @@ def _interleaved(run: Run, ctl, generate_too: bool) -> Speed:
     args, model, ids, mask = run.args, run.model, run.input_ids, run.attention_mask
     n = args.max_new_tokens
     variant = inference(ctl)
-    resident = ctl.unpatched if ctl is not None else None
+    resident = functools.partial(ctl.unpatched, release=False) if ctl is not None else None
     for _ in tqdm(range(args.warmup), desc="warmup", leave=False, disable=args.warmup < 2):
         if resident:
             with resident():
                 decode(model, ids, n, attention_mask=mask)
         decode(model, ids, n, args.kv_cache, variant, mask)
-    timings, base_timings, per_run, peak, cuda_max = [], [], [], None, None
+    timings, base_timings, per_run, peak, cuda_max, cuda_reserved = [], [], [], None, None, None
     for _ in tqdm(range(args.repeats), desc=f"timing {run.variant}", unit="run", leave=False):
         if resident:
             with resident():
@@ -245,7 +248,8 @@ def _interleaved(run: Run, ctl, generate_too: bool) -> Speed:
         _cuda_peak(run.device, reset=True)
         timings.append(decode(model, ids, n, args.kv_cache, variant, mask))
         if run.device.type == "cuda":
-            cuda_max = max(cuda_max or 0, _cuda_peak(run.device))
+            allocated, reserved = _cuda_peak(run.device)
+            cuda_max, cuda_reserved = max(cuda_max or 0, allocated), max(cuda_reserved or 0, reserved)
         if ctl is not None:
             stats = ctl.stats()
             per_run.append(stats)
@@ -260,6 +264,7 @@ def _interleaved(run: Run, ctl, generate_too: bool) -> Speed:
         generate_s, base_generate_s = generate_s[args.warmup:], base_generate_s[args.warmup:]
     baseline = _speed(base_timings, base_generate_s, n) if base_timings else None
     return _speed(timings, generate_s, n, peak_bytes=peak, cuda_max_allocated_bytes=cuda_max,
+                  cuda_max_reserved_bytes=cuda_reserved,
                   stats=_mean_stats(per_run) if per_run else {}, baseline=baseline)
 
 
@@ -286,6 +291,7 @@ class Memory:
     standby_bytes: int
     rss_bytes: int | None
     cuda_allocated_bytes: int | None
+    cuda_reserved_bytes: int | None = None
     # standby_bytes by part (offload_skip.weight_breakdown): embedding_bytes, head_bytes,
     # resident_layers_bytes, other_bytes; they sum to standby_bytes
     parts: dict = field(default_factory=dict)
@@ -298,23 +304,35 @@ def weight_bytes(model, ctl, device: torch.device) -> int:
     return offload_skip.tensor_bytes(offload_skip.module_tensors(model), device)
 
 
+def measure_unpatched(run: Run, ctl) -> Memory:
+    """The unpatched model's idle state in this process, the variant rows' baseline: measured
+    inside ``ctl.unpatched()`` (every offloaded layer read back and in place; its tensors are
+    views of one buffer per layer, so alignment padding, < 256 bytes a tensor, is counted).
+    A patched variant loads streamed, so the model was never whole before patching."""
+    if ctl is None:
+        return measure_memory(run)
+    with ctl.unpatched():
+        return measure_memory(run)
+
+
 def measure_memory(run: Run, ctl=None) -> Memory:
-    """The idle state: standby(), freed pages handed back, then weights, RSS / CUDA allocated."""
+    """The idle state: standby(), freed pages handed back, then weights, process RSS (host
+    memory: on CUDA the pinned staging too) and CUDA allocated / reserved."""
     if ctl is not None:
         ctl.standby()
     gc.collect()
-    rss = None
-    if run.device.type == "cuda":
+    cuda = run.device.type == "cuda"
+    if cuda:
         torch.cuda.empty_cache()
-    else:
-        offload_skip.trim_host_memory()
-        try:
-            import psutil
-        except ImportError:
-            raise UsageError("measuring RSS needs psutil; run: pip install psutil") from None
-        rss = psutil.Process().memory_info().rss
-    cuda = torch.cuda.memory_allocated(run.device) if run.device.type == "cuda" else None
+    offload_skip.trim_host_memory()
+    try:
+        import psutil
+    except ImportError:
+        raise UsageError("measuring RSS needs psutil; run: pip install psutil") from None
+    rss = psutil.Process().memory_info().rss
+    allocated = torch.cuda.memory_allocated(run.device) if cuda else None
+    reserved = torch.cuda.memory_reserved(run.device) if cuda else None
     parts = offload_skip.weight_breakdown(run.model, run.device)
-    return Memory(weight_bytes(run.model, ctl, run.device), rss, cuda, parts)
+    return Memory(weight_bytes(run.model, ctl, run.device), rss, allocated, parts=parts, cuda_reserved_bytes=reserved)
 
 

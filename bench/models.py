@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import offload_skip
 
-from . import fetch
+from . import fetch, layer_loading
 from .base import UsageError, first_line, temp_sibling
 from .fetch import EmbeddedFile, Member
 
@@ -232,10 +232,15 @@ def _check_device(device: str) -> None:
 
 
 def load_model(
-    name: str, quant: str, device: str, cache_dir: Path
+    name: str, quant: str, device: str, cache_dir: Path, offloaded: list[int] | None = None,
+    layers_dir: Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
     """Load (model, tokenizer, info) in eval mode on ``device`` (NF4 on CPU already in the
     layout bitsandbytes computes with).
+
+    offloaded: decoder layers stored into `layers_dir` one at a time before the rest is loaded
+    (layer_loading): they are never on the device together, nor with the rest; pass
+    ``info["store"]`` to patch_model. None: load everything.
 
     ``info`` holds the label, quant, device, ``load_s`` (wall time of the
     model's from_pretrained only, excluding any one-off GGUF conversion) and
@@ -253,13 +258,22 @@ def load_model(
     # A single-entry device_map places every module on `device` directly,
     # which is also what bitsandbytes needs to quantise on that device.
     kwargs = {"device_map": {"": device}}
+    # Unquantised modules (embeddings, norms, lm_head) match NF4's compute dtype.
+    dtype = torch.bfloat16 if quant == "nf4" else _TORCH_DTYPES[quant]
+    kwargs["dtype"] = dtype
     if quant == "nf4":
         kwargs["quantization_config"] = _nf4_config()
-        # Unquantised modules (embeddings, norms, lm_head) match the compute dtype.
-        kwargs["dtype"] = torch.bfloat16
-    else:
-        kwargs["dtype"] = _TORCH_DTYPES[quant]
+    skeleton, store = None, None
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
     try:
+        if offloaded:
+            skeleton, store = layer_loading.store_offloaded_layers(
+                source, offloaded, layers_dir, device, dtype, kwargs.get("quantization_config"))
+            prefix = layer_loading.decoder_layer_prefix(skeleton)
+            kwargs["config"], resident, restore = layer_loading.resident_config(source, offloaded)
+            n_layers = len(offload_skip.find_decoder_layers(skeleton))
+            kwargs["key_mapping"] = layer_loading.key_mapping(prefix, n_layers, resident)
         start_s = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         load_s = time.perf_counter() - start_s
@@ -275,12 +289,17 @@ def load_model(
         # SmolLM2-135M); doing it now, as patch_model does, makes every byte count of every
         # variant see the form that is computed with.
         offload_skip.prepack_nf4_for_cpu(model)
+    if offloaded:
+        layer_loading.assemble(model, skeleton, resident, restore, prefix)
     info = {
         "model": label,
         "quant": quant,
         "device": device,
         "load_s": load_s,
         "n_layers": model.config.get_text_config().num_hidden_layers,
+        # the weights on the device once from_pretrained returned
+        "loaded_bytes": offload_skip.tensor_bytes(offload_skip.module_tensors(model), device),
+        "store": store,  # the offloaded layers' files, for patch_model(store=...)
     }
     return model, tokenizer, info
 

@@ -80,14 +80,22 @@ COLUMNS = {
     "other_bytes": "of standby_bytes: everything else (final norm, rotary tables); the four parts sum to standby_bytes",
     "offloaded_buffer_bytes": "peak_bytes - standby_bytes: the offloaded layers' device buffers at the peak "
                               "(0 for the baseline)",
-    "rss_bytes": "CPU only: process resident set size while idle, after malloc_trim (everything: weights, "
-                 "torch, tokenizer, Python)",
+    "load_peak_bytes": "most bytes on the compute device while loading (from_pretrained, then patching): CUDA: "
+                       "torch.cuda.max_memory_allocated; CPU: the weights as standby_bytes counts them, after "
+                       "from_pretrained and after each offloaded layer was made real. Patched variants load the "
+                       "offloaded layers one at a time from the checkpoint (bench/layer_loading.py)",
+    "rss_bytes": "process resident set size while idle, after malloc_trim (CPU: everything, weights included; "
+                 "CUDA: host memory, pinned staging and the CUDA context's host side included)",
     "cuda_allocated_bytes": "CUDA only: torch.cuda.memory_allocated while idle",
     "cuda_max_allocated_bytes": "CUDA only: torch.cuda.max_memory_allocated over the measured runs "
                                 "(weights, activations, KV cache)",
-    "baseline_standby_bytes": "variants: standby_bytes of the unpatched model, measured in the same process "
-                              "before patching",
-    "baseline_rss_bytes": "variants, CPU only: rss_bytes of the unpatched model, same process, before patching",
+    "cuda_reserved_bytes": "CUDA only: torch.cuda.memory_reserved while idle, after empty_cache",
+    "cuda_max_reserved_bytes": "CUDA only: torch.cuda.max_memory_reserved over the measured runs (the allocator's "
+                               "cache too: what runs a small card out of memory, with the CUDA context)",
+    "baseline_standby_bytes": "variants: standby_bytes of the unpatched model, measured in the same process inside "
+                              "ctl.unpatched() (every offloaded layer read back and in place; rows before the "
+                              "streamed load: before patching)",
+    "baseline_rss_bytes": "variants: rss_bytes of the unpatched model, same process, measured likewise",
     "read_bytes_per_token": "bytes of layer files one forward reads in stream residency: the offloaded layers "
                             "not skipped and not kept by --budget (session: the same layers, read once per "
                             "inference); what decode time follows on a GPU; empty for the baseline",
@@ -192,9 +200,12 @@ class Result:
     resident_layers_bytes: int | None
     other_bytes: int | None
     offloaded_buffer_bytes: int | None
+    load_peak_bytes: int | None
     rss_bytes: int | None
     cuda_allocated_bytes: int | None
     cuda_max_allocated_bytes: int | None
+    cuda_reserved_bytes: int | None
+    cuda_max_reserved_bytes: int | None
     baseline_standby_bytes: int | None
     baseline_rss_bytes: int | None
     read_bytes_per_token: int | None
@@ -353,9 +364,12 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         resident_layers_bytes=memory.parts.get("resident_layers_bytes"),
         other_bytes=memory.parts.get("other_bytes"),
         offloaded_buffer_bytes=peak - memory.standby_bytes if peak is not None else None,
+        load_peak_bytes=run.info.get("load_peak_bytes"),
         rss_bytes=memory.rss_bytes,
         cuda_allocated_bytes=memory.cuda_allocated_bytes,
         cuda_max_allocated_bytes=speed.cuda_max_allocated_bytes if timed else None,
+        cuda_reserved_bytes=memory.cuda_reserved_bytes,
+        cuda_max_reserved_bytes=speed.cuda_max_reserved_bytes if timed else None,
         baseline_standby_bytes=getattr(baseline_memory, "standby_bytes", None),
         baseline_rss_bytes=getattr(baseline_memory, "rss_bytes", None),
         read_bytes_per_token=ctl.read_bytes_per_forward() if patched else None,
@@ -511,6 +525,7 @@ def summary(row: Result, baseline: dict | None = None) -> str:
     lines = [f"{row.variant}: {config}"]
     for label, value, base in (("standby weights", row.standby_bytes, row.baseline_standby_bytes),
                                ("peak weights", row.peak_bytes, row.baseline_standby_bytes),
+                               ("load peak", row.load_peak_bytes, row.baseline_standby_bytes),
                                ("idle RSS", row.rss_bytes, row.baseline_rss_bytes)):
         if value is not None:
             lines.append(f"  {label:<15} {_mb(value):>10}" + versus(value, base, percent=True))

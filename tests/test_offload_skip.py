@@ -659,3 +659,47 @@ def test_an_interrupted_wait_never_frees_a_slot_still_being_filled(tmp_path, mon
     job.exception(timeout=30)
     assert slot in streamer.free_slots  # free once the read is over
     streamer.close()
+
+
+# --------------------------------------------------------------------------- staging (the CUDA read path)
+
+@pytest.mark.parametrize("chunk_bytes", [256, 1000, 4096, 1 << 20])
+def test_staging_reads_a_layer_in_bounded_chunks(chunk_bytes, tmp_path):
+    """The path every CUDA read takes (two host chunks in turn, each copied to the device
+    buffer), run on CPU: the same bytes as a direct read, and never more than 2 chunks held."""
+    model = tiny_model("llama")
+    ctl = patch_model(model, "even", tmp_path, progress=False)
+    staging = osk.Staging(chunk_bytes, torch.device("cpu"))
+    assert staging.nbytes == 2 * chunk_bytes
+    reads = []
+    read_into = ctl.store.read_into
+    ctl.store.read_into = lambda i, out, start=0: reads.append((start, len(out))) or read_into(i, out, start)
+    for i in ctl.offloaded_layers:
+        n = ctl.layer_bytes[i]
+        direct, staged = torch.empty(n, dtype=torch.uint8), torch.full((n,), 7, dtype=torch.uint8)
+        read_into(i, direct)
+        reads.clear()
+        osk.read_layer(ctl.store, i, staged, staging, None)
+        assert torch.equal(staged, direct)
+        assert reads == [(start, min(chunk_bytes, n - start)) for start in range(0, n, chunk_bytes)]
+
+
+def test_a_chunk_past_the_data_section_is_refused(tmp_path):
+    ctl = patch_model(tiny_model("llama"), "even", tmp_path, progress=False)
+    n = ctl.layer_bytes[2]
+    with pytest.raises(ValueError, match=f"past the {n}-byte data section"):
+        ctl.store.read_into(2, torch.empty(64, dtype=torch.uint8), n - 32)
+
+
+def test_no_staging_is_held_on_cpu_or_after_standby(tmp_path, prompt_ids):
+    model = tiny_model("llama")
+    for mode in ("session", "stream"):
+        ctl = patch_model(model, "even", tmp_path / mode, mode=mode, progress=False)
+        _logits(model, prompt_ids)
+        assert ctl.staging_bytes() == 0  # CPU reads go straight into the layer's buffer
+        ctl._staging = osk.Staging(1024, torch.device("cpu"))  # as a CUDA run would hold it
+        ctl.standby(release=False)
+        assert ctl.staging_bytes() == 2048  # kept between timed runs
+        ctl.standby()
+        assert ctl.staging_bytes() == 0
+        ctl.unpatch()

@@ -109,6 +109,13 @@ def test_beyond_suite(tmp_path):
     assert [c.argv[2] for c in cases[::5]] == list(sweep.BEYOND_MODELS)
 
 
+def test_load_suite(tmp_path):
+    out = tmp_path / "load.csv"
+    common = "--model qwen2.5-coder-1.5b --quant nf4 --max-new-tokens 4 --warmup 0 --repeats 1 --ppl-max-tokens 512"
+    assert [c.command for c in sweep.suite_cases("load", out)] == [
+        f"python {script} {common} --out {out}" for script in ("run_baseline.py", "run_kvcache.py", "run_diskoffload.py")]
+
+
 def test_alpha_suite(tmp_path):
     cases = sweep.suite_cases("alpha", tmp_path / "alpha.csv")
     got = [(_flags(c)["--model"], _without_common(_flags(c))) for c in cases]
@@ -198,7 +205,7 @@ def test_unknown_suite(tmp_path):
     with pytest.raises(bench.UsageError) as err:
         sweep.suite_cases("alphas", tmp_path / "x.csv")
     assert str(err.value) == ("unknown suite 'alphas'; choose from "
-                              "alpha, patterns, importance, planner, distance, context, beyond")
+                              "alpha, patterns, importance, planner, distance, context, beyond, load")
 
 
 # --------------------------------------------------------------------------- the planner
@@ -413,6 +420,7 @@ def test_list(tmp_path, capsys):
         "distance     12 cases,   7 pending",
         "context      30 cases,  30 pending",
         "beyond       20 cases,  20 pending",
+        "load          3 cases,   3 pending",
     ]
 
 

@@ -1,0 +1,92 @@
+"""bench.layer_loading: a model whose offloaded layers are stored one at a time from the
+checkpoint, before the rest is loaded, is the model loaded whole (same stored bytes, same
+logits), and the load never holds more than the larger of one layer and the rest."""
+import json
+
+import pytest
+import torch
+from tiny_checkpoint import save_tiny_checkpoint
+
+import bench
+import offload_skip as osk
+
+OFFLOADED = [2, 4, 5]  # 5 next to 4: a run of two, parallel residuals, and still exact
+IDS = torch.tensor([[5, 17, 33, 2, 60, 41, 8, 9, 71, 12, 3]])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", arch="llama", n_layers=8)
+
+
+def _load(checkpoint, quant, tmp_path, offloaded=None):
+    return bench.load_model(str(checkpoint), quant, "cpu", tmp_path / "cache", offloaded=offloaded,
+                            layers_dir=tmp_path / "layers")
+
+
+def _patch(model, info, tmp_path):
+    return osk.patch_model(model, OFFLOADED, tmp_path / "layers", store=info["store"], progress=False)
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _manifest(ctl) -> dict:
+    return {k: v["sha256"] for k, v in json.loads(ctl.store.manifest_path.read_text())["layers"].items()}
+
+
+@pytest.mark.parametrize("quant", ["fp32", "bf16", "nf4"])
+def test_streamed_load_is_the_whole_model(checkpoint, quant, tmp_path):
+    whole, _, info = _load(checkpoint, quant, tmp_path)
+    assert info["store"] is None
+    reference = _logits(whole)
+    whole_ctl = osk.patch_model(whole, OFFLOADED, tmp_path / "layers-whole", progress=False)
+
+    model, _, info = _load(checkpoint, quant, tmp_path, OFFLOADED)
+    layers = osk.find_decoder_layers(model)
+    for i in range(8):  # the offloaded layers hold no memory: stored, then emptied
+        assert (osk.tensor_bytes(osk.module_tensors(layers[i])) == 0) == (i in OFFLOADED)
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())  # accelerate's hooks are gone
+    ctl = _patch(model, info, tmp_path)
+    assert _manifest(ctl) == _manifest(whole_ctl)  # the same bytes stored, layer by layer
+    assert torch.equal(_logits(model), reference)
+    with ctl.session():
+        assert torch.equal(_logits(model), reference)
+    with ctl.unpatched() as original:
+        assert torch.equal(_logits(original), reference)
+    assert ctl.resident_bytes() == whole_ctl.resident_bytes()
+
+
+@pytest.mark.parametrize("quant", ["fp32", "nf4"])
+def test_the_load_never_holds_the_offloaded_layers_together(checkpoint, quant, tmp_path):
+    whole, _, whole_info = _load(checkpoint, quant, tmp_path)
+    osk.prepack_nf4_for_cpu(whole)
+    layer_bytes = {i: osk.tensor_bytes(osk.module_tensors(osk.find_decoder_layers(whole)[i])) for i in OFFLOADED}
+    model, _, info = _load(checkpoint, quant, tmp_path, OFFLOADED)
+    assert info["loaded_bytes"] == whole_info["loaded_bytes"] - sum(layer_bytes.values())
+    # storing held one layer at a time, and nothing else (the rest was loaded afterwards)
+    assert info["store"].peak_bytes == max(layer_bytes.values())
+    ctl = _patch(model, info, tmp_path)
+    assert ctl.load_peak_bytes == max(info["loaded_bytes"], max(layer_bytes.values()))
+    # below the whole load by at least the offloaded layers' bytes
+    assert ctl.load_peak_bytes <= whole_info["loaded_bytes"] - sum(layer_bytes.values())
+
+
+def test_whole_load_peak_is_the_whole_model(checkpoint, tmp_path):
+    model, _, info = _load(checkpoint, "fp32", tmp_path)
+    ctl = osk.patch_model(model, OFFLOADED, tmp_path / "layers", progress=False)
+    assert ctl.load_peak_bytes == info["loaded_bytes"]  # everything was loaded before patching
+
+
+def test_a_store_must_hold_every_offloaded_layer(checkpoint, tmp_path):
+    model, _, info = _load(checkpoint, "fp32", tmp_path, OFFLOADED)
+    with pytest.raises(ValueError, match="layer 6 is not in the given store"):
+        osk.patch_model(model, [*OFFLOADED, 6], tmp_path / "layers", store=info["store"], progress=False)
+
+
+def test_a_checkpoint_without_the_layers_tensor_names_is_named(checkpoint, tmp_path):
+    reader = bench.layer_loading.CheckpointReader(str(checkpoint))
+    with pytest.raises(bench.UsageError, match="tensor model.layers.9.mlp.up_proj.weight is not in the checkpoint"):
+        reader.get("model.layers.9.mlp.up_proj.weight")
