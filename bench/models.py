@@ -263,19 +263,15 @@ def load_model(
     kwargs["dtype"] = dtype
     if quant == "nf4":
         kwargs["quantization_config"] = _nf4_config()
-    skeleton, store = None, None
+    store = None
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        if offloaded:
-            skeleton, store = layer_loading.store_offloaded_layers(
-                source, offloaded, layers_dir, device, dtype, kwargs.get("quantization_config"))
-            prefix = layer_loading.decoder_layer_prefix(skeleton)
-            kwargs["config"], resident, restore = layer_loading.resident_config(source, offloaded)
-            n_layers = len(offload_skip.find_decoder_layers(skeleton))
-            kwargs["key_mapping"] = layer_loading.key_mapping(prefix, n_layers, resident)
         start_s = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if offloaded:
+            model, store = layer_loading.load_streamed(source, offloaded, layers_dir, device, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         load_s = time.perf_counter() - start_s
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:  # offline hub id, or a directory that is no checkpoint
@@ -289,8 +285,6 @@ def load_model(
         # SmolLM2-135M); doing it now, as patch_model does, makes every byte count of every
         # variant see the form that is computed with.
         offload_skip.prepack_nf4_for_cpu(model)
-    if offloaded:
-        layer_loading.assemble(model, skeleton, resident, restore, prefix)
     info = {
         "model": label,
         "quant": quant,

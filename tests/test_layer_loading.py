@@ -10,13 +10,19 @@ from tiny_checkpoint import save_tiny_checkpoint
 import bench
 import offload_skip as osk
 
-OFFLOADED = [2, 4, 5]  # 5 next to 4: a run of two, parallel residuals, and still exact
+OFFLOADED = [2, 4, 5]  # 5 next to 4: a run of two (both computed from the run's input)
 IDS = torch.tensor([[5, 17, 33, 2, 60, 41, 8, 9, 71, 12, 3]])
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", arch="llama", n_layers=8)
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    return {arch: save_tiny_checkpoint(folder / arch, arch=arch, n_layers=8) for arch in ("llama", "qwen2", "gemma3")}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(checkpoints):
+    return checkpoints["llama"]
 
 
 def _load(checkpoint, quant, tmp_path, offloaded=None):
@@ -37,8 +43,10 @@ def _manifest(ctl) -> dict:
     return {k: v["sha256"] for k, v in json.loads(ctl.store.manifest_path.read_text())["layers"].items()}
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 @pytest.mark.parametrize("quant", ["fp32", "bf16", "nf4"])
-def test_streamed_load_is_the_whole_model(checkpoint, quant, tmp_path):
+def test_streamed_load_is_the_whole_model(checkpoints, arch, quant, tmp_path):
+    checkpoint = checkpoints[arch]
     whole, _, info = _load(checkpoint, quant, tmp_path)
     assert info["store"] is None
     reference = _logits(whole)
@@ -50,12 +58,15 @@ def test_streamed_load_is_the_whole_model(checkpoint, quant, tmp_path):
         assert (osk.tensor_bytes(osk.module_tensors(layers[i])) == 0) == (i in OFFLOADED)
     assert not any(hasattr(m, "_hf_hook") for m in model.modules())  # accelerate's hooks are gone
     ctl = _patch(model, info, tmp_path)
+    assert ctl.store.dir.name == whole_ctl.store.dir.name  # one fingerprint: either load reuses the cache
     assert _manifest(ctl) == _manifest(whole_ctl)  # the same bytes stored, layer by layer
-    assert torch.equal(_logits(model), reference)
+    patched = _logits(whole)
+    assert torch.equal(_logits(model), patched)
     with ctl.session():
-        assert torch.equal(_logits(model), reference)
+        assert torch.equal(_logits(model), patched)
     with ctl.unpatched() as original:
         assert torch.equal(_logits(original), reference)
+    whole_ctl.standby()  # its forward above kept its layers (session mode)
     assert ctl.resident_bytes() == whole_ctl.resident_bytes()
 
 
@@ -87,6 +98,11 @@ def test_a_store_must_hold_every_offloaded_layer(checkpoint, tmp_path):
 
 
 def test_a_checkpoint_without_the_layers_tensor_names_is_named(checkpoint, tmp_path):
-    reader = bench.layer_loading.CheckpointReader(str(checkpoint))
+    reader = bench.layer_loading.CheckpointReader([str(checkpoint / "model.safetensors")])
     with pytest.raises(bench.UsageError, match="tensor model.layers.9.mlp.up_proj.weight is not in the checkpoint"):
         reader.get("model.layers.9.mlp.up_proj.weight")
+
+
+def test_a_checkpoint_that_is_no_safetensors_is_refused(tmp_path):
+    with pytest.raises(bench.UsageError, match="needs a safetensors checkpoint, got .*pytorch_model.bin"):
+        bench.layer_loading.CheckpointReader([str(tmp_path / "pytorch_model.bin")])

@@ -96,11 +96,13 @@ def test_measure_speed_interleaves_the_unpatched_model(mode, tmp_path):
     run = bench.Run(_Args(), model, None, {}, [2, 4], [], None, None, ids)
     order = []
     real_unpatched = ctl.unpatched
-    ctl.unpatched = lambda: (order.append("unpatched"), real_unpatched())[1]
+    ctl.unpatched = lambda release: (order.append(("unpatched", release)), real_unpatched(release))[1]
     ctl.reset_stats = lambda real=ctl.reset_stats: (order.append("variant"), real())[1]
     speed = bench.measure_speed(run, ctl, generate_too=True)
     # a warmup pair, three timed decode pairs (the variant's resets its stats), four generate pairs
-    assert order == ["unpatched"] + ["unpatched", "variant"] * 3 + ["unpatched"] * 4
+    # the unpatched runs keep the allocator's cache: no timed run pays for the other's allocations
+    unpatched = ("unpatched", False)
+    assert order == [unpatched] + [unpatched, "variant"] * 3 + [unpatched] * 4
     assert torch.equal(speed.tokens, expected) and torch.equal(speed.baseline.tokens, expected)
     assert speed.baseline.decode_tok_s > 0 and speed.baseline.generate_tok_s > 0 and speed.baseline.baseline is None
     # per timed run: two layers once per session, or once per forward (4 of them) when streamed
