@@ -1009,6 +1009,12 @@ class OffloadController:
         by the budget. (A session reads the computed layers once, on entry.)"""
         return sum(self.layer_bytes[i] for i in self.computed_layers if i not in self.keep or self.mode != "stream")
 
+    def offloaded_bytes(self) -> int:
+        """Bytes unpatched() brings onto the device beyond standby: every offloaded layer (skipped
+        ones too) and an offloaded embedding's whole matrix."""
+        embedding = self._store.layouts[EMBEDDING].data_bytes if self._embedding is not None else 0
+        return sum(self.layer_bytes.values()) + embedding
+
     def resident_breakdown(self) -> dict[str, int]:
         """resident_bytes() by part: weight_breakdown()'s parts and ``offloaded_buffer_bytes``
         (the offloaded layers' buffers that exist now); the parts sum to resident_bytes()."""

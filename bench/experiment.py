@@ -17,6 +17,7 @@ import offload_skip
 from .base import UsageError, first_line
 from .cli import BATCH_PROMPTS, DEFAULT_PROMPT
 from .corpus import load_corpus
+from .hostmem import AnonPeak
 from .models import DEFAULT_MODEL, embeddings_tied, load_model, model_kind, quantize_head, resolve_model
 from .results import VARIANT_MODES
 
@@ -91,8 +92,10 @@ def open_run(args: argparse.Namespace, whole: bool = False) -> Run:
     layers = select(args.layers, n_layers)
     skipped = select_skipped(getattr(args, "skip", None), layers, n_layers)
     streamed = not whole and VARIANT_MODES[args.variant] != "resident"
-    model, tokenizer, info = load_model(args.model, args.quant, args.device, args.cache_dir,
-                                        offloaded=layers if streamed else None, layers_dir=layers_dir(args))
+    with AnonPeak() as host_peak:
+        model, tokenizer, info = load_model(args.model, args.quant, args.device, args.cache_dir,
+                                            offloaded=layers if streamed else None, layers_dir=layers_dir(args))
+    info["load_peak_host_bytes"] = host_peak.bytes
     info["tied_embeddings"] = embeddings_tied(model)  # as the checkpoint has it, before --quant-head
     quantize_head(model, getattr(args, "quant_head", "none"))
     input_ids, mask = prompt_batch(tokenizer, getattr(args, "prompt", DEFAULT_PROMPT), getattr(args, "batch_size", 1))

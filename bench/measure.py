@@ -232,7 +232,7 @@ def _interleaved(run: Run, ctl, generate_too: bool) -> Speed:
     args, model, ids, mask = run.args, run.model, run.input_ids, run.attention_mask
     n = args.max_new_tokens
     variant = inference(ctl)
-    resident = functools.partial(ctl.unpatched, release=False) if ctl is not None else None
+    resident = functools.partial(ctl.unpatched, release=False) if ctl is not None and unpatched_fits(run, ctl) else None
     for _ in tqdm(range(args.warmup), desc="warmup", leave=False, disable=args.warmup < 2):
         if resident:
             with resident():
@@ -304,13 +304,32 @@ def weight_bytes(model, ctl, device: torch.device) -> int:
     return offload_skip.tensor_bytes(offload_skip.module_tensors(model), device)
 
 
-def measure_unpatched(run: Run, ctl) -> Memory:
+def unpatched_fits(run: Run, ctl) -> bool:
+    """Whether this process can also run the unpatched model (every offloaded layer back on the
+    device): always on CPU; on CUDA when free memory (the driver's free plus the allocator's
+    cached, unused blocks) exceeds ctl.offloaded_bytes() by 10%. A model larger than the
+    device, which the streamed load exists for, gets no same-run baseline (a message says so)."""
+    if ctl is None or run.device.type != "cuda":
+        return True
+    free_bytes, _ = torch.cuda.mem_get_info(run.device)
+    cached_bytes = torch.cuda.memory_reserved(run.device) - torch.cuda.memory_allocated(run.device)
+    need_bytes = int(ctl.offloaded_bytes() * 1.1)
+    if free_bytes + cached_bytes >= need_bytes:
+        return True
+    print(f"the unpatched model does not fit on {run.device} ({need_bytes / 1e6:.0f} MB needed, "
+          f"{(free_bytes + cached_bytes) / 1e6:.0f} MB free): no same-run baseline, its columns stay empty")
+    return False
+
+
+def measure_unpatched(run: Run, ctl) -> Memory | None:
     """The unpatched model's idle state in this process, the variant rows' baseline: measured
     inside ``ctl.unpatched()`` (every offloaded layer read back and in place; its tensors are
     views of one buffer per layer, so alignment padding, < 256 bytes a tensor, is counted).
     A patched variant loads streamed, so the model was never whole before patching."""
     if ctl is None:
         return measure_memory(run)
+    if not unpatched_fits(run, ctl):
+        return None
     with ctl.unpatched():
         return measure_memory(run)
 

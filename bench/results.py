@@ -84,6 +84,10 @@ COLUMNS = {
                        "torch.cuda.max_memory_allocated; CPU: the weights as standby_bytes counts them, after "
                        "from_pretrained and after each offloaded layer was made real. Patched variants load the "
                        "offloaded layers one at a time from the checkpoint (bench/layer_loading.py)",
+    "load_peak_host_bytes": "most anonymous resident host memory of the process while loading (load_model: "
+                            "from_pretrained, and storing the offloaded layers), sampled every 2 ms from "
+                            "/proc/self/statm (resident - shared: the mmap'd checkpoint is not counted); "
+                            "measured, not counted (CPU: the weights, torch and Python; Linux only)",
     "rss_bytes": "process resident set size while idle, after malloc_trim (CPU: everything, weights included; "
                  "CUDA: host memory, pinned staging and the CUDA context's host side included)",
     "cuda_allocated_bytes": "CUDA only: torch.cuda.memory_allocated while idle",
@@ -201,6 +205,7 @@ class Result:
     other_bytes: int | None
     offloaded_buffer_bytes: int | None
     load_peak_bytes: int | None
+    load_peak_host_bytes: int | None
     rss_bytes: int | None
     cuda_allocated_bytes: int | None
     cuda_max_allocated_bytes: int | None
@@ -365,6 +370,7 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         other_bytes=memory.parts.get("other_bytes"),
         offloaded_buffer_bytes=peak - memory.standby_bytes if peak is not None else None,
         load_peak_bytes=run.info.get("load_peak_bytes"),
+        load_peak_host_bytes=run.info.get("load_peak_host_bytes"),
         rss_bytes=memory.rss_bytes,
         cuda_allocated_bytes=memory.cuda_allocated_bytes,
         cuda_max_allocated_bytes=speed.cuda_max_allocated_bytes if timed else None,

@@ -155,3 +155,29 @@ def test_own_threads_do_not_make_it_busy():
     assert cpu[0].other_cpu_share < 0.5
     assert cpu[0].busy == (cpu[0].other_cpu_share > bench.BUSY_OTHER_CPU_SHARE)
     assert cpu[0].load_1m_before is not None and cpu[0].load_1m_after is not None
+
+
+class _Ctl:
+    def offloaded_bytes(self):
+        return 1_000
+
+
+@pytest.mark.parametrize("free, cached, fits", [(1_100, 0, True), (1_000, 100, True), (1_099, 0, False),
+                                                (0, 0, False)])
+def test_the_unpatched_model_runs_on_cuda_only_when_it_fits(monkeypatch, capsys, free, cached, fits):
+    """Needs ctl.offloaded_bytes() + 10% free (driver free + allocator cache), else no same-run
+    baseline: a model larger than the device would run out of memory in ctl.unpatched()."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 500 + cached)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 500)
+    monkeypatch.setattr(bench.Run, "device", torch.device("cuda"))
+    run = bench.Run(_Args(), None, None, {}, [2], [], None, None, None)
+    assert bench.measure.unpatched_fits(run, _Ctl()) is fits
+    assert ("does not fit on cuda (0 MB needed" in capsys.readouterr().out) is not fits
+    if not fits:
+        assert bench.measure_unpatched(run, _Ctl()) is None
+
+
+def test_on_cpu_the_unpatched_model_always_runs():
+    run = bench.Run(_Args(), None, None, {}, [2], [], None, None, torch.zeros(1, 2, dtype=torch.long))
+    assert bench.measure.unpatched_fits(run, _Ctl()) and bench.measure.unpatched_fits(run, None)

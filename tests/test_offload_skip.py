@@ -703,3 +703,16 @@ def test_no_staging_is_held_on_cpu_or_after_standby(tmp_path, prompt_ids):
         ctl.standby()
         assert ctl.staging_bytes() == 0
         ctl.unpatch()
+
+
+@pytest.mark.parametrize("offload_embeddings", [False, True])
+@pytest.mark.parametrize("skip", [[], [4]])
+def test_offloaded_bytes_is_what_unpatched_brings_back(tmp_path, offload_embeddings, skip):
+    model = tiny_model("qwen2")
+    ctl = patch_model(model, [2, 4, 5], tmp_path, alpha={i: 0.0 for i in skip},
+                      offload_embeddings=offload_embeddings, progress=False)
+    standby = ctl.resident_bytes()
+    with ctl.unpatched() as original:  # the weights the whole model holds, each storage once
+        assert osk.tensor_bytes(osk.module_tensors(original)) - standby == ctl.offloaded_bytes()
+    assert ctl.offloaded_bytes() == sum(ctl.layer_bytes.values()) + (
+        model.config.vocab_size * model.config.hidden_size * 4 if offload_embeddings else 0)  # fp32

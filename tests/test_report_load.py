@@ -4,8 +4,9 @@ import report_load
 from test_results import _row
 
 
-def _load_row(tmp_path, variant, load_peak, standby, ppl=11.5, **changes):
-    values = dict(variant=variant, model="m", quant="nf4", load_peak_bytes=load_peak, standby_bytes=standby,
+def _load_row(tmp_path, variant, load_peak, host_peak, standby, ppl=11.5, **changes):
+    values = dict(variant=variant, model="m", quant="nf4", load_peak_bytes=load_peak,
+                  load_peak_host_bytes=host_peak, standby_bytes=standby,
                   baseline_standby_bytes=None if variant == "baseline" else 1_000_000_000, ppl=ppl, load_s=2.0,
                   command=f"python run_{variant}.py")
     values.update(changes)
@@ -13,13 +14,19 @@ def _load_row(tmp_path, variant, load_peak, standby, ppl=11.5, **changes):
 
 
 def test_each_variant_against_the_baseline_load_peak(tmp_path):
-    _load_row(tmp_path, "baseline", 1_000_000_000, 1_000_000_000)
-    _load_row(tmp_path, "kvcache", 640_000_000, 600_000_000)
-    _load_row(tmp_path, "diskoffload", 700_000_000, 600_000_000, ppl=11.6)
+    _load_row(tmp_path, "baseline", 1_000_000_000, 1_500_000_000, 1_000_000_000)
+    _load_row(tmp_path, "kvcache", 600_000_000, 1_050_000_000, 600_000_000)
+    _load_row(tmp_path, "diskoffload", 700_000_000, 1_200_000_000, 600_000_000, ppl=11.6)
+    _load_row(tmp_path, "kvcache", 600_000_000, None, 600_000_000, model="other",
+              command="python run_kvcache.py --model other")  # no baseline, no host peak
     text = report_load.sections(tmp_path)["load"]
-    assert "| m | nf4 | baseline | 1000.0 | 1000.0 |  |  |  | 11.5000 |  | 2.0 |" in text
-    assert "| m | nf4 | kvcache | 640.0 | 600.0 | 400.0 | 360.0 | no | 11.5000 | = baseline | 2.0 |" in text
-    assert "| m | nf4 | diskoffload | 700.0 | 600.0 | 400.0 | 300.0 | no | 11.6000 | differs | 2.0 |" in text
+    assert "| m | nf4 | baseline | 1000.0 | 1500.0 | 1000.0 |  |  |  |  |  | 11.5000 |  | 2.0 |" in text
+    # saved: the baseline's peak minus the variant's, against the offloaded layers' bytes (400 MB)
+    assert ("| m | nf4 | kvcache | 600.0 | 1050.0 | 600.0 | 400.0 | 400.0 | yes | 450.0 | yes | 11.5000 "
+            "| = baseline | 2.0 |") in text
+    assert ("| m | nf4 | diskoffload | 700.0 | 1200.0 | 600.0 | 400.0 | 300.0 | no | 300.0 | no | 11.6000 "
+            "| differs | 2.0 |") in text
+    assert "| other | nf4 | kvcache | 600.0 |  | 600.0 | 400.0 |  |  |  |  | 11.5000 |  | 2.0 |" in text
 
 
 def test_missing_file_names_its_command(tmp_path):
