@@ -138,7 +138,8 @@ def patch(run: Run):
                                        store=run.info["store"], **stream)
     except ValueError as err:  # e.g. a pattern that names tied tensors
         raise UsageError(str(err)) from None
-    run.info["load_peak_bytes"] = load_peak_bytes(run, ctl.load_peak_bytes)
+    # the larger of storing's peak and the model as loaded (before --quant-head shrank its head)
+    run.info["load_peak_bytes"] = load_peak_bytes(run, max(ctl.load_peak_bytes, run.info["loaded_bytes"]))
     return ctl
 
 
