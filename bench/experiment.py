@@ -96,6 +96,7 @@ def open_run(args: argparse.Namespace, whole: bool = False) -> Run:
         model, tokenizer, info = load_model(args.model, args.quant, args.device, args.cache_dir,
                                             offloaded=layers if streamed else None, layers_dir=layers_dir(args))
     info["load_peak_host_bytes"] = host_peak.bytes
+    info["load_peak_bytes"] = load_peak_bytes(torch.device(args.device), info["loaded_bytes"])
     info["tied_embeddings"] = embeddings_tied(model)  # as the checkpoint has it, before --quant-head
     quantize_head(model, getattr(args, "quant_head", "none"))
     input_ids, mask = prompt_batch(tokenizer, getattr(args, "prompt", DEFAULT_PROMPT), getattr(args, "batch_size", 1))
@@ -119,11 +120,10 @@ def prompt_batch(tokenizer, prompt: str, batch_size: int = 1) -> tuple[torch.Ten
 
 def patch(run: Run):
     """Apply the run's variant to its model in place: None for the baseline, else the
-    offload_skip controller (session residency for kvcache, stream for diskoffload). Sets
-    ``run.info["load_peak_bytes"]``: the most weight bytes on the device while loading."""
+    offload_skip controller (session residency for kvcache, stream for diskoffload). Updates
+    ``run.info["load_peak_bytes"]`` (open_run's) to include patching."""
     mode = VARIANT_MODES[run.variant]
     if mode == "resident":
-        run.info["load_peak_bytes"] = load_peak_bytes(run, run.info["loaded_bytes"])
         return None
     args = run.args
     stream = {}
@@ -139,7 +139,7 @@ def patch(run: Run):
     except ValueError as err:  # e.g. a pattern that names tied tensors
         raise UsageError(str(err)) from None
     # the larger of storing's peak and the model as loaded (before --quant-head shrank its head)
-    run.info["load_peak_bytes"] = load_peak_bytes(run, max(ctl.load_peak_bytes, run.info["loaded_bytes"]))
+    run.info["load_peak_bytes"] = load_peak_bytes(run.device, max(ctl.load_peak_bytes, run.info["loaded_bytes"]))
     return ctl
 
 
@@ -147,10 +147,10 @@ def layers_dir(args: argparse.Namespace) -> Path:
     return Path(args.cache_dir) / "layers"
 
 
-def load_peak_bytes(run: Run, weight_bytes: int) -> int:
+def load_peak_bytes(device: torch.device, weight_bytes: int) -> int:
     """CUDA: the allocator's peak since load_model reset it; CPU: the weight accounting's peak."""
-    if run.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(run.device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
     return weight_bytes
 
 

@@ -110,7 +110,7 @@ def test_kvcache_row(results):
     assert _n(row["loads"]) == len(offloaded) and _n(row["loaded_bytes"]) > 0  # per run
     assert _n(row["decode_tok_s"]) > 0 and _n(row["generate_tok_s"]) > 0
     assert row["prefetch"] == "" and row["budget_bytes"] == ""
-    # the same-run baseline: the unpatched model of this process, measured before patching and timed interleaved
+    # the same-run baseline: the unpatched model of this process, measured inside ctl.unpatched() and timed interleaved
     assert row["baseline_standby_bytes"] == base["standby_bytes"] and _n(row["baseline_rss_bytes"]) > 0
     assert _n(row["decode_ratio"]) == pytest.approx(
         _n(row["decode_tok_s"]) / _n(row["baseline_decode_tok_s"]), rel=1e-4)
@@ -119,6 +119,20 @@ def test_kvcache_row(results):
     summary = printed["kvcache"][0]
     assert summary.startswith("kvcache: ") and "% of the unpatched model's" in summary
     assert f"{_n(row['decode_ratio']):.2f}x the unpatched model's" in summary and "same run" in summary
+
+
+def test_every_row_has_its_load_peak(results):
+    """A patched variant stores its offloaded layers before loading the rest: its load peak
+    (weights counted on the device) is the baseline's less the offloaded layers' bytes (the
+    resident part outweighs one layer here); the host peak is measured in every row."""
+    rows = results[1]
+    base = rows["baseline"][0]
+    assert base["load_peak_bytes"] == base["standby_bytes"]  # loaded whole
+    for row in (rows["kvcache"][0], *rows["diskoffload"], rows["ppl"][0]):
+        offloaded = _n(row["baseline_standby_bytes"]) - _n(row["standby_bytes"])
+        assert _n(row["load_peak_bytes"]) == _n(base["load_peak_bytes"]) - offloaded == _n(row["standby_bytes"])
+    for row in (r for name_rows in rows.values() for r in name_rows):
+        assert _n(row["load_peak_host_bytes"]) > _n(row["load_peak_bytes"])  # torch and Python too
 
 
 def test_every_row_has_its_own_run_id(results):
