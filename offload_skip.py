@@ -684,6 +684,12 @@ def throttle_delay_s(nbytes: int, io_bandwidth: float | None, elapsed_s: float) 
 STAGING_CHUNK_BYTES = 64 << 20
 
 
+def staging_chunk_bytes(layer_bytes: dict[int, int], chunk_bytes: int = STAGING_CHUNK_BYTES) -> int:
+    """The size of each of the two staging chunks: STAGING_CHUNK_BYTES, or less when no layer
+    is that large. Pinned host memory is then at most 2 x STAGING_CHUNK_BYTES (128 MiB)."""
+    return min(chunk_bytes, max(layer_bytes.values()))
+
+
 class Staging:
     """Two host buffers of `chunk_bytes`, shared by every read to the device. A layer's data
     section is read chunk by chunk into them in turn; each chunk is copied to the device on
@@ -842,8 +848,12 @@ class LayerStreamer:
         if background:
             self.jobs[i] = (slot, self.reader.submit(self._read, i, slot))
         else:
+            try:
+                self._count("wait_s", self._read(i, slot))  # compute waits for all of it
+            except BaseException:  # nothing writes into the slot any more; a half-read layer is not kept
+                self.free_slots.appendleft(slot)
+                raise
             self.jobs[i] = (slot, None)
-            self._count("wait_s", self._read(i, slot))  # compute waits for all of it
 
     def _read(self, i: int, slot: int) -> float:
         if self.freed[slot] is not None:
@@ -1217,7 +1227,7 @@ class OffloadController:
 
     def _staging_buffers(self) -> Staging | None:
         if self.device.type == "cuda" and self._staging is None:
-            self._staging = Staging(min(STAGING_CHUNK_BYTES, max(self.layer_bytes.values())), self.device)
+            self._staging = Staging(staging_chunk_bytes(self.layer_bytes), self.device)
         return self._staging
 
     def staging_bytes(self) -> int:

@@ -25,27 +25,28 @@ def load_section(results: Path) -> str:
     for row in rows:
         base = next((r for r in rows if r["variant"] == "baseline" and r["model"] == row["model"]
                      and r["quant"] == row["quant"]), None)
-        # the offloaded layers' bytes: what the unpatched model holds beyond the variant's standby
-        offloaded = (bench.number(row["baseline_standby_bytes"]) - bench.number(row["standby_bytes"])
-                     if row["variant"] != "baseline" else None)
-        cells = [row["model"], row["quant"], row["variant"], mb(row["load_peak_bytes"]),
-                 mb(row["load_peak_host_bytes"]), mb(row["standby_bytes"]), mb(offloaded)]
-        for column in ("load_peak_bytes", "load_peak_host_bytes"):
-            saved = _saved(row, base, column)
-            cells += ["", ""] if saved is None else [mb(saved), "yes" if saved >= offloaded else "no"]
+        # the offloaded layers' bytes as loaded: the baseline row's standby less the variant's (the
+        # same-run baseline_standby_bytes also counts the layer files' alignment padding)
+        before = base["standby_bytes"] if base is not None else row["baseline_standby_bytes"]
+        offloaded = bench.number(before) - bench.number(row["standby_bytes"]) if row["variant"] != "baseline" else None
+        saved, host_saved = _saved(row, base, "load_peak_bytes"), _saved(row, base, "load_peak_host_bytes")
         same_ppl = "" if base is None or row is base else ("= baseline" if row["ppl"] == base["ppl"] else "differs")
-        cells += [f"{bench.number(row['ppl']):.4f}" if row["ppl"] else "", same_ppl,
-                  f"{bench.number(row['load_s']):.1f}"]
-        lines.append(cells)
-    headers = ["model", "quant", "variant", "load peak MB", "host load peak MB", "standby MB",
-               "offloaded layers MB", "load peak saved MB", ">= offloaded", "host peak saved MB",
-               ">= offloaded", "PPL", "PPL vs baseline", "load s"]
+        lines.append([row["model"], row["quant"], row["variant"], mb(row["load_peak_bytes"]), mb(row["standby_bytes"]),
+                      mb(offloaded), mb(saved), "" if saved is None else ("yes" if saved >= offloaded else "no"),
+                      mb(row["load_peak_host_bytes"]), mb(host_saved),
+                      f"{bench.number(row['ppl']):.4f}" if row["ppl"] else "", same_ppl,
+                      f"{bench.number(row['load_s']):.1f}"])
+    headers = ["model", "quant", "variant", "load peak MB", "standby MB", "offloaded layers MB",
+               "load peak saved MB", "saved >= offloaded", "host load peak MB", "host peak saved MB", "PPL",
+               "PPL vs baseline", "load s"]
     machines = sorted({f"{r['device_name']} ({r['cpu_isa']})" for r in rows})
     return (f"From results/{SUITE}.csv (`python sweep.py {SUITE}`; {', '.join(machines)}; commit "
             f"{', '.join(sorted({r['commit'] for r in rows}))}). *Load peak*: on CPU the weight bytes counted "
             "after from_pretrained and after each offloaded layer was made real (CUDA: the allocator's peak); "
-            "*host load peak*: the process's anonymous resident memory, sampled every 2 ms while loading "
-            "(measured, so it includes torch, Python and transient copies).\n\n" + markdown_table(headers, lines))
+            "*host load peak*: the process's anonymous resident memory, sampled every 2 ms while loading: "
+            "measured, so it also holds torch, Python and from_pretrained's transient copies (each checkpoint "
+            "tensor is read, then cast), which vary with when the allocator hands memory back: compare it over "
+            "repeated runs, not one row.\n\n" + markdown_table(headers, lines))
 
 
 def sections(results_dir: Path) -> dict[str, str]:

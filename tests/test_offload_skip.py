@@ -661,6 +661,77 @@ def test_an_interrupted_wait_never_frees_a_slot_still_being_filled(tmp_path, mon
     streamer.close()
 
 
+def _slots_accounted(streamer) -> bool:
+    """Every slot is either free or held by exactly one pending or finished read, never both."""
+    held = [slot for slot, _ in streamer.jobs.values()]
+    return sorted([*streamer.free_slots, *held]) == list(range(len(streamer.slots)))
+
+
+def _layer(store, i) -> torch.Tensor:
+    direct = torch.empty(store.layouts[i].data_bytes, dtype=torch.uint8)
+    store.read_into(i, direct)
+    return direct
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_a_read_that_raises_frees_its_slot_and_is_read_again(prefetch, tmp_path, monkeypatch):
+    """Synchronous (prefetch 0) or in the reader thread: the failed layer is not kept half read."""
+    model = make_model("llama-fp32", tmp_path)
+    ctl = patch_model(model, "2,4", tmp_path / "cache", mode="stream", prefetch=prefetch, progress=False)
+    store, failing = ctl._store, {4}
+    expected = {i: _layer(store, i) for i in (2, 4)}
+    real_read = store.read_into
+
+    def flaky_read(index, out, start=0):
+        if index in failing:
+            out[: len(out) // 2].fill_(0)  # a partial read
+            raise OSError("disk gone")
+        real_read(index, out, start)
+    monkeypatch.setattr(store, "read_into", flaky_read)
+    streamer = osk.LayerStreamer(store, [2, 4], torch.device("cpu"), prefetch, None, lambda *a, **k: None)
+    streamer.acquire(2)
+    streamer.release(2)
+    with pytest.raises(OSError, match="disk gone"):
+        streamer.acquire(4)
+    assert 4 not in streamer.jobs and _slots_accounted(streamer)
+    failing.clear()  # the disk is back: the layer is read again, whole
+    assert torch.equal(streamer.acquire(4)[: len(expected[4])], expected[4])
+    streamer.release(4)
+    assert torch.equal(streamer.acquire(2)[: len(expected[2])], expected[2])
+    streamer.close()
+
+
+def test_a_cancelled_read_ahead_frees_its_slot_unfilled(tmp_path, monkeypatch):
+    """An interrupt while waiting for a read still queued behind another: it is cancelled, so
+    its slot is free at once, and the layer is read afresh when asked for again."""
+    model = make_model("llama-fp32", tmp_path)
+    ctl = patch_model(model, "2,4,6", tmp_path / "cache", mode="stream", prefetch=2, progress=False)
+    store, gate = ctl._store, threading.Event()
+    expected = {i: _layer(store, i) for i in (2, 4, 6)}
+    real_read = store.read_into
+
+    def gated_read(index, out, start=0):
+        if index == 4:
+            gate.wait(30)
+        real_read(index, out, start)
+    monkeypatch.setattr(store, "read_into", gated_read)
+    streamer = osk.LayerStreamer(store, [2, 4, 6], torch.device("cpu"), 2, None, lambda *a, **k: None)
+    streamer.acquire(2)  # then 4 is read ahead (held at the gate) and 6 queued behind it
+    slot6, job6 = streamer.jobs[6]
+
+    def interrupted(self, timeout=None):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patched:
+        patched.setattr(type(job6), "result", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            streamer.acquire(6)
+    assert job6.cancelled() and slot6 in streamer.free_slots and _slots_accounted(streamer)
+    gate.set()
+    assert torch.equal(streamer.acquire(4)[: len(expected[4])], expected[4])
+    assert torch.equal(streamer.acquire(6)[: len(expected[6])], expected[6])
+    streamer.close()
+
+
 # --------------------------------------------------------------------------- staging (the CUDA read path)
 
 @pytest.mark.parametrize("chunk_bytes", [256, 1000, 4096, 1 << 20])
@@ -682,6 +753,16 @@ def test_staging_reads_a_layer_in_bounded_chunks(chunk_bytes, tmp_path):
         osk.read_layer(ctl.store, i, staged, staging, None)
         assert torch.equal(staged, direct)
         assert reads == [(start, min(chunk_bytes, n - start)) for start in range(0, n, chunk_bytes)]
+
+
+@pytest.mark.parametrize("layer_bytes, chunk_bytes", [
+    ({2: 436 << 20, 4: 436 << 20}, 64 << 20),  # an 8B bf16 layer: 128 MiB pinned, not 3 x 436 MiB
+    ({2: 1 << 30}, 64 << 20),
+    ({2: 10 << 20, 4: 12 << 20}, 12 << 20),    # small layers: no chunk larger than the largest
+])
+def test_pinned_staging_is_bounded_whatever_the_layer_size(layer_bytes, chunk_bytes):
+    assert osk.staging_chunk_bytes(layer_bytes) == chunk_bytes
+    assert 2 * osk.staging_chunk_bytes(layer_bytes) <= 2 * osk.STAGING_CHUNK_BYTES == 128 << 20
 
 
 def test_a_chunk_past_the_data_section_is_refused(tmp_path):

@@ -20,13 +20,23 @@ def test_each_variant_against_the_baseline_load_peak(tmp_path):
     _load_row(tmp_path, "kvcache", 600_000_000, None, 600_000_000, model="other",
               command="python run_kvcache.py --model other")  # no baseline, no host peak
     text = report_load.sections(tmp_path)["load"]
-    assert "| m | nf4 | baseline | 1000.0 | 1500.0 | 1000.0 |  |  |  |  |  | 11.5000 |  | 2.0 |" in text
+    assert "| m | nf4 | baseline | 1000.0 | 1000.0 |  |  |  | 1500.0 |  | 11.5000 |  | 2.0 |" in text
     # saved: the baseline's peak minus the variant's, against the offloaded layers' bytes (400 MB)
-    assert ("| m | nf4 | kvcache | 600.0 | 1050.0 | 600.0 | 400.0 | 400.0 | yes | 450.0 | yes | 11.5000 "
+    assert ("| m | nf4 | kvcache | 600.0 | 600.0 | 400.0 | 400.0 | yes | 1050.0 | 450.0 | 11.5000 "
             "| = baseline | 2.0 |") in text
-    assert ("| m | nf4 | diskoffload | 700.0 | 1200.0 | 600.0 | 400.0 | 300.0 | no | 300.0 | no | 11.6000 "
+    assert ("| m | nf4 | diskoffload | 700.0 | 600.0 | 400.0 | 300.0 | no | 1200.0 | 300.0 | 11.6000 "
             "| differs | 2.0 |") in text
-    assert "| other | nf4 | kvcache | 600.0 |  | 600.0 | 400.0 |  |  |  |  | 11.5000 |  | 2.0 |" in text
+    # no baseline row: the same-run baseline_standby_bytes gives the offloaded bytes
+    assert "| other | nf4 | kvcache | 600.0 | 600.0 | 400.0 |  |  |  |  | 11.5000 |  | 2.0 |" in text
+
+
+def test_the_offloaded_bytes_come_from_the_baseline_row(tmp_path):
+    """The same-run baseline also counts the layer files' alignment padding (inside unpatched());
+    the offloaded layers' bytes as loaded are the baseline row's standby less the variant's."""
+    _load_row(tmp_path, "baseline", 1_000_000_000, None, 1_000_000_000)
+    _load_row(tmp_path, "kvcache", 600_000_000, None, 600_000_000, baseline_standby_bytes=1_000_054_000)
+    text = report_load.sections(tmp_path)["load"]
+    assert "| m | nf4 | kvcache | 600.0 | 600.0 | 400.0 | 400.0 | yes |  |  | 11.5000 | = baseline | 2.0 |" in text
 
 
 def test_missing_file_names_its_command(tmp_path):
