@@ -66,5 +66,9 @@ for b in 1 16; do python profile_step.py --batch-size $b --prefetch 0 --max-new-
 # --- Beyond the layers: embedding rows from disk, NF4 head (README "Beyond the layers") ---
 python sweep.py beyond
 
+# --- Models larger than the device: load peaks, the offloaded layers stored one at a time
+# before the rest loads (README "Models larger than the device") ---
+python sweep.py load
+
 python estimate.py --check results
 python report.py
