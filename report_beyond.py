@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import bench
-from report_study import markdown_table, mb, save_figure, suite_rows
+from report_study import markdown_table, mb, missing, save_figure, suite_rows
 
 SUITE = "beyond"
 # The stacked parts of a bar: standby parts (they sum to standby_bytes), then the offloaded
@@ -69,7 +69,7 @@ def _speed(row: dict) -> str:
 def beyond_section(results: Path) -> str:
     rows = suite_rows(results, SUITE)
     if not rows:
-        return f"No rows in results/{SUITE}.csv yet: run `python sweep.py {SUITE}`."
+        return missing(f"{SUITE}.csv", f"python sweep.py {SUITE}")
     lines = []
     for row in rows:
         base = _unpatched(rows, row)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import bench
-from report_study import markdown_table, mb, suite_rows
+from report_study import markdown_table, mb, missing, suite_rows
 
 SUITE = "load"
 
@@ -20,7 +20,7 @@ def _saved(row: dict, base: dict | None, column: str) -> int | None:
 def load_section(results: Path) -> str:
     rows = suite_rows(results, SUITE)
     if not rows:
-        return f"No rows in results/{SUITE}.csv yet: run `python sweep.py {SUITE}`."
+        return missing(f"{SUITE}.csv", f"python sweep.py {SUITE}")
     lines = []
     for row in rows:
         base = next((r for r in rows if r["variant"] == "baseline" and r["model"] == row["model"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import bench
 import estimate
-from report_study import markdown_table, mb, save_figure
+from report_study import markdown_table, mb, missing, save_figure
 
 FILES = ("peers.csv", "cold.csv", "batch.csv", "profile.csv")
 PROFILE_OPS = 6  # per run: the ops whose time differs most between the two modes
@@ -18,14 +18,10 @@ def _num(cell, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def _missing(name: str, command: str) -> str:
-    return f"No rows in results/{name} yet: run `{command}`."
-
-
 def peers_section(results: Path) -> str:
     rows = bench.read_rows(results / "peers.csv")
     if not rows:
-        return _missing("peers.csv", "python run_peers.py --model smollm2-135m --prefetch 0")
+        return missing("peers.csv", "python run_peers.py --model smollm2-135m --prefetch 0")
     lines = []
     for row in rows:
         runs = [r for r in rows if r["run_id"] == row["run_id"]]
@@ -52,7 +48,7 @@ def peers_section(results: Path) -> str:
 
 def cold_section(results: Path) -> str:
     if not bench.read_rows(results / "cold.csv"):
-        return _missing("cold.csv", "python run_diskoffload.py --cold --out results/cold.csv")
+        return missing("cold.csv", "python run_diskoffload.py --cold --out results/cold.csv")
     return ("From results/cold.csv (`run_diskoffload.py --cold`: each layer file dropped from the page cache "
             "before it is read; the rows without --cold read from the page cache). Predicted with estimate.py's "
             "model from the row's own same-run compute time and its measured cold read rate:\n\n"
@@ -62,7 +58,7 @@ def cold_section(results: Path) -> str:
 def batch_section(results: Path) -> str:
     rows = [r for r in bench.read_rows(results / "batch.csv") if r["busy"] != "True"]
     if not rows:
-        return _missing("batch.csv", "python run_diskoffload.py --batch-size 16 --out results/batch.csv")
+        return missing("batch.csv", "python run_diskoffload.py --batch-size 16 --out results/batch.csv")
     lines = []
     for row in rows:
         lines.append([row["model"], row["quant"], row["variant"], row["mode"] + (f" p{row['prefetch']}" if row["prefetch"] else ""),
@@ -78,7 +74,7 @@ def batch_section(results: Path) -> str:
 def profile_section(results: Path) -> str:
     rows = bench.read_rows(results / "profile.csv")
     if not rows:
-        return _missing("profile.csv", "python profile_step.py --batch-size 16")
+        return missing("profile.csv", "python profile_step.py --batch-size 16")
     lines = []
     for run_id in dict.fromkeys(r["run_id"] for r in rows):
         run = [r for r in rows if r["run_id"] == run_id]

@@ -56,6 +56,11 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "" if value is None else format(value, spec)
 
 
+def missing(name: str, command: str) -> str:
+    """What a README block says before its CSV has rows: the command that makes them."""
+    return f"No rows in results/{name} yet: run `{command}`."
+
+
 def mb(cell) -> str:
     """A CSV byte cell in MB (10^6, one decimal); '' when empty."""
     value = bench.number(cell)

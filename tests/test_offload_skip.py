@@ -633,6 +633,19 @@ def test_reads_without_preadv(prefetch, tmp_path, prompt_ids, monkeypatch):
     assert ctl._store._files == []
 
 
+def _interrupt_the_wait_for(streamer, i: int, monkeypatch):
+    """acquire(i) interrupted (KeyboardInterrupt) while it waits for i's read; (slot, job)."""
+    slot, job = streamer.jobs[i]
+
+    def interrupted(self, timeout=None):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patched:
+        patched.setattr(type(job), "result", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            streamer.acquire(i)
+    return slot, job
+
+
 def test_an_interrupted_wait_never_frees_a_slot_still_being_filled(tmp_path, monkeypatch):
     model = make_model("llama-fp32", tmp_path)
     ctl = patch_model(model, "2,4", tmp_path / "cache", mode="stream", prefetch=1, progress=False)
@@ -646,14 +659,7 @@ def test_an_interrupted_wait_never_frees_a_slot_still_being_filled(tmp_path, mon
     monkeypatch.setattr(store, "read_into", slow_read)
     streamer = osk.LayerStreamer(store, [2, 4], torch.device("cpu"), 1, None, lambda *a, **k: None)
     streamer.acquire(2)  # read now; layer 4 is then read ahead in the background, held at the gate
-    slot, job = streamer.jobs[4]
-
-    def interrupted(self, timeout=None):
-        raise KeyboardInterrupt
-    with monkeypatch.context() as patched:
-        patched.setattr(type(job), "result", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            streamer.acquire(4)
+    slot, job = _interrupt_the_wait_for(streamer, 4, monkeypatch)
     assert not job.done() and slot not in streamer.free_slots  # still being filled: not free
     gate.set()
     job.exception(timeout=30)
@@ -717,14 +723,7 @@ def test_a_cancelled_read_ahead_frees_its_slot_unfilled(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "read_into", gated_read)
     streamer = osk.LayerStreamer(store, [2, 4, 6], torch.device("cpu"), 2, None, lambda *a, **k: None)
     streamer.acquire(2)  # then 4 is read ahead (held at the gate) and 6 queued behind it
-    slot6, job6 = streamer.jobs[6]
-
-    def interrupted(self, timeout=None):
-        raise KeyboardInterrupt
-    with monkeypatch.context() as patched:
-        patched.setattr(type(job6), "result", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            streamer.acquire(6)
+    slot6, job6 = _interrupt_the_wait_for(streamer, 6, monkeypatch)
     assert job6.cancelled() and slot6 in streamer.free_slots and _slots_accounted(streamer)
     gate.set()
     assert torch.equal(streamer.acquire(4)[: len(expected[4])], expected[4])
