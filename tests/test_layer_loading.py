@@ -17,7 +17,9 @@ IDS = torch.tensor([[5, 17, 33, 2, 60, 41, 8, 9, 71, 12, 3]])
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
-    return {arch: save_tiny_checkpoint(folder / arch, arch=arch, n_layers=8) for arch in ("llama", "qwen2", "gemma3")}
+    made = {arch: save_tiny_checkpoint(folder / arch, arch=arch, n_layers=8) for arch in ("llama", "qwen2", "gemma3")}
+    made["gemma3-tied"] = save_tiny_checkpoint(folder / "gemma3-tied", arch="gemma3", n_layers=8, tied=True)
+    return made
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def _manifest(ctl) -> dict:
     return {k: v["sha256"] for k, v in json.loads(ctl.store.manifest_path.read_text())["layers"].items()}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gemma3-tied"])
 @pytest.mark.parametrize("quant", ["fp32", "bf16", "nf4"])
 def test_streamed_load_is_the_whole_model(checkpoints, arch, quant, tmp_path):
     checkpoint = checkpoints[arch]
@@ -56,7 +58,8 @@ def test_streamed_load_is_the_whole_model(checkpoints, arch, quant, tmp_path):
     layers = osk.find_decoder_layers(model)
     for i in range(8):  # the offloaded layers hold no memory: stored, then emptied
         assert (osk.tensor_bytes(osk.module_tensors(layers[i])) == 0) == (i in OFFLOADED)
-    assert not any(hasattr(m, "_hf_hook") for m in model.modules())  # accelerate's hooks are gone
+    assert type(model) is type(whole) and not any(hasattr(m, "_hf_hook") for m in model.modules())
+    assert bench.models.embeddings_tied(model) == arch.endswith("tied")  # tied as the checkpoint says
     ctl = _patch(model, info, tmp_path)
     assert ctl.store.dir.name == whole_ctl.store.dir.name  # one fingerprint: either load reuses the cache
     assert _manifest(ctl) == _manifest(whole_ctl)  # the same bytes stored, layer by layer

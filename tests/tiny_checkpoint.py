@@ -23,8 +23,10 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="<eos>")
 
 
-def save_tiny_checkpoint(path: Path, arch: str = "llama", n_layers: int = 8, seed: int = 0) -> Path:
-    """Write config, fp32 safetensors weights and tokenizer files to `path`; returns it."""
+def save_tiny_checkpoint(path: Path, arch: str = "llama", n_layers: int = 8, seed: int = 0,
+                         tied: bool = False) -> Path:
+    """Write config, fp32 safetensors weights and tokenizer files to `path`; returns it.
+    tied: the output head shares the input embedding's matrix (SmolLM2, Gemma 3)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = char_tokenizer()
@@ -32,6 +34,7 @@ def save_tiny_checkpoint(path: Path, arch: str = "llama", n_layers: int = 8, see
     config.vocab_size = len(tokenizer)
     config.max_position_embeddings = 1024
     config.eos_token_id = tokenizer.eos_token_id
+    config.tie_word_embeddings = tied
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # a real spread of weights, like conftest's tiny models
