@@ -311,14 +311,16 @@ def unpatched_fits(run: Run, ctl) -> bool:
     device, which the streamed load exists for, gets no same-run baseline (a message says so)."""
     if ctl is None or run.device.type != "cuda":
         return True
+    if "unpatched_fits" in run.info:  # decided once a run, said once
+        return run.info["unpatched_fits"]
     free_bytes, _ = torch.cuda.mem_get_info(run.device)
     cached_bytes = torch.cuda.memory_reserved(run.device) - torch.cuda.memory_allocated(run.device)
     need_bytes = int(ctl.offloaded_bytes() * 1.1)
-    if free_bytes + cached_bytes >= need_bytes:
-        return True
-    print(f"the unpatched model does not fit on {run.device} ({need_bytes / 1e6:.0f} MB needed, "
-          f"{(free_bytes + cached_bytes) / 1e6:.0f} MB free): no same-run baseline, its columns stay empty")
-    return False
+    run.info["unpatched_fits"] = fits = free_bytes + cached_bytes >= need_bytes
+    if not fits:
+        print(f"the unpatched model does not fit on {run.device} ({need_bytes / 1e6:.0f} MB needed, "
+              f"{(free_bytes + cached_bytes) / 1e6:.0f} MB free): no same-run baseline, its columns stay empty")
+    return fits
 
 
 def measure_unpatched(run: Run, ctl) -> Memory | None:

@@ -176,6 +176,7 @@ def test_the_unpatched_model_runs_on_cuda_only_when_it_fits(monkeypatch, capsys,
     assert ("does not fit on cuda (0 MB needed" in capsys.readouterr().out) is not fits
     if not fits:
         assert bench.measure_unpatched(run, _Ctl()) is None
+        assert capsys.readouterr().out == ""  # decided and said once a run
 
 
 def test_on_cpu_the_unpatched_model_always_runs():
