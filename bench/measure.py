@@ -221,7 +221,8 @@ def measure_speed(run: Run, ctl=None, generate_too: bool = False) -> Speed:
     (``ctl.unpatched()``, entered outside the timer; KV cache on: the resident model as it
     is used), and ``Speed.baseline`` holds those medians. On a shared machine speed drifts
     between runs and between machines; a ratio of two medians taken side by side in one
-    process is the only one worth printing. Speed.cpu says what else ran meanwhile.
+    process is the only one worth printing. Speed.cpu says what else ran meanwhile. On a
+    CUDA device too small for the unpatched model (unpatched_fits) only the variant runs.
     """
     with watch_cpu() as cpu:
         speed = _interleaved(run, ctl, generate_too)
