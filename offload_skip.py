@@ -685,9 +685,11 @@ STAGING_CHUNK_BYTES = 64 << 20
 
 
 def staging_chunk_bytes(layer_bytes: dict[int, int], chunk_bytes: int = STAGING_CHUNK_BYTES) -> int:
-    """The size of each of the two staging chunks: STAGING_CHUNK_BYTES, or less when no layer
-    is that large. Pinned host memory is then at most 2 x STAGING_CHUNK_BYTES (128 MiB)."""
-    return min(chunk_bytes, max(layer_bytes.values()))
+    """The size of each of the two staging chunks: STAGING_CHUNK_BYTES, or the power of two
+    that holds the largest layer when that is smaller (PyTorch's pinned allocator rounds up to
+    powers of two, so this is what it holds). Pinned host memory is at most 2 x
+    STAGING_CHUNK_BYTES (128 MiB), whatever the layer size."""
+    return min(chunk_bytes, 1 << (max(layer_bytes.values()) - 1).bit_length())
 
 
 class Staging:
@@ -713,7 +715,6 @@ class Staging:
     def read(self, store: "LayerStore", i: int, flat: torch.Tensor, stream=None, copy_events=None) -> None:
         n = store.layouts[i].data_bytes
         with self._lock:
-            first = last = None
             for start in range(0, n, self.chunk_bytes):
                 k, self._next = self._next, self._next ^ 1
                 if self.events[k] is not None:
@@ -724,13 +725,13 @@ class Staging:
                     flat[start:start + len(chunk)].copy_(chunk)
                     continue
                 with torch.cuda.stream(stream):
-                    if first is None:
-                        first = _timing_event(stream.device, stream)
+                    # a pair per chunk: the device time of the copies, not of the reads between them
+                    # (the host already counts those)
+                    begin = _timing_event(stream.device, stream)
                     flat[start:start + len(chunk)].copy_(chunk, non_blocking=True)
-                    last = _timing_event(stream.device, stream)
-                self.events[k] = last
-            if copy_events is not None and first is not None:
-                copy_events.append((first, last))
+                    self.events[k] = _timing_event(stream.device, stream)
+                if copy_events is not None:
+                    copy_events.append((begin, self.events[k]))
 
 
 def _timing_event(device: torch.device, stream=None):
@@ -782,9 +783,11 @@ class LayerStreamer:
         n_slots = min(depth + 1, len(order))  # more slots than streamed layers would only hold memory
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(n_slots)]
         cuda = device.type == "cuda"
-        self.staging = staging  # the controller's, shared with kept-layer reads (CUDA)
-        self.copy_events = copy_events  # CUDA: where each read's copy event pair goes
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        for slot in self.slots if cuda else ():  # written on copy_stream: freed only once its copies are done
+            slot.record_stream(self.copy_stream)
+        self.staging = staging  # the controller's, shared with kept-layer reads (CUDA)
+        self.copy_events = copy_events  # CUDA: where each chunk copy's event pair goes
         self.copied = [None] * n_slots  # CUDA events: slot's copy done
         self.freed = [None] * n_slots   # CUDA events: compute done with the slot's previous layer
         self.free_slots = collections.deque(range(n_slots))
@@ -934,7 +937,7 @@ class OffloadController:
         self._stats: dict = {}
         self._forward_start = None
         self._forward_events: list = []  # CUDA: (start, end) event pairs of forward calls
-        self._copy_events: list = []     # CUDA: (start, end) event pairs of layer copies
+        self._copy_events: list = []     # CUDA: (start, end) event pairs of chunk copies
         self._hooks = [model.register_forward_pre_hook(self._forward_begins),
                        model.register_forward_hook(self._forward_ends)]
         if inject_distance > 1:
@@ -964,14 +967,21 @@ class OffloadController:
         self._deferred.clear()
         if not release:
             return
-        self._staging = None
+        self.release_staging()
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # nothing still copies out of the staging chunks
             torch.cuda.empty_cache()
-            if hasattr(torch._C, "_host_emptyCache"):  # PyTorch caches freed pinned blocks too
-                torch._C._host_emptyCache()
         else:
             trim_host_memory()
+
+    def release_staging(self) -> None:
+        """Hand the pinned staging chunks back (made again by the next read); standby() does."""
+        if self._staging is None:
+            return
+        self._staging = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # nothing still copies out of the chunks
+            if hasattr(torch._C, "_host_emptyCache"):  # PyTorch caches freed pinned blocks too
+                torch._C._host_emptyCache()
 
     @contextlib.contextmanager
     def session(self, release: bool = True):
@@ -1079,6 +1089,7 @@ class OffloadController:
         if self._embedding is not None:
             self._restore_embedding(copy=True)
         self._store.close()
+        self.release_staging()
         for hook in self._hooks:
             hook.remove()
         self._patched = False

@@ -96,6 +96,7 @@ def open_run(args: argparse.Namespace, whole: bool = False) -> Run:
         model, tokenizer, info = load_model(args.model, args.quant, args.device, args.cache_dir,
                                             offloaded=layers if streamed else None, layers_dir=layers_dir(args))
     info["load_peak_host_bytes"] = host_peak.bytes
+    # read before --quant-head, whose bf16 copy of the head is no part of loading
     info["load_peak_bytes"] = load_peak_bytes(torch.device(args.device), info["loaded_bytes"])
     info["tied_embeddings"] = embeddings_tied(model)  # as the checkpoint has it, before --quant-head
     quantize_head(model, getattr(args, "quant_head", "none"))
@@ -130,6 +131,8 @@ def patch(run: Run):
     if mode == "stream":
         stream = dict(prefetch=args.prefetch, budget_bytes=args.budget, io_bandwidth=args.io_bandwidth,
                       cold=args.cold)
+    if run.device.type == "cuda":  # patching's own peak, from here: not --quant-head's
+        torch.cuda.reset_peak_memory_stats(run.device)
     try:
         alpha = {i: 0.0 if i in run.skipped else args.alpha for i in run.layers}
         ctl = offload_skip.patch_model(run.model, run.layers, layers_dir(args), alpha=alpha,
@@ -138,8 +141,8 @@ def patch(run: Run):
                                        store=run.info["store"], **stream)
     except ValueError as err:  # e.g. a pattern that names tied tensors
         raise UsageError(str(err)) from None
-    # the larger of storing's peak and the model as loaded (before --quant-head shrank its head)
-    run.info["load_peak_bytes"] = load_peak_bytes(run.device, max(ctl.load_peak_bytes, run.info["loaded_bytes"]))
+    # the larger of loading's peak (open_run's) and patching's; on CPU storing's peak is in ctl's
+    run.info["load_peak_bytes"] = max(run.info["load_peak_bytes"], load_peak_bytes(run.device, ctl.load_peak_bytes))
     return ctl
 
 
@@ -148,7 +151,8 @@ def layers_dir(args: argparse.Namespace) -> Path:
 
 
 def load_peak_bytes(device: torch.device, weight_bytes: int) -> int:
-    """CUDA: the allocator's peak since load_model reset it; CPU: the weight accounting's peak."""
+    """CUDA: the allocator's peak since its last reset (load_model's, or patch's); CPU: the
+    weight accounting's peak, `weight_bytes`."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return weight_bytes

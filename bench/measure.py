@@ -263,10 +263,23 @@ def _interleaved(run: Run, ctl, generate_too: bool) -> Speed:
                     base_generate_s.append(generate(model, ids, n, attention_mask=mask)[0])
             generate_s.append(generate(model, ids, n, variant, mask)[0])
         generate_s, base_generate_s = generate_s[args.warmup:], base_generate_s[args.warmup:]
+    if resident and run.device.type == "cuda":
+        cuda_reserved = _variant_reserved_peak(run, variant)
     baseline = _speed(base_timings, base_generate_s, n) if base_timings else None
     return _speed(timings, generate_s, n, peak_bytes=peak, cuda_max_allocated_bytes=cuda_max,
                   cuda_max_reserved_bytes=cuda_reserved,
                   stats=_mean_stats(per_run) if per_run else {}, baseline=baseline)
+
+
+def _variant_reserved_peak(run: Run, variant) -> int:
+    """The variant's own reserved peak, from one more untimed decode: in the timed runs the
+    allocator still caches what the interleaved unpatched run held (the whole model), which
+    the reserved peak would include. Emptying the cache inside the timed runs instead would
+    put allocator calls in them."""
+    torch.cuda.empty_cache()
+    _cuda_peak(run.device, reset=True)
+    decode(run.model, run.input_ids, run.args.max_new_tokens, run.args.kv_cache, variant, run.attention_mask)
+    return _cuda_peak(run.device)[1]
 
 
 def cold_read_bytes_s(ctl) -> float:
@@ -334,12 +347,14 @@ def measure_unpatched(run: Run, ctl) -> Memory | None:
     if not unpatched_fits(run, ctl):
         return None
     with ctl.unpatched():
+        ctl.release_staging()  # as the variant is measured: after standby(), which releases it
         return measure_memory(run)
 
 
 def measure_memory(run: Run, ctl=None) -> Memory:
-    """The idle state: standby(), freed pages handed back, then weights, process RSS (host
-    memory: on CUDA the pinned staging too) and CUDA allocated / reserved."""
+    """The idle state: standby() (the pinned staging released too), freed pages handed back,
+    then weights, process RSS (on CUDA: host memory, the CUDA context's host side) and CUDA
+    allocated / reserved."""
     if ctl is not None:
         ctl.standby()
     gc.collect()

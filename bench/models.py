@@ -265,6 +265,7 @@ def load_model(
         kwargs["quantization_config"] = _nf4_config()
     store = None
     if device.startswith("cuda"):
+        torch.cuda.init()  # resetting an explicit index ("cuda:0") needs an initialised context
         torch.cuda.reset_peak_memory_stats(device)
     try:
         start_s = time.perf_counter()

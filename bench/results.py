@@ -89,13 +89,16 @@ COLUMNS = {
                             "/proc/self/statm (resident - shared: the mmap'd checkpoint is not counted); "
                             "measured, not counted (CPU: the weights, torch and Python; Linux only)",
     "rss_bytes": "process resident set size while idle, after malloc_trim (CPU: everything, weights included; "
-                 "CUDA: host memory, pinned staging and the CUDA context's host side included)",
+                 "CUDA: host memory and the CUDA context's host side; the pinned staging is released when idle, "
+                 "so it shows in neither this nor baseline_rss_bytes)",
     "cuda_allocated_bytes": "CUDA only: torch.cuda.memory_allocated while idle",
     "cuda_max_allocated_bytes": "CUDA only: torch.cuda.max_memory_allocated over the measured runs "
                                 "(weights, activations, KV cache)",
     "cuda_reserved_bytes": "CUDA only: torch.cuda.memory_reserved while idle, after empty_cache",
     "cuda_max_reserved_bytes": "CUDA only: torch.cuda.max_memory_reserved over the measured runs (the allocator's "
-                               "cache too: what runs a small card out of memory, with the CUDA context)",
+                               "cache too: what runs a small card out of memory, with the CUDA context); a "
+                               "variant timed beside the unpatched model: over one more untimed run after "
+                               "empty_cache, since the timed ones inherit the unpatched run's cache",
     "baseline_standby_bytes": "variants: standby_bytes of the unpatched model, measured in the same process inside "
                               "ctl.unpatched() (every offloaded layer read back and in place; rows before the "
                               "streamed load: before patching)",
