@@ -14,8 +14,9 @@ two steps added, through a subclass of the model's class (no global patching):
    checkpoint tensors then match no parameter and are skipped, silently) and put back once
    it has finished. ``patch_model(store=...)`` binds them to their files.
 
-So the device's peak while loading is the larger of one layer and the resident part, not the
-whole model: what lets Qwen2.5-7B in NF4 (~5.5 GB) start on a 6 GB card.
+So the device's peak while loading is the larger of one layer and the resident part (each plus
+the one tensor being quantised, in the load dtype), not the whole model: what lets Qwen2.5-7B
+in NF4 (~5.5 GB) start on a 6 GB card.
 """
 from __future__ import annotations
 
