@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import bench
-from report_study import markdown_table, mb, missing, save_figure, suite_rows
+from report_study import markdown_table, mb, missing, save_figure, suite_rows, unpatched_row
 
 SUITE = "beyond"
 # The stacked parts of a bar: standby parts (they sum to standby_bytes), then the offloaded
@@ -41,11 +41,6 @@ def short_step(row: dict) -> str:
     return {"disk": "+ embedding\nrows", "tied": "+ embedding\n(tied: kept)"}.get(row["embedding_residency"], "layers")
 
 
-def _unpatched(rows: list[dict], row: dict) -> dict | None:
-    return next((r for r in rows if r["variant"] == "baseline" and r["quant_head"] == "none"
-                 and r["model"] == row["model"] and r["quant"] == row["quant"]), None)
-
-
 def _ppl(row: dict, base: dict | None) -> str:
     ppl = bench.number(row["ppl"])
     if ppl is None:
@@ -72,7 +67,7 @@ def beyond_section(results: Path) -> str:
         return missing(f"{SUITE}.csv", f"python sweep.py {SUITE}")
     lines = []
     for row in rows:
-        base = _unpatched(rows, row)
+        base = unpatched_row(rows, row)
         standby = bench.number(row["standby_bytes"])
         share = f"{100 * standby / bench.number(base['standby_bytes']):.0f}%" if base and standby else ""
         lines.append([row["model"], step(row), mb(row["standby_bytes"]), share, mb(row["peak_bytes"]),

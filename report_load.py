@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import bench
-from report_study import markdown_table, mb, missing, suite_rows
+from report_study import markdown_table, mb, missing, suite_rows, unpatched_row
 
 SUITE = "load"
 
@@ -23,8 +23,7 @@ def load_section(results: Path) -> str:
         return missing(f"{SUITE}.csv", f"python sweep.py {SUITE}")
     lines = []
     for row in rows:
-        base = next((r for r in rows if r["variant"] == "baseline" and r["model"] == row["model"]
-                     and r["quant"] == row["quant"]), None)
+        base = unpatched_row(rows, row)
         # the offloaded layers' bytes as loaded: the baseline row's standby less the variant's (the
         # same-run baseline_standby_bytes also counts the layer files' alignment padding)
         before = base["standby_bytes"] if base is not None else row["baseline_standby_bytes"]

@@ -56,6 +56,12 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "" if value is None else format(value, spec)
 
 
+def unpatched_row(rows: list[dict], row: dict) -> dict | None:
+    """The baseline row (unpatched, full-precision head) of `row`'s model and weight format."""
+    return next((r for r in rows if r["variant"] == "baseline" and r["quant_head"] in ("none", "")
+                 and r["model"] == row["model"] and r["quant"] == row["quant"]), None)
+
+
 def missing(name: str, command: str) -> str:
     """What a README block says before its CSV has rows: the command that makes them."""
     return f"No rows in results/{name} yet: run `{command}`."
