@@ -24,8 +24,8 @@ from .cli import (BATCH_PROMPTS, CPU_DEFAULT_PREFETCH, CUDA_DEFAULT_PREFETCH, DE
                   default_ppl_dataset, finish_args, main, new_parser, parse_size)
 from .corpus import CORPORA, SHORT_TEXTS, load_corpus, parse_wiki_docs
 from .experiment import Run, inference, open_run, patch, prompt_batch, select
-from .measure import (DecodeTiming, Memory, Speed, cold_read_bytes_s, decode, generate, measure_memory, measure_speed, measure_unpatched,
-                      synchronize, weight_bytes)
+from .measure import (DecodeTiming, Memory, Speed, cold_read_bytes_s, decode, generate, measure_memory, measure_speed,
+                      measure_unpatched, synchronize, unpatched_fits, weight_bytes)
 from .models import DEFAULT_MODEL, EMBEDDED_GGUFS, EMBEDDED_MODELS, QUANTS, load_model, model_kind, resolve_model
 from .results import (COLUMNS, ENVIRONMENT_FIELDS, FIELDS, Result, append_row, csv_row, check_csv, cpu_name, device_name, environment, finish,
                       git_commit, latest_baseline, make_result, number, read_rows, summary, BUSY_OTHER_CPU_SHARE,
