@@ -1314,8 +1314,8 @@ def store_layers(model: nn.Module, layers: list[int], cache_dir: str | Path, mat
     """Write the layer files of a model whose `layers` are not loaded (meta tensors): for each in
     turn, ``materialize(i, layer)`` makes it real on `device`, it is stored, and its tensors
     are dropped (placeholders) before the next, so no two are ever on the device together.
-    `model` may be a skeleton holding nothing else (from_config on the meta device, the
-    model's config and name): then the most the device holds is one layer. Returns the store,
+    `model` may hold nothing else yet (from_pretrained's model on the meta device, before its
+    weights load: bench/layer_loading.py): then the most the device holds is one layer. Returns the store,
     for ``patch_model(..., store=...)`` once the model's other weights are loaded; the layer
     modules keep their structure (a bitsandbytes layer its quant states) for the binding.
     ``store.peak_bytes`` is the most weight bytes this held on the device."""

@@ -258,11 +258,12 @@ def load_model(
     # A single-entry device_map places every module on `device` directly,
     # which is also what bitsandbytes needs to quantise on that device.
     kwargs = {"device_map": {"": device}}
-    # Unquantised modules (embeddings, norms, lm_head) match NF4's compute dtype.
-    dtype = torch.bfloat16 if quant == "nf4" else _TORCH_DTYPES[quant]
-    kwargs["dtype"] = dtype
     if quant == "nf4":
         kwargs["quantization_config"] = _nf4_config()
+        # Unquantised modules (embeddings, norms, lm_head) match the compute dtype.
+        kwargs["dtype"] = torch.bfloat16
+    else:
+        kwargs["dtype"] = _TORCH_DTYPES[quant]
     store = None
     if device.startswith("cuda"):
         torch.cuda.init()  # resetting an explicit index ("cuda:0") needs an initialised context
