@@ -226,12 +226,28 @@ def weight_breakdown(model: nn.Module, device: torch.device | str) -> dict[str, 
             for name, modules in parts}
 
 
+# bitsandbytes' AVX512-BF16 layout tiles a weight's N output rows 32 at a time and regroups its
+# absmax per row of K / blocksize blocks (_convert_weight_packed_for_cpu asserts the first and
+# fails on the second). Its forward converts every weight it may, without that check.
+CPU_PACK_BLOCK_N = 32
+
+
+def cpu_packable(quant_state) -> bool:
+    """Whether bitsandbytes' fused AVX512-BF16 CPU kernel accepts this NF4 weight's shape."""
+    shape = tuple(quant_state.shape)
+    return len(shape) == 2 and shape[0] % CPU_PACK_BLOCK_N == 0 and shape[1] % quant_state.blocksize == 0
+
+
 def prepack_nf4_for_cpu(module: nn.Module) -> None:
     """Repack bitsandbytes NF4 weights into the AVX512-BF16 CPU layout now.
 
     bitsandbytes does this itself on the first CPU forward (and undoes it, lossily, in
     state_dict()). Doing it before a layer is stored makes the stored form the computed
     form: a reload is a plain copy, and the result is what the first forward would make.
+    A weight the fused kernel cannot take (an output size that is no multiple of 32, say a
+    head over an odd vocabulary) is marked to stay unpacked: bitsandbytes then dequantises it
+    on every forward, as it does on a CPU without AVX512-BF16, instead of failing an
+    assertion in its first forward.
     """
     try:
         from bitsandbytes.functional import _convert_weight_packed_for_cpu
@@ -242,8 +258,12 @@ def prepack_nf4_for_cpu(module: nn.Module) -> None:
         if not isinstance(mod, Linear4bit) or not getattr(mod, "support_avx512bf16_for_cpu", False):
             continue
         quant_state = mod.weight.quant_state
-        if quant_state is not None and not getattr(quant_state, "packing_format_for_cpu", False):
+        if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):
+            continue
+        if cpu_packable(quant_state):
             mod.weight.data, mod.weight.quant_state = _convert_weight_packed_for_cpu(mod.weight.data, quant_state)
+        else:
+            mod.support_avx512bf16_for_cpu = False
 
 
 # --------------------------------------------------------------------------- layer files

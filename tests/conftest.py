@@ -33,18 +33,59 @@ def tiny_model(arch: str, dtype=torch.float32, seed: int = 0, n_layers: int = N_
     return model.to(dtype).eval()
 
 
-def tiny_nf4_model(path, arch: str = "llama"):
+# bitsandbytes computes NF4 on a CPU in one of two ways. With AVX512-BF16 it repacks each weight
+# for a fused kernel at its first forward ("packed"); without, it dequantises every weight at
+# every forward ("dequant"). The two store different bytes and round differently, so the tests
+# that touch NF4 run both: "dequant" on every CPU (forced on an AVX512-BF16 one), "packed"
+# where the CPU has the kernel (skipped, saying so, elsewhere).
+NF4_KINDS = ("nf4-dequant", "nf4-packed")
+
+
+def cpu_has_packed_nf4() -> bool:
+    from bitsandbytes.functional import has_avx512bf16
+    return bool(has_avx512bf16())
+
+
+def use_nf4_path(model, path: str):
+    """Make every bitsandbytes 4-bit layer of `model` compute the `path` way ('dequant' or 'packed')."""
+    from bitsandbytes.nn import Linear4bit
+    if path not in ("dequant", "packed"):
+        raise ValueError(path)
+    if path == "packed" and not cpu_has_packed_nf4():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes' packed NF4 kernel cannot run here")
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = path == "packed"
+    return model
+
+
+def force_nf4_path(quant: str, monkeypatch) -> str:
+    """For code that builds its own NF4 layers (the scripts' loaders): 'nf4-dequant' makes every
+    4-bit layer built from now on take the dequantising path, 'nf4-packed' needs the CPU's
+    kernel. Returns the --quant to pass ('nf4'); other quants pass through."""
+    if not quant.startswith("nf4-"):
+        return quant
+    import bitsandbytes.nn.modules
+    if quant == "nf4-packed" and not cpu_has_packed_nf4():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes' packed NF4 kernel cannot run here")
+    if quant == "nf4-dequant":  # Linear4bit.__init__ asks this once, per layer
+        monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False)
+    return "nf4"
+
+
+def tiny_nf4_model(path, arch: str = "llama", nf4_path: str = "dequant"):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     tiny_model(arch).save_pretrained(path)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": "cpu"}).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": "cpu"}).eval()
+    return use_nf4_path(model, nf4_path)
 
 
 def make_model(kind: str, tmp_path):
-    """kind: '<arch>-<fp32|bf16>' or 'nf4' (bitsandbytes on CPU)."""
-    if kind == "nf4":
-        return tiny_nf4_model(tmp_path / "nf4-src")
+    """kind: '<arch>-<fp32|bf16>' or 'nf4-<dequant|packed>' (bitsandbytes on CPU, see NF4_KINDS)."""
+    if kind.startswith("nf4-"):
+        return tiny_nf4_model(tmp_path / "nf4-src", nf4_path=kind.split("-", 1)[1])
     arch, dtype = kind.split("-")
     return tiny_model(arch, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
 

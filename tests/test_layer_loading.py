@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import NF4_KINDS, force_nf4_path
 from tiny_checkpoint import save_tiny_checkpoint
 
 import bench
@@ -46,8 +47,9 @@ def _manifest(ctl) -> dict:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gemma3-tied"])
-@pytest.mark.parametrize("quant", ["fp32", "bf16", "nf4"])
-def test_streamed_load_is_the_whole_model(checkpoints, arch, quant, tmp_path):
+@pytest.mark.parametrize("quant", ["fp32", "bf16", *NF4_KINDS])
+def test_streamed_load_is_the_whole_model(checkpoints, arch, quant, tmp_path, monkeypatch):
+    quant = force_nf4_path(quant, monkeypatch)
     checkpoint = checkpoints[arch]
     whole, _, info = _load(checkpoint, quant, tmp_path)
     assert info["store"] is None
@@ -73,8 +75,9 @@ def test_streamed_load_is_the_whole_model(checkpoints, arch, quant, tmp_path):
     assert ctl.resident_bytes() == whole_ctl.resident_bytes()
 
 
-@pytest.mark.parametrize("quant", ["fp32", "nf4"])
-def test_the_load_never_holds_the_offloaded_layers_together(checkpoint, quant, tmp_path):
+@pytest.mark.parametrize("quant", ["fp32", *NF4_KINDS])
+def test_the_load_never_holds_the_offloaded_layers_together(checkpoint, quant, tmp_path, monkeypatch):
+    quant = force_nf4_path(quant, monkeypatch)
     whole, _, whole_info = _load(checkpoint, quant, tmp_path)
     osk.prepack_nf4_for_cpu(whole)
     layer_bytes = {i: osk.tensor_bytes(osk.module_tensors(osk.find_decoder_layers(whole)[i])) for i in OFFLOADED}

@@ -131,12 +131,6 @@ def test_busy_threshold(share, busy):
     assert CpuLoad(1.0, 1.0, share).busy is busy
 
 
-def _spin(seconds):
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
-
-
 def test_another_process_makes_it_busy():
     with watch_cpu() as cpu:
         subprocess.run([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"],
@@ -144,17 +138,38 @@ def test_another_process_makes_it_busy():
     assert cpu[0].other_cpu_share > 0.3 and cpu[0].busy  # one of two cores, for the whole block
 
 
-def test_own_threads_do_not_make_it_busy():
+def _readings(*samples):
+    """A stand-in for bench.measure._cpu_sample: (wall s, machine busy s, own CPU s) in turn."""
+    return iter(samples).__next__
+
+
+@pytest.mark.parametrize("machine_s, own_s, share", [
+    (2.0, 2.0, 0.0),    # our own two threads fill both cores: nobody else ran
+    (2.0, 1.0, 0.5),    # one core ours, one someone else's
+    (0.5, 0.25, 0.125), # an eighth of the machine: busy
+    (0.5, 0.9, 0.0),    # /proc/stat ticks lag our own clock: never negative
+])
+def test_the_other_share_is_the_machine_less_this_process(monkeypatch, machine_s, own_s, share):
+    monkeypatch.setattr(bench.measure, "_cpu_sample", _readings((10.0, 100.0, 5.0), (11.0, 100.0 + machine_s, 5.0 + own_s)))
+    monkeypatch.setattr(bench.measure.os, "cpu_count", lambda: 2)
     with watch_cpu() as cpu:
-        worker = threading.Thread(target=_spin, args=(1.0,))
-        worker.start()
-        _spin(1.0)
-        worker.join()
-    # Our own two spinning threads fill the 2-core machine: counted as "other" they would read ~1.0.
-    # Below 0.5 with room for what else the machine runs meanwhile (that is what the share is for).
-    assert cpu[0].other_cpu_share < 0.5
-    assert cpu[0].busy == (cpu[0].other_cpu_share > bench.BUSY_OTHER_CPU_SHARE)
-    assert cpu[0].load_1m_before is not None and cpu[0].load_1m_after is not None
+        pass
+    assert cpu[0].other_cpu_share == pytest.approx(share)
+    assert cpu[0].busy == (share > bench.BUSY_OTHER_CPU_SHARE)
+
+
+def test_own_cpu_time_counts_every_thread_of_this_process():
+    """What the share subtracts: this process's CPU time, a worker thread's included (CPU
+    time, not wall time, so a loaded machine only makes the test slower)."""
+    def burn(cpu_s):
+        end = time.thread_time() + cpu_s
+        while time.thread_time() < end:
+            pass
+    own_before = bench.measure._cpu_sample()[2]
+    worker = threading.Thread(target=burn, args=(0.35,))
+    worker.start()
+    worker.join()
+    assert bench.measure._cpu_sample()[2] - own_before >= 0.3  # os.times() ticks: 10 ms
 
 
 class _Ctl:

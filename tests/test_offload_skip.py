@@ -5,14 +5,14 @@ import threading
 
 import pytest
 import torch
-from conftest import ARCHS, N_LAYERS, make_model, tiny_model
+from conftest import ARCHS, N_LAYERS, NF4_KINDS, make_model, tiny_model
 from safetensors import safe_open
 from torch import nn
 
 import offload_skip as osk
 from offload_skip import CacheError, patch_model, select_layers
 
-KINDS = [f"{arch}-{dtype}" for arch in ARCHS for dtype in ("fp32", "bf16")] + ["nf4"]
+KINDS = [f"{arch}-{dtype}" for arch in ARCHS for dtype in ("fp32", "bf16")] + list(NF4_KINDS)
 
 
 # --------------------------------------------------------------------------- selection
@@ -111,7 +111,7 @@ class Skip(nn.Module):
 
 
 @pytest.mark.parametrize("pattern", ["even", "2,3", "5-7"])
-@pytest.mark.parametrize("kind", ["qwen2-fp32", "gemma3-bf16", "nf4"])
+@pytest.mark.parametrize("kind", ["qwen2-fp32", "gemma3-bf16", *NF4_KINDS])
 def test_alpha_zero_is_layer_removal(kind, pattern, tmp_path, prompt_ids):
     model = make_model(kind, tmp_path)
     ctl = patch_model(model, pattern, tmp_path / "cache", alpha=0.0, mode="stream", progress=False)
@@ -153,7 +153,7 @@ def test_consecutive_layers_are_parallel_residuals(kind, tmp_path, prompt_ids):
     assert torch.equal(seen[4][0][0], expected)
 
 
-@pytest.mark.parametrize("kind", ["llama-fp32", "gemma3-bf16", "nf4"])
+@pytest.mark.parametrize("kind", ["llama-fp32", "gemma3-bf16", *NF4_KINDS])
 def test_offloaded_last_layer(kind, tmp_path, prompt_ids):
     model = make_model(kind, tmp_path)
     logits, tokens = _logits(model, prompt_ids), _greedy(model, prompt_ids)
@@ -227,7 +227,7 @@ def _reordered_by_hand(model, pattern, distance, alpha, targets):
     ("2,3", 2, {3: 5}),
     ("3,7", 2, {3: 5, 7: None}),
 ])
-@pytest.mark.parametrize("kind", ["llama-fp32", "gemma3-bf16", "nf4"])
+@pytest.mark.parametrize("kind", ["llama-fp32", "gemma3-bf16", *NF4_KINDS])
 def test_inject_distance_equals_a_manual_reordering(kind, pattern, distance, targets, tmp_path, prompt_ids):
     model = make_model(kind, tmp_path)
     ctl = patch_model(model, pattern, tmp_path / "cache", alpha=0.75, inject_distance=distance, progress=False)
@@ -238,7 +238,7 @@ def test_inject_distance_equals_a_manual_reordering(kind, pattern, distance, tar
     assert torch.equal(tokens, _greedy(reference, prompt_ids))
 
 
-@pytest.mark.parametrize("kind", ["qwen2-fp32", "nf4"])
+@pytest.mark.parametrize("kind", ["qwen2-fp32", *NF4_KINDS])
 def test_inject_distance_one_is_bit_identical(kind, tmp_path, prompt_ids):
     model = make_model(kind, tmp_path)
     logits = _logits(model, prompt_ids)
@@ -324,7 +324,7 @@ def _layer_bytes(model, indices):
     return sum(osk.tensor_bytes(osk.module_tensors(model.model.layers[i])) for i in indices)
 
 
-@pytest.mark.parametrize("kind", ["llama-fp32", "qwen2-bf16", "gemma3-fp32", "nf4"])
+@pytest.mark.parametrize("kind", ["llama-fp32", "qwen2-bf16", "gemma3-fp32", *NF4_KINDS])
 def test_resident_bytes_drop_by_the_offloaded_layers(kind, tmp_path, prompt_ids):
     model = make_model(kind, tmp_path)
     osk.prepack_nf4_for_cpu(model)  # NF4: count the form the CPU computes with, as patch_model does
@@ -370,7 +370,7 @@ def test_stream_never_holds_more_slots_than_streamed_layers(layers, prefetch, sl
 
 
 @pytest.mark.parametrize("prefetch, budget_layers", [(0, 0), (1, 0), (2, 1), (3, 2), (1, 3)])
-@pytest.mark.parametrize("kind", ["gemma3-bf16", "nf4"])
+@pytest.mark.parametrize("kind", ["gemma3-bf16", *NF4_KINDS])
 def test_stream_is_bit_identical_for_any_prefetch_and_budget(kind, prefetch, budget_layers, tmp_path, prompt_ids):
     model = make_model(kind, tmp_path)
     logits, tokens = _logits(model, prompt_ids), _greedy(model, prompt_ids)
