@@ -5,7 +5,7 @@ import threading
 
 import pytest
 import torch
-from conftest import ARCHS, N_LAYERS, NF4_KINDS, make_model, tiny_model
+from conftest import ARCHS, N_LAYERS, NF4_KINDS, cpu_has_packed_nf4, make_model, tiny_model
 from safetensors import safe_open
 from torch import nn
 
@@ -799,3 +799,23 @@ def test_offloaded_bytes_is_what_unpatched_brings_back(tmp_path, offload_embeddi
         assert osk.tensor_bytes(osk.module_tensors(original)) - standby == ctl.offloaded_bytes()
     assert ctl.offloaded_bytes() == sum(ctl.layer_bytes.values()) + (
         model.config.vocab_size * model.config.hidden_size * 4 if offload_embeddings else 0)  # fp32
+
+
+# --------------------------------------------------------------------------- NF4 on a CPU
+
+@pytest.mark.parametrize("out_features, packable", [(96, True), (98, False), (40, False)])
+def test_prepack_packs_only_what_the_fused_kernel_takes(out_features, packable):
+    """bitsandbytes' AVX512-BF16 layout needs whole tiles of 32 output rows; another weight stays
+    unpacked and is marked so, or bitsandbytes' own first forward would fail an assertion."""
+    import bitsandbytes as bnb
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(64, out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer = layer.to("cpu")  # quantised by the move
+    layer.support_avx512bf16_for_cpu = True  # as on such a CPU: the repacking itself is plain torch
+    osk.prepack_nf4_for_cpu(layer)
+    assert getattr(layer.weight.quant_state, "packing_format_for_cpu", False) is packable
+    assert layer.support_avx512bf16_for_cpu is packable
+    if packable and not cpu_has_packed_nf4():
+        return  # the packed kernel cannot run here
+    with torch.no_grad():
+        assert layer(torch.randn(3, 64, dtype=torch.bfloat16)).shape == (3, out_features)
