@@ -41,6 +41,13 @@ def _last_logits_only(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
+def _cache_name(model) -> str:
+    # transformers renamed the KV cache `past_key_values` -> `cache` (forward keyword and output
+    # field alike) and warns on the old name; older 5.x releases know only the old one.
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _padding(mask: torch.Tensor | None) -> dict:
     """attention_mask and position_ids of a left-padded batch, as generate() makes them:
     positions count each row's real tokens only. {} without a mask (no padding)."""
@@ -65,6 +72,7 @@ def decode(model, input_ids: torch.Tensor, max_new_tokens: int, kv_cache: bool =
     """
     device = input_ids.device
     keep = _last_logits_only(model)
+    cache = _cache_name(model)
     with torch.no_grad():
         synchronize(device)
         start = time.perf_counter()
@@ -75,7 +83,7 @@ def decode(model, input_ids: torch.Tensor, max_new_tokens: int, kv_cache: bool =
             synchronize(device)
             first = time.perf_counter()
             tokens, sequence = [token], input_ids
-            past = out.past_key_values if kv_cache else None
+            past = getattr(out, cache) if kv_cache else None
             for _ in range(max_new_tokens - 1):
                 if mask is not None:
                     mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -83,8 +91,8 @@ def decode(model, input_ids: torch.Tensor, max_new_tokens: int, kv_cache: bool =
                     padding = _padding(mask)
                     if padding:
                         padding["position_ids"] = padding["position_ids"][:, -1:]
-                    out = model(input_ids=token, past_key_values=past, use_cache=True, **padding)
-                    past = out.past_key_values
+                    out = model(input_ids=token, **{cache: past}, use_cache=True, **padding)
+                    past = getattr(out, cache)
                 else:
                     sequence = torch.cat([sequence, token], dim=1)
                     out = model(input_ids=sequence, use_cache=False, **keep, **_padding(mask))

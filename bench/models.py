@@ -12,7 +12,9 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -159,7 +161,34 @@ def resolve_model(name: str, cache_dir: Path) -> tuple[str, str]:
         return str(checkpoint_dir), name
     if kind == "dir":
         return str(Path(name).expanduser()), name
-    return name, name
+    return _hub_source(name), name
+
+
+def hub_unreachable(endpoint: str, timeout_s: float = 3.0) -> str | None:
+    """None when a TCP connection to the hub's host opens within timeout_s, else why not."""
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
+                                 timeout=timeout_s).close()
+    except OSError as err:
+        return f"{url.hostname}: {first_line(err) or type(err).__name__}"
+    return None
+
+
+def _hub_source(repo_id: str) -> str:
+    """What from_pretrained should load for a hub id: the id when the hub answers, else the
+    local hub cache's copy, else a UsageError at once (the hub client, asked anyway, retries
+    for half a minute before it fails)."""
+    from huggingface_hub import constants, snapshot_download
+
+    why = "offline mode is set (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else hub_unreachable(constants.ENDPOINT)
+    if why is None:
+        return repo_id
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # LocalEntryNotFoundError, or a cache entry without a snapshot
+        raise UsageError(f"model {repo_id!r} is not in the local Hugging Face cache and the hub is out of reach "
+                         f"({why}); the embedded alias {DEFAULT_MODEL!r} works offline") from None
 
 
 def embeddings_tied(model) -> bool:

@@ -524,20 +524,24 @@ def summary(row: Result, baseline: dict | None = None) -> str:
     if row.kv_cache is False:  # None: nothing decoded
         config += "; no KV cache"
 
-    def versus(value, base, percent: bool) -> str:
+    def versus(value, base, what: str | None = None) -> str:
+        # `what` names the unpatched model's figure the bytes are compared with; speeds compare like with like
         if value is None or not base:
             return ""
-        if percent:
-            return f"  ({100 * value / base:.1f}% of the unpatched model's {_mb(base)})"
-        return f"  ({value / base:.2f}x the unpatched model's {base:.1f} tok/s, same run)"
+        if what is not None:
+            return f"  ({100 * value / base:.1f}% of the unpatched model's {what}, {_mb(base)})"
+        return f"  ({value / base:.3f}x the unpatched model's {_tok_s(base)} tok/s, same run)"
 
     lines = [f"{row.variant}: {config}"]
-    for label, value, base in (("standby weights", row.standby_bytes, row.baseline_standby_bytes),
-                               ("peak weights", row.peak_bytes, row.baseline_standby_bytes),
-                               ("load peak", row.load_peak_bytes, row.baseline_standby_bytes),
-                               ("idle RSS", row.rss_bytes, row.baseline_rss_bytes)):
+    for label, value, base, what in (
+            ("standby weights", row.standby_bytes, row.baseline_standby_bytes, "standby weights"),
+            ("peak weights", row.peak_bytes, row.baseline_standby_bytes, "standby weights"),
+            ("load peak", row.load_peak_bytes, row.baseline_standby_bytes,
+             "standby weights" + (" (this load held the head before quantising it)" if row.quant_head not in
+                                  (None, "none") else "")),
+            ("idle RSS", row.rss_bytes, row.baseline_rss_bytes, "idle RSS")):
         if value is not None:
-            lines.append(f"  {label:<15} {_mb(value):>10}" + versus(value, base, percent=True))
+            lines.append(f"  {label:<15} {_mb(value):>10}" + versus(value, base, what))
     if row.embedding_bytes is not None:
         lines.append(f"  {'standby parts':<15} embedding {_mb(row.embedding_bytes)}, head {_mb(row.head_bytes)}, "
                      f"resident layers {_mb(row.resident_layers_bytes)}, other {_mb(row.other_bytes)}; "
@@ -550,11 +554,11 @@ def summary(row: Result, baseline: dict | None = None) -> str:
                      f"ctx {row.ppl_ctx}, stride {row.ppl_stride}"
                      + (f"  (baseline row on this kind of machine: {base_ppl:.4g})" if base_ppl else ""))
     if row.decode_tok_s is not None:
-        lines.append(f"  {'decode':<15} {row.decode_tok_s:>6.1f} tok/s"
-                     + versus(row.decode_tok_s, row.baseline_decode_tok_s, False) + f"; prefill {row.prefill_s:.3f} s")
+        lines.append(f"  {'decode':<15} {_tok_s(row.decode_tok_s):>6} tok/s"
+                     + versus(row.decode_tok_s, row.baseline_decode_tok_s) + f"; prefill {row.prefill_s:.3f} s")
     if row.generate_tok_s is not None:
-        lines.append(f"  {'generate':<15} {row.generate_tok_s:>6.1f} tok/s"
-                     + versus(row.generate_tok_s, row.baseline_generate_tok_s, False))
+        lines.append(f"  {'generate':<15} {_tok_s(row.generate_tok_s):>6} tok/s"
+                     + versus(row.generate_tok_s, row.baseline_generate_tok_s))
     if row.loads:
         lines.append(f"  per run: {row.loads:g} layer loads, {_mb(row.loaded_bytes)}, {row.per_layer_load_ms:.2f} ms "
                      f"each; waited {row.wait_s:.3f} s of {row.forward_s:.3f} s forward, overlap {row.overlap:.2f}")
@@ -562,6 +566,11 @@ def summary(row: Result, baseline: dict | None = None) -> str:
         lines.append(f"  BUSY: other processes used {100 * row.other_cpu_share:.0f}% of the CPU while timing; "
                      "the speed figures are not trusted (README tables leave this row out)")
     return "\n".join(lines)
+
+
+def _tok_s(value: float) -> str:
+    # three significant digits: 0.934, 4.49, 30.6, 410 (one decimal would print 0.9 for 0.934)
+    return f"{value:#.3g}".rstrip(".") if value < 1000 else f"{value:.0f}"
 
 
 def finish(run: Run, row: Result) -> Result:

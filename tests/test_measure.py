@@ -1,9 +1,11 @@
 """bench.measure: the decode loop, same-run pairing with the unpatched model, the busy watch."""
 import contextlib
+import logging
 import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -19,6 +21,16 @@ from bench.measure import CpuLoad, watch_cpu
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama")
+
+
+def test_decode_and_generate_warn_of_nothing(model, caplog):
+    """The repo's own calls use transformers' current API: no deprecation, warning or log line."""
+    ids = torch.randint(0, 96, (1, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bench.decode(model, ids, 3)
+        bench.generate(model, ids, 3)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_decode_matches_generate(model):

@@ -7,6 +7,31 @@ import bench
 from bench import fetch, models
 
 
+@pytest.mark.parametrize("offline, unreachable, why", [
+    (True, None, "offline mode is set (HF_HUB_OFFLINE)"),
+    (False, "huggingface.co: [Errno -3] Temporary failure in name resolution",
+     "huggingface.co: [Errno -3] Temporary failure in name resolution"),
+])
+def test_a_hub_id_out_of_reach_fails_at_once(tmp_path, monkeypatch, offline, unreachable, why):
+    """No retries: offline mode is not asked at all, an unreachable hub once; an id missing
+    from the local hub cache is then a one-line error."""
+    import huggingface_hub.constants
+    probes = []
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(models, "hub_unreachable", lambda endpoint: probes.append(endpoint) or unreachable)
+    with pytest.raises(bench.UsageError) as err:
+        bench.resolve_model("org/nosuch", tmp_path)
+    assert _one_line(err) == (f"model 'org/nosuch' is not in the local Hugging Face cache and the hub is out of "
+                              f"reach ({why}); the embedded alias '{bench.DEFAULT_MODEL}' works offline")
+    assert len(probes) == (0 if offline else 1)
+
+
+def test_an_unreachable_host_is_named():
+    # port 9 of this machine's loopback: nothing listens there, the refusal is immediate
+    assert bench.models.hub_unreachable("http://127.0.0.1:9").startswith("127.0.0.1: ")
+
+
 def _one_line(err: pytest.ExceptionInfo) -> str:
     message = str(err.value)
     assert "\n" not in message
@@ -21,7 +46,8 @@ def test_unknown_model_lists_aliases(tmp_path):
     assert bench.DEFAULT_MODEL in bench.EMBEDDED_MODELS
 
 
-def test_resolve_local_dir_and_hub_id_pass_through(tmp_path):
+def test_resolve_local_dir_and_hub_id_pass_through(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "hub_unreachable", lambda endpoint: None)  # no test touches the network
     cache_dir = tmp_path / "cache"
     assert bench.resolve_model(str(tmp_path), cache_dir) == (str(tmp_path), str(tmp_path))
     assert bench.resolve_model("HuggingFaceTB/SmolLM2-135M", cache_dir) == (

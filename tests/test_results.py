@@ -100,8 +100,8 @@ def test_summary_ratios_come_from_the_same_run(tmp_path):
     assert baseline["model"] == "m"
     text = bench.summary(variant, baseline)
     assert text.startswith("kvcache: m fp32 on cpu, 2 of 8 layers offloaded (even), alpha 1")
-    assert "75.0% of the unpatched model's 0.0 MB" in text
-    assert "0.90x the unpatched model's 50.0 tok/s, same run" in text
+    assert "standby weights     0.0 MB  (75.0% of the unpatched model's standby weights, 0.0 MB)" in text
+    assert "decode            45.0 tok/s  (0.900x the unpatched model's 50.0 tok/s, same run)" in text
     assert "(baseline row on this kind of machine: 12.5)" in text
     assert "2 layer loads" in text and "BUSY" not in text
     assert "baseline row" not in bench.summary(variant, None)
@@ -116,7 +116,7 @@ def test_a_baseline_from_another_machine_changes_nothing(tmp_path, column, other
     variant = _variant()
     assert bench.latest_baseline(path, variant) is None
     assert bench.summary(variant, bench.latest_baseline(path, variant)) == bench.summary(variant, None)
-    assert "0.90x the unpatched model's 50.0 tok/s" in bench.summary(variant, None)
+    assert "0.900x the unpatched model's 50.0 tok/s" in bench.summary(variant, None)
 
 
 def test_a_busy_row_says_so():

@@ -131,7 +131,7 @@ def test_kvcache_row(results):
         _n(row["generate_tok_s"]) / _n(row["baseline_generate_tok_s"]), rel=1e-4)
     summary = printed["kvcache"][0]
     assert summary.startswith("kvcache: ") and "% of the unpatched model's" in summary
-    assert f"{_n(row['decode_ratio']):.2f}x the unpatched model's" in summary and "same run" in summary
+    assert f"{_n(row['decode_ratio']):.3f}x the unpatched model's" in summary and "same run" in summary
 
 
 def test_every_row_has_its_load_peak(results):
