@@ -38,6 +38,7 @@ class Exactness:
     standby_bytes_before: int   # weights on the device, unpatched
     standby_bytes_after: int    # after patch_model + standby()
     saved_bytes: int
+    command: str                # the command line that wrote the row: rerun it to reproduce
 
 
 def _outputs(model, window: torch.Tensor, prompt: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +77,7 @@ def compare(args, quant: str, window_tokens: int, greedy_tokens: int) -> list[Ex
             tokens_equal=torch.equal(tokens, ref_tokens),
             first_divergence=int(differs[0]) if len(differs) else None,
             standby_bytes_before=before, standby_bytes_after=after, saved_bytes=before - after,
+            command=args.command,
             **{k: v for k, v in bench.environment().items() if k in {f.name for f in dataclasses.fields(Exactness)}})
 
     with tempfile.TemporaryDirectory() as cache:  # fresh layer files: nothing reused from a user cache

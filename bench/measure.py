@@ -242,20 +242,31 @@ def _interleaved(run: Run, ctl, generate_too: bool) -> Speed:
     n = args.max_new_tokens
     variant = inference(ctl)
     resident = functools.partial(ctl.unpatched, release=False) if ctl is not None and unpatched_fits(run, ctl) else None
-    for _ in tqdm(range(args.warmup), desc="warmup", leave=False, disable=args.warmup < 2):
+    # One bar over every timed and warm-up run, ticked between runs (never inside a timer):
+    # on a slow CPU a single decode can take many seconds, and a user should see which one runs.
+    runs = (args.warmup + args.repeats) * (2 if resident else 1) * (2 if generate_too else 1)
+    bar = tqdm(total=runs, desc=f"timing {run.variant}", unit="run", leave=False)
+
+    def step(what: str, fn, *fn_args, **fn_kwargs):
+        bar.set_postfix_str(what, refresh=True)
+        result = fn(*fn_args, **fn_kwargs)
+        bar.update()
+        return result
+
+    for _ in range(args.warmup):
         if resident:
             with resident():
-                decode(model, ids, n, attention_mask=mask)
-        decode(model, ids, n, args.kv_cache, variant, mask)
+                step("warm-up, unpatched", decode, model, ids, n, attention_mask=mask)
+        step(f"warm-up, {run.variant}", decode, model, ids, n, args.kv_cache, variant, mask)
     timings, base_timings, per_run, peak, cuda_max, cuda_reserved = [], [], [], None, None, None
-    for _ in tqdm(range(args.repeats), desc=f"timing {run.variant}", unit="run", leave=False):
+    for _ in range(args.repeats):
         if resident:
             with resident():
-                base_timings.append(decode(model, ids, n, attention_mask=mask))
+                base_timings.append(step("decode, unpatched", decode, model, ids, n, attention_mask=mask))
         if ctl is not None:
             ctl.reset_stats()
         _cuda_peak(run.device, reset=True)
-        timings.append(decode(model, ids, n, args.kv_cache, variant, mask))
+        timings.append(step(f"decode, {run.variant}", decode, model, ids, n, args.kv_cache, variant, mask))
         if run.device.type == "cuda":
             allocated, reserved = _cuda_peak(run.device)
             cuda_max, cuda_reserved = max(cuda_max or 0, allocated), max(cuda_reserved or 0, reserved)
@@ -268,9 +279,11 @@ def _interleaved(run: Run, ctl, generate_too: bool) -> Speed:
         for _ in range(args.warmup + args.repeats):
             if resident:
                 with resident():
-                    base_generate_s.append(generate(model, ids, n, attention_mask=mask)[0])
-            generate_s.append(generate(model, ids, n, variant, mask)[0])
+                    base_generate_s.append(step("generate(), unpatched", generate, model, ids, n,
+                                                attention_mask=mask)[0])
+            generate_s.append(step(f"generate(), {run.variant}", generate, model, ids, n, variant, mask)[0])
         generate_s, base_generate_s = generate_s[args.warmup:], base_generate_s[args.warmup:]
+    bar.close()
     if resident and run.device.type == "cuda":
         cuda_reserved = _variant_reserved_peak(run, variant)
     baseline = _speed(base_timings, base_generate_s, n) if base_timings else None

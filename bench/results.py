@@ -9,6 +9,7 @@ import datetime
 import importlib.metadata
 import platform
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -578,4 +579,11 @@ def finish(run: Run, row: Result) -> Result:
     path = append_row(run.args.out, row)
     print(summary(row, latest_baseline(run.args.baseline_csv, row)))
     print(f"  row appended to {path}")
+    print(f"  {process_age_s():.0f} s since this process started (imports, any first-run fetch, loading, measuring)")
     return row
+
+
+def process_age_s() -> float:
+    """Wall seconds since this process started: what the user of a script waited."""
+    import psutil
+    return time.time() - psutil.Process().create_time()

@@ -369,6 +369,7 @@ def test_check_exact_on_a_tiny_checkpoint(setup, tmp_path, capsys):
             assert _n(row["saved_bytes"]) == _n(row["standby_bytes_before"]) - _n(row["standby_bytes_after"]) > 0
         else:
             assert row["saved_bytes"] == "0"
+        assert row["command"].startswith("python check_exact.py --model ") and "--quants fp32,bf16,nf4" in row["command"]
     assert "rows appended to" in capsys.readouterr().out
 
 
