@@ -1,5 +1,5 @@
-"""The study's tables and plots, from the suites' CSVs (sweep.py): README "Findings" blocks
-and results/study_*.png. Called by report.py; every number comes from a row.
+"""The study's tables and plots, from the suites' CSVs (sweep.py): the "Findings" blocks of
+results/README.md and results/study_*.png. Every number comes from a row.
 
 A row's reference is the unpatched model's perplexity on the same tokens (same model, weight
 format, --ppl-max-tokens and ctx): a baseline row of any suite, else a row that is exact by
@@ -13,14 +13,7 @@ import bench
 import offload_skip
 import sweep
 from bench import importance
-
-
-def suite_rows(results_dir: Path, suite: str) -> list[dict]:
-    """The suite's rows, the latest per command (a rerun replaces a case's row)."""
-    latest: dict = {}
-    for row in bench.read_rows(Path(results_dir) / f"{suite}.csv"):
-        latest[row["command"] or id(row)] = row
-    return list(latest.values())
+from reporting.tables import machines, markdown_table, save_figure, suite_rows
 
 
 def _models(rows: list[dict]) -> list[str]:
@@ -56,39 +49,15 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "" if value is None else format(value, spec)
 
 
-def unpatched_row(rows: list[dict], row: dict) -> dict | None:
-    """The baseline row (unpatched, full-precision head) of `row`'s model and weight format."""
-    return next((r for r in rows if r["variant"] == "baseline" and r["quant_head"] in ("none", "")
-                 and r["model"] == row["model"] and r["quant"] == row["quant"]), None)
-
-
-def missing(name: str, command: str) -> str:
-    """What a README block says before its CSV has rows: the command that makes them."""
-    return f"No rows in results/{name} yet: run `{command}`."
-
-
-def mb(cell) -> str:
-    """A CSV byte cell in MB (10^6, one decimal); '' when empty."""
-    value = bench.number(cell)
-    return "" if value is None else f"{value / 1e6:.1f}"
-
-
-def markdown_table(headers: list[str], lines: list[list[str]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(cells) + " |" for cells in lines]
-    return "\n".join(out)
-
-
 def _source(rows: list[dict], suite: str) -> str:
     if not rows:
         return f"No rows yet: run `python sweep.py {suite}`."
     commits = sorted({r["commit"] for r in rows})
-    machines = sorted({f"{r['device_name']} ({r['cpu_isa']})" for r in rows})
     scored: dict = {}
     for r in rows:
         scored.setdefault(f"{r['model']} {r['quant']}", set()).add(int(r["ppl_tokens"]))
     tokens = sorted(f"{name}: {min(n)}{'-' + str(max(n)) if len(n) > 1 else ''} tokens" for name, n in scored.items())
-    return (f"From results/{suite}.csv ({len(rows)} rows; `python sweep.py {suite}`; {', '.join(machines)}; "
+    return (f"From results/{suite}.csv ({len(rows)} rows; `python sweep.py {suite}`; {machines(rows)}; "
             f"commit {', '.join(commits)}; {'; '.join(tokens)} of {rows[0]['ppl_dataset']} scored).")
 
 
@@ -256,7 +225,7 @@ def context_section(rows: list[dict]) -> str:
 
 
 def sections(results_dir: Path) -> dict[str, str]:
-    """README block name -> markdown."""
+    """Block name -> markdown."""
     rows = {suite: suite_rows(results_dir, suite) for suite in sweep.SUITES}
     influence = bench.read_rows(Path(results_dir) / "block_influence.csv")
     scores = sweep.planner_importances(results_dir)
@@ -271,14 +240,6 @@ def sections(results_dir: Path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- plots
-
-def save_figure(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
 
 def plots(results_dir: Path) -> list[Path]:
     import matplotlib

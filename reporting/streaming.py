@@ -1,21 +1,17 @@
-"""Streaming against its peers, on cold storage and in batches: README blocks and plots from
-results/peers.csv (run_peers.py), results/cold.csv (run_diskoffload.py --cold) and
-results/batch.csv (--batch-size). Called by report.py; every number comes from a row."""
+"""Streaming against its peers, on cold storage and in batches: blocks and plots from
+results/peers.csv (run_peers.py), results/cold.csv (run_diskoffload.py --cold),
+results/batch.csv (--batch-size) and results/profile.csv (profile_step.py). Every number
+comes from a row."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import bench
 import estimate
-from report_study import markdown_table, mb, missing, save_figure
+from reporting.tables import commits, machine_kind, machines, markdown_table, mb, missing, num, save_figure
 
 FILES = ("peers.csv", "cold.csv", "batch.csv", "profile.csv")
 PROFILE_OPS = 6  # per run: the ops whose time differs most between the two modes
-
-
-def _num(cell, spec: str) -> str:
-    value = bench.number(cell)
-    return "" if value is None else format(value, spec)
 
 
 def peers_section(results: Path) -> str:
@@ -35,14 +31,13 @@ def peers_section(results: Path) -> str:
         # AirLLM streams every layer by design (rows before that was recorded list the others' layers)
         offloaded = row["n_layers"] if row["system"] == "airllm" else len(row["layers_offloaded"].split())
         lines.append([row["model"], row["quant"], row["system"], f"{offloaded}/{row['n_layers']}",
-                      _num(row["decode_tok_s"], ".2f"), _num(row["ratio_to_resident"], ".2f") + ("x" if row["ratio_to_resident"] else ""),
-                      versus, mb(row["idle_bytes"]), mb(row["peak_bytes"]), _num(row["rss_delta_bytes"], "+,.0f"),
+                      num(row["decode_tok_s"], ".2f"), num(row["ratio_to_resident"], ".2f") + ("x" if row["ratio_to_resident"] else ""),
+                      versus, mb(row["idle_bytes"]), mb(row["peak_bytes"]), num(row["rss_delta_bytes"], "+,.0f"),
                       row["note"], row["run_id"][:6]])
     headers = ["model", "quant", "system", "offloaded", "decode tok/s", "vs resident", "stream vs peer",
                "idle MB", "peak MB", "RSS delta bytes", "note", "run"]
-    machines = sorted({f"{r['device_name']} ({r['cpu_isa']})" for r in rows})
-    return (f"From results/peers.csv (`python run_peers.py`; {', '.join(machines)}; commit "
-            f"{', '.join(sorted({r['commit'] for r in rows}))}). Rows of one run share its interleaved rounds.\n\n"
+    return (f"From results/peers.csv (`python run_peers.py`; {machines(rows)}; commit {commits(rows)}). "
+            "Rows of one run share its interleaved rounds.\n\n"
             + markdown_table(headers, lines))
 
 
@@ -61,14 +56,15 @@ def batch_section(results: Path) -> str:
         return missing("batch.csv", "python run_diskoffload.py --batch-size 16 --out results/batch.csv")
     lines = []
     for row in rows:
-        lines.append([row["model"], row["quant"], row["variant"], row["mode"] + (f" p{row['prefetch']}" if row["prefetch"] else ""),
-                      row["batch_size"], _num(row["decode_tok_s"], ".1f"), _num(row["decode_ms_per_tok"], ".1f"),
-                      _num(row["baseline_decode_tok_s"], ".1f"), _num(row["decode_ratio"], ".2f") + "x",
-                      _num(row["other_cpu_share"], ".2f"), row["repeats"]])
-    headers = ["model", "quant", "variant", "mode", "batch", "tok/s (whole batch)", "ms per step",
+        lines.append([machine_kind(row), row["model"], row["quant"], row["variant"],
+                      row["mode"] + (f" p{row['prefetch']}" if row["prefetch"] else ""),
+                      row["batch_size"], num(row["decode_tok_s"], ".1f"), num(row["decode_ms_per_tok"], ".1f"),
+                      num(row["baseline_decode_tok_s"], ".1f"), num(row["decode_ratio"], ".2f") + "x",
+                      num(row["other_cpu_share"], ".2f"), row["repeats"]])
+    headers = ["machine", "model", "quant", "variant", "mode", "batch", "tok/s (whole batch)", "ms per step",
                "resident tok/s, same run", "vs resident", "other CPU share", "repeats"]
     return (f"From results/batch.csv (`--batch-size N`, left-padded prompts of unequal length, greedy; "
-            f"commit {', '.join(sorted({r['commit'] for r in rows}))}).\n\n" + markdown_table(headers, lines))
+            f"commit {commits(rows)}).\n\n" + markdown_table(headers, lines))
 
 
 def profile_section(results: Path) -> str:
@@ -84,10 +80,10 @@ def profile_section(results: Path) -> str:
         ops = sorted({r["op"] for r in run}, key=lambda op: -abs(ms.get((modes[-1], op), 0) - ms.get((modes[0], op), 0)))
         for op in ops[:PROFILE_OPS]:
             a, b = ms.get((modes[0], op)), ms.get((modes[-1], op))
-            lines.append([run[0]["model"], run[0]["quant"], run[0]["batch_size"], f"{modes[0]} {step[modes[0]]:.1f} / "
-                          f"{modes[-1]} {step[modes[-1]]:.1f}", op, _num(a, ".2f"), _num(b, ".2f"),
-                          _num((b or 0) - (a or 0), "+.2f")])
-    headers = ["model", "quant", "batch", "self CPU ms per step (all ops)", "op", "resident ms/step", "variant ms/step",
+            lines.append([machine_kind(run[0]), run[0]["model"], run[0]["quant"], run[0]["batch_size"], f"{modes[0]} {step[modes[0]]:.1f} / "
+                          f"{modes[-1]} {step[modes[-1]]:.1f}", op, num(a, ".2f"), num(b, ".2f"),
+                          num((b or 0) - (a or 0), "+.2f")])
+    headers = ["machine", "model", "quant", "batch", "self CPU ms per step (all ops)", "op", "resident ms/step", "variant ms/step",
                "difference"]
     return ("From results/profile.csv (`python profile_step.py`: torch.profiler over alternating decodes; an op "
             "missing from a mode's top 25 is blank).\n\n" + markdown_table(headers, lines))
