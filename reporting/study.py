@@ -336,3 +336,241 @@ def plots(results_dir: Path) -> list[Path]:
         ax.legend(fontsize=8)
         save(fig, "study_patterns.png")
     return paths
+
+
+# --------------------------------------------------------------------------- answers
+# Each suite's answer in sentences whose every number is computed here from the rows; a claim
+# is stated only when the rows bear it out (each function checks before it says so).
+# answers() returns {suite: (one-line headline, [detail sentences])}.
+
+def cost(ratio: float) -> str:
+    """A perplexity ratio as a reader reads it: +17% below 2x, 2.3x or 590x above."""
+    if ratio < 2:
+        return f"{100 * (ratio - 1):+.0f}%"
+    return f"{ratio:.2g}x" if ratio < 100 else f"{ratio:,.0f}x"
+
+
+def _big(ppl: float) -> str:
+    return f"{ppl:,.0f}" if ppl >= 1000 else f"{ppl:.4g}"
+
+
+def _span(ratios: list[float]) -> str:
+    lo, hi = min(ratios), max(ratios)
+    return cost(lo) if cost(lo) == cost(hi) else f"{cost(lo)} to {cost(hi)}"
+
+
+def _has_baseline(rows: list[dict], model: str) -> bool:
+    return any(r["model"] == model and r["variant"] == "baseline" for r in rows)
+
+
+def alpha_answers(rows: list[dict]) -> tuple[str, list[str]] | None:
+    from reporting.runs import ORIGINAL  # the original's quoted figures
+    if not rows:
+        return None
+    with_base, exact, ratios, removal = [], [], [], []
+    for model in _models(rows):
+        mine = [r for r in rows if r["model"] == model]
+        ref = reference(mine[0], rows)
+        if not ref:
+            continue
+        by_alpha = {_alpha_key(r): _ppl(r) for r in mine if r["variant"] == "kvcache"}
+        if _has_baseline(rows, model):
+            with_base.append(model)
+            if by_alpha.get(1.0) == ref:
+                exact.append(model)
+        ratios += [(ppl / ref, alpha, model) for alpha, ppl in by_alpha.items() if alpha not in (0.0, 1.0) and ppl]
+        if by_alpha.get(0.0):
+            removal.append(by_alpha[0.0] / ref)
+    details = []
+    all_exact = with_base and len(exact) == len(with_base)
+    details.append((f"**At alpha = 1, offloading is exact:** " if all_exact else "At alpha = 1, ")
+                   + f"with the even layers offloaded the perplexity equals the unpatched model's on {len(exact)} "
+                   f"of {len(with_base)} models with an unpatched row" + (": the same computation, bit for bit." if all_exact else "."))
+    no_base = [m for m in _models(rows) if not _has_baseline(rows, m)]
+    if no_base:
+        details.append(f"{', '.join(no_base)}: no unpatched row was run; its reference is its own exact alpha = 1 row.")
+    if ratios:
+        best = min(ratios)
+        half = [r for r, a, _ in ratios if a == 0.5]
+        if best[0] > 1:
+            details.append(f"**Every other alpha costs perplexity.** The cheapest is alpha {best[1]:g} on {best[2]} "
+                           f"({cost(best[0])})" + (f"; alpha 0.5 costs {_span(half)}" if half else "") + ".")
+        else:
+            details.append(f"**alpha {best[1]:g} beats the unpatched model on {best[2]}** ({cost(best[0])}).")
+    if removal:
+        details.append(f"Removing the even layers outright (alpha 0) multiplies perplexity by {min(removal):,.0f} to "
+                       f"{max(removal):,.0f}: no usable model.")
+    if ratios and min(ratios)[0] > 1:
+        details.append(f"**The original's improvement ({ORIGINAL['ppl'][0]} -> {ORIGINAL['ppl'][1]} on five short "
+                       "sentences, with the naive x + (L(x) - x)) does not reproduce:** no alpha beats the unpatched "
+                       "model here, so that gain is not an effect of the technique.")
+    headline = (f"alpha = 1 is exact (perplexity equal to the unpatched model's on {len(exact)} of {len(with_base)} "
+                "models)")
+    if ratios and min(ratios)[0] > 1:
+        headline += f"; every other alpha costs perplexity ({_span([r for r, _, _ in ratios])})"
+    if removal:
+        headline += f"; alpha 0 (removal) multiplies it by {min(removal):,.0f} to {max(removal):,.0f}"
+    return headline + ".", details
+
+
+def importance_answers(rows: list[dict], influence: list[dict]) -> tuple[str, list[str]] | None:
+    details, rhos = [], []
+    for model, (removal, bi) in importance_scores(rows, influence).items():
+        common = sorted(set(removal) & set(bi))
+        if len(common) < 3:
+            continue
+        base = reference(next(r for r in rows if r["model"] == model), rows)
+        rho = importance.spearman([removal[i] for i in common], [bi[i] for i in common])
+        rhos.append(f"{rho:+.2f} ({model})")
+        worst = max(common, key=lambda i: removal[i])
+        least = sorted(common, key=lambda i: removal[i])[:3]
+        # ranks by importance, 1 = the layer whose removal (or whose Block Influence) is largest
+        rank_removal = {i: k + 1 for k, i in enumerate(sorted(common, key=lambda i: -removal[i]))}
+        rank_bi = {i: k + 1 for k, i in enumerate(sorted(common, key=lambda i: -bi[i]))}
+        off = max(common, key=lambda i: abs(rank_removal[i] - rank_bi[i]))
+        text = (f"**{model}**: removing layer {worst} costs most (PPL {_big(removal[worst])}"
+                + (f", {cost(removal[worst] / base)}" if base else "") + "); the cheapest to remove are layers "
+                + ", ".join(map(str, least))
+                + (f" ({_span([removal[i] / base for i in least])})" if base else "")
+                + f". The layer Block Influence misjudges most is {off}: #{rank_bi[off]} of {len(common)} in importance "
+                f"by Block Influence, #{rank_removal[off]} by removal"
+                + (f" (PPL without it {_big(removal[off])}, {cost(removal[off] / base)})" if base else "") + ".")
+        details.append(text)
+    if not details:
+        return None
+    head = (f"Block Influence (one forward pass) against removal perplexity (one pass per layer): Spearman rho "
+            f"{', '.join(rhos)}; it finds the important region, not the order.")
+    return head, [f"**Block Influence finds the region but not the order.** Spearman rho with removal perplexity, "
+                  f"all layers: {', '.join(rhos)}."] + details
+
+
+def planner_answers(rows: list[dict], scores: dict) -> tuple[str, list[str]] | None:
+    curves = planner_curves(rows, scores)
+    heads, details = [], []
+    for model, orders in curves.items():
+        n = len(offload_skip.select_layers(sweep.STUDY_MODELS[model]["n_layers"], "even"))
+        half = round(n / 2)
+        at = {order: {k: (mb, ppl) for mb, ppl, k in points} for order, points in orders.items()}
+        ref = at.get("removal", {}).get(0, (None, None))[1]
+        at_half = {order: by_k[half] for order, by_k in at.items() if half in by_k}
+        if not ref or not at_half:
+            continue
+        best = min(at_half, key=lambda o: at_half[o][1])
+        read_half, read_all = at_half[best][0], at.get(best, {}).get(0, (None,))[0]
+        naive = [at_half[o][1] / ref for o in importance.NAIVE_ORDERS if o in at_half]
+        heads.append(f"{model} {cost(at_half[best][1] / ref)} ({best} order)")
+        text = (f"**{model}**: skipping {half} of {n} offloaded layers (reading {read_half:.0f}"
+                + (f" of {read_all:.0f}" if read_all else "") + f" MB per token) costs {cost(at_half[best][1] / ref)} "
+                f"in the best order ({best})" + (f", {_span(naive)} in the naive orders" if naive else "") + ".")
+        if "removal" in at:
+            points = [k for k in at["removal"] if 0 < k < n]
+            beats = [k for k in points if all(at["removal"][k][1] <= at[o][k][1] for o in importance.NAIVE_ORDERS
+                                              if k in at.get(o, {}))]
+            text += f" The removal order is at or below every naive order at {len(beats)} of {len(points)} points."
+        if "block-influence" in at:
+            far = max((k for k in at["block-influence"] if k < n), default=None)
+            naive_far = [at[o][far][1] for o in importance.NAIVE_ORDERS if far in at.get(o, {})]
+            if far and naive_far and at["block-influence"][far][1] > max(naive_far):
+                text += (f" Block Influence's order is not monotone: with {far} of {n} skipped it gives PPL "
+                         f"{_big(at['block-influence'][far][1])}, worse than every naive order.")
+        details.append(text)
+    if not details:
+        return None
+    return (f"Skipping half the offloaded layers costs, in the best order: {', '.join(heads)}. No free half.",
+            ["**There is no free half.** The planner trades read bytes against quality:"] + details)
+
+
+def patterns_answers(rows: list[dict]) -> tuple[str, list[str]] | None:
+    if not rows:
+        return None
+    exact_rows = [r for r in rows if bench.number(r["alpha"]) == 1.0 and not _adjacent(r["layers_offloaded"])]
+    equal = [r for r in exact_rows if _ppl(r) == reference(r, rows)]
+    blocks = {}
+    for r in rows:
+        if _adjacent(r["layers_offloaded"]) and reference(r, rows):
+            blocks.setdefault((r["model"], r["layers"]), {})[bench.number(r["alpha"])] = _ppl(r) / reference(r, rows)
+    details = []
+    if exact_rows:
+        details.append(("**Any set of non-adjacent layers is exact at alpha = 1.** " if len(equal) == len(exact_rows)
+                        else "") + f"{len(equal)} of {len(exact_rows)} non-adjacent patterns at alpha 1 ("
+                       + "; ".join(dict.fromkeys(f"`{_pattern_label(r)}`" for r in exact_rows))
+                       + ") give the unpatched perplexity to the last digit; the choice only sets how much leaves the device.")
+    at_one = [by_alpha[1.0] for by_alpha in blocks.values() if 1.0 in by_alpha]
+    if at_one:
+        details.append(f"**Adjacent layers are a different model.** A run of N adjacent offloaded layers is computed "
+                       f"in parallel from one input (`blocks:N`): at alpha 1 it costs {_span(at_one)}.")
+        helps, not_helps, best = [], [], []
+        for n in sweep.BLOCK_SIZES:
+            pairs = [(b[1.0], min(v for a, v in b.items() if a != 1.0)) for (m, layers), b in blocks.items()
+                     if layers == f"blocks:{n}" and 1.0 in b and len(b) > 1]
+            if pairs:
+                (helps if all(avg < one for one, avg in pairs) else not_helps).append(str(n))
+                best += [avg for _, avg in pairs]
+        if helps or not_helps:
+            details.append("Averaging (alpha = 1/N, \"Transformer Layers as Painters\") "
+                           + (f"lowers the cost for N = {', '.join(helps)}" if helps else "lowers it for no N")
+                           + (f", not for N = {', '.join(not_helps)}" if not_helps else "")
+                           + f", and does not rescue it (at best {cost(min(best))}).")
+    head = (f"Non-adjacent patterns at alpha 1: {len(equal)} of {len(exact_rows)} exact" if exact_rows else "")
+    if at_one:
+        head += f"; adjacent layers in parallel (`blocks:N`) cost {_span(at_one)} at alpha 1"
+    return head + ".", details
+
+
+def distance_answers(rows: list[dict]) -> tuple[str, list[str]] | None:
+    parts = []
+    for model in _models(rows):
+        mine = [r for r in rows if r["model"] == model and _alpha_key(r) == 1.0]
+        ref = next((_ppl(r) for r in mine if r["inject_distance"] == "1"), None)
+        later = [(int(r["inject_distance"]), _ppl(r) / ref) for r in mine if ref and r["inject_distance"] not in ("", "1")]
+        if later:
+            parts.append((model, sorted(later)))
+    if not parts:
+        return None
+    text = "; ".join(f"{model}: " + ", ".join(f"distance {k} {cost(v)}" for k, v in later) for model, later in parts)
+    worse = all(v > 1 for _, later in parts for _, v in later)
+    head = f"Injecting k resident layers later costs, at alpha 1 with the even layers: {text}."
+    details = [("**It costs far too much to be worth it.** " if worse else "") + head]
+    if worse:
+        details.append("The next resident layer has to see the offloaded layer's output: hiding a slow read has to "
+                       "come from prefetch (reading ahead, at distance 1), not from moving the injection.")
+    return head, details
+
+
+def context_answers(rows: list[dict]) -> tuple[str, list[str]] | None:
+    details, spans = [], []
+    for model in _models(rows):
+        mine = [r for r in rows if r["model"] == model]
+        base = {int(r["ppl_ctx"]): _ppl(r) for r in mine if r["variant"] == "baseline"}
+        for label in dict.fromkeys(_context_label(r) for r in mine if r["variant"] != "baseline"):
+            ppl = {int(r["ppl_ctx"]): _ppl(r) for r in mine if _context_label(r) == label}
+            ctxs = sorted(c for c in ppl if c in base)
+            if len(ctxs) < 2:
+                continue
+            lo, hi = ctxs[0], ctxs[-1]
+            spans.append(f"{model} {label}: {ppl[lo] / base[lo]:.2f}x at ctx {lo}, {ppl[hi] / base[hi]:.2f}x at {hi}")
+            for a, b in zip(ctxs, ctxs[1:]):
+                if ppl[b] > ppl[a] and base[b] < base[a]:
+                    details.append(f"On {model}, {label} loses ground as the context grows: its perplexity rises "
+                                   f"from {ppl[a]:.1f} at ctx {a} to {ppl[b]:.1f} at {b}, while the unpatched model's "
+                                   f"falls ({base[a]:.2f} to {base[b]:.2f}). Short texts hide that.")
+    if not spans:
+        return None
+    head = "The approximate variants' cost against the unpatched model, shortest and longest context: " + "; ".join(spans) + "."
+    return head, ["At alpha = 1 with non-adjacent layers offloading is exact at any length, so only the approximate "
+                  "variants can change with context. " + head] + details
+
+
+def answers(results_dir: Path) -> dict[str, tuple[str, list[str]]]:
+    """{suite: (headline, detail sentences)} for the suites that have rows."""
+    rows = {suite: suite_rows(results_dir, suite) for suite in sweep.SUITES}
+    influence = bench.read_rows(Path(results_dir) / "block_influence.csv")
+    found = {
+        "alpha": alpha_answers(rows["alpha"]),
+        "importance": importance_answers(rows["importance"], influence),
+        "planner": planner_answers(rows["planner"], sweep.planner_importances(results_dir)),
+        "patterns": patterns_answers(rows["patterns"]),
+        "distance": distance_answers(rows["distance"]),
+        "context": context_answers(rows["context"]),
+    }
+    return {suite: found for suite, found in found.items() if found}
