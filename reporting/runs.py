@@ -114,7 +114,7 @@ ORIGINAL = dict(estimate.ORIGINAL, peak_GB=1.93, ppl=(3.46, 3.43))
 ORIGINAL_LAYERS = offload_skip.select_layers(estimate.QWEN25_3B["n_layers"], "even")
 
 
-def _latest(rows: list[dict], **match) -> dict | None:
+def latest(rows: list[dict], **match) -> dict | None:
     """The newest row that is not busy and matches every column=value (a callable value is a test)."""
     found = [r for r in rows if r["busy"] != "True"
              and all(v(r[k]) if callable(v) else r[k] == v for k, v in match.items())]
@@ -129,10 +129,10 @@ def lead_section(rows: list[dict], model: str = LEAD_MODEL) -> str:
         return f"(no {model} NF4 rows yet: see reproduce.sh)"
     machine = machine_kind(max(nf4, key=lambda r: r["timestamp"]))
     nf4 = [r for r in nf4 if machine_kind(r) == machine]
-    base = _latest(nf4, variant="baseline", ppl=bool) or _latest(nf4, variant="baseline")
-    session = _latest(nf4, variant="kvcache", decode_tok_s=bool)
-    stream = _latest(nf4, variant="diskoffload", decode_tok_s=bool, prefetch="0", kv_cache="True")
-    stream_ppl = _latest(nf4, variant="diskoffload", ppl=bool, alpha="1")
+    base = latest(nf4, variant="baseline", ppl=bool) or latest(nf4, variant="baseline")
+    session = latest(nf4, variant="kvcache", decode_tok_s=bool)
+    stream = latest(nf4, variant="diskoffload", decode_tok_s=bool, prefetch="0", kv_cache="True")
+    stream_ppl = latest(nf4, variant="diskoffload", ppl=bool, alpha="1")
     o = ORIGINAL
     standby0, standby1 = o["standby_GB"]
     layers0 = ORIGINAL_LAYERS
@@ -272,3 +272,44 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def lead_answers(rows: list[dict], results: Path, model: str = LEAD_MODEL) -> list[str]:
+    """Why the savings differ from the original's, and how to read the speed ratios: sentences
+    computed from the rows (the lead model's byte breakdown comes from beyond.csv)."""
+    out = []
+    parts = next((r for r in bench.read_rows(Path(results) / "beyond.csv") if r["model"] == model
+                  and r["variant"] == "baseline" and r["quant_head"] in ("none", "")), None)
+    session = latest([r for r in rows if r["model"] == model and r["quant"] == "nf4"], variant="kvcache")
+    if parts and session and bench.number(parts["embedding_bytes"]) is not None:
+        freed = bench.number(session["baseline_standby_bytes"]) - bench.number(session["standby_bytes"])
+        resident = bench.number(parts["embedding_bytes"]) + bench.number(parts["head_bytes"])
+        out.append(f"Offloading decoder layers saves only the layers' share of the weights. {model} (NF4) keeps its "
+                   f"input embedding and output head resident: {mb(parts['embedding_bytes'])} + "
+                   f"{mb(parts['head_bytes'])} MB of its {mb(parts['standby_bytes'])} MB, "
+                   + ("more than" if resident > freed else "less than")
+                   + f" the {mb(freed)} MB its {len(session['layers_offloaded'].split())} offloaded layers free "
+                   f"(see the beyond-the-layers section for moving those too).")
+    nf4 = [bench.number(r["decode_ratio"]) for r in rows if r["quant"] == "nf4" and r["busy"] != "True"
+           and bench.number(r["decode_ratio"])]
+    if nf4:
+        out.append(f"On a CPU the \"device\" is host memory and a session's load is a copy from the page cache; every "
+                   f"ratio is against the same machine's unpatched model, timed interleaved in the same process. The "
+                   f"paired NF4 decode ratios of the rows below spread from {min(nf4):.2f}x to {max(nf4):.2f}x: read "
+                   "them as \"no cost measurable above that spread\", not as a speed-up.")
+    return out
+
+
+def nf4_cpu_answers(rows: list[dict]) -> list[str]:
+    """How much slower NF4 decodes than bf16 on each machine kind, from the baseline rows."""
+    out = []
+    for machine, group in by_machine(rows).items():
+        for model in dict.fromkeys(r["model"] for r in group):
+            bf16 = latest(group, model=model, variant="baseline", quant="bf16", decode_tok_s=bool)
+            nf4 = latest(group, model=model, variant="baseline", quant="nf4", decode_tok_s=bool)
+            if bf16 and nf4:
+                ratio = bench.number(bf16["decode_tok_s"]) / bench.number(nf4["decode_tok_s"])
+                out.append(f"{machine}, {model} unpatched: bf16 decodes {num(bf16['decode_tok_s'], '.2f')} tok/s, NF4 "
+                           f"{num(nf4['decode_tok_s'], '.2f')} tok/s ({ratio:.1f}x "
+                           + ("slower" if ratio > 1 else "faster") + " in NF4).")
+    return out

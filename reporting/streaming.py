@@ -150,3 +150,118 @@ def plots(results: Path) -> list[Path]:
         ax.legend(fontsize=8)
         save(fig, "batch.png")
     return paths
+
+
+# --------------------------------------------------------------------------- answers
+# Sentences whose every number is computed here from the rows; a claim is stated only when
+# the rows bear it out.
+
+def latest_peer_runs(rows: list[dict]) -> list[list[dict]]:
+    """The newest run (run_id) of each model and weight format, in file order."""
+    latest = {}
+    for row in rows:
+        latest[(row["model"], row["quant"])] = row["run_id"]
+    return [[r for r in rows if r["run_id"] == run_id] for run_id in dict.fromkeys(latest.values())]
+
+
+def peers_answers(results: Path) -> list[str]:
+    out = []
+    for run in latest_peer_runs(bench.read_rows(results / "peers.csv")):
+        by = {r["system"]: r for r in run}
+        ours, peer, resident = by.get("stream"), by.get("accelerate-disk"), by.get("resident")
+        if not ours or not bench.number(ours["decode_tok_s"]):
+            continue
+        setup = f"{ours['model']} {ours['quant']}"
+        tok_s = bench.number(ours["decode_tok_s"])
+        if peer and bench.number(peer["decode_tok_s"]):
+            peer_tok_s = bench.number(peer["decode_tok_s"])
+            text = (f"**{setup}: ours is {tok_s / peer_tok_s:.2f}x accelerate's disk offload** ({tok_s:.2f} against "
+                    f"{peer_tok_s:.2f} tok/s, same rounds)")
+            ours_peak, peer_peak = bench.number(ours["peak_bytes"]), bench.number(peer["peak_bytes"])
+            if ours_peak and peer_peak and ours["idle_bytes"] == peer["idle_bytes"]:
+                text += (f"; both hold {mb(ours['idle_bytes'])} MB idle, and ours peaks "
+                         + ("lower" if ours_peak < peer_peak else "higher") + f" ({mb(ours_peak)} against {mb(peer_peak)} MB)")
+        else:
+            text = f"**{setup}: ours decodes {tok_s:.2f} tok/s**"
+        if resident and bench.number(ours["ratio_to_resident"]):
+            text += (f"; it runs at {bench.number(ours['ratio_to_resident']):.2f}x the resident model "
+                     f"({bench.number(resident['decode_tok_s']):.2f} tok/s)")
+        out.append(text + ".")
+        air = by.get("airllm")
+        if air and bench.number(air["decode_tok_s"]):
+            out.append(f"**AirLLM ({setup}): {bench.number(air['decode_tok_s']):.2f} tok/s, "
+                       f"{bench.number(air['ratio_to_resident']):.3f}x the resident model.** It streams every layer for "
+                       "every token by design, so it is timed on one decode after the rounds, not interleaved.")
+        cpu = by.get("accelerate-cpu")
+        if cpu and not cpu["decode_tok_s"]:
+            out.append(f"accelerate's CPU offload ({setup}): {cpu['note']}.")
+    return out
+
+
+def cold_answers(results: Path) -> list[str]:
+    rows = [r for r in bench.read_rows(results / "cold.csv") if r["busy"] != "True" and bench.number(r["decode_ms_per_tok"])]
+    if not rows:
+        return []
+    out = []
+    rates = [bench.number(r["cold_read_bytes_s"]) for r in rows if bench.number(r["cold_read_bytes_s"])]
+    if rates:
+        out.append(f"The storage read rate each cold row measured (the streamed files read cold, one after another) "
+                   f"ranges from {min(rates) / 1e9:.2f} to {max(rates) / 1e9:.2f} GB/s: the disk's rate moves between "
+                   "measurements, which the model cannot know.")
+    for label, cold in (("cold", "True"), ("from the page cache", "False")):
+        mine = sorted((int(r["prefetch"]), bench.number(r["decode_ms_per_tok"])) for r in rows if r["cold_reads"] == cold)
+        if mine:
+            out.append(f"Stream decode {label}, ms per token by prefetch depth: "
+                       + ", ".join(f"p{p} {ms:.0f}" for p, ms in mine) + ".")
+    return out
+
+
+def batch_answers(results: Path) -> list[str]:
+    rows = [r for r in bench.read_rows(results / "batch.csv") if r["busy"] != "True" and bench.number(r["decode_ratio"])]
+    if not rows:
+        return []
+    out = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        mine = [r for r in rows if r["mode"] == mode]
+        sizes = sorted({int(r["batch_size"]) for r in mine})
+        ratios = {b: [f"{bench.number(r['decode_ratio']):.2f}x" for r in mine if int(r["batch_size"]) == b] for b in sizes}
+        text = (f"**{mode.capitalize()} against the resident model, same run**: "
+                + ", ".join(f"batch {b} {' and '.join(ratios[b])}" for b in sizes))
+        loads = {r["loads"] for r in mine}
+        steps = {b: [bench.number(r["decode_ms_per_tok"]) for r in mine if int(r["batch_size"]) == b] for b in sizes}
+        if len(sizes) > 1:
+            text += (f"; a step grows from {min(steps[sizes[0]]):.0f} ms (batch {sizes[0]}) to "
+                     f"{min(steps[sizes[-1]]):.0f}-{max(steps[sizes[-1]]):.0f} ms (batch {sizes[-1]})"
+                     if len(steps[sizes[-1]]) > 1 else
+                     f"; a step grows from {min(steps[sizes[0]]):.0f} ms (batch {sizes[0]}) to "
+                     f"{steps[sizes[-1]][0]:.0f} ms (batch {sizes[-1]})")
+            if len(loads) == 1:
+                text += f", while the layer reads stay the same ({loads.pop()} per run at every batch size)"
+        out.append(text + ".")
+    return out
+
+
+def profile_answers(results: Path) -> list[str]:
+    rows = bench.read_rows(results / "profile.csv")
+    if not rows:
+        return []
+    out, resident_ms = [], {}
+    for run_id in dict.fromkeys(r["run_id"] for r in rows):
+        run = [r for r in rows if r["run_id"] == run_id]
+        modes = list(dict.fromkeys(r["mode"] for r in run))
+        if len(modes) < 2:
+            continue
+        ms = {(r["mode"], r["op"]): bench.number(r["self_ms_per_step"]) for r in run}
+        step = {r["mode"]: bench.number(r["step_ms"]) for r in run}
+        diff = max(abs((ms.get((modes[-1], op)) or 0) - (ms.get((modes[0], op)) or 0)) for op in {r["op"] for r in run})
+        out.append(f"Batch {run[0]['batch_size']}: a {modes[-1]} step's ops take {step[modes[-1]]:.0f} ms of CPU against "
+                   f"{step[modes[0]]:.0f} ms {modes[0]}, and no op differs by more than {diff:.0f} ms.")
+        resident_ms[int(run[0]["batch_size"])] = {op: v for (mode, op), v in ms.items() if mode == modes[0]}
+    if len(resident_ms) > 1:
+        lo, hi = min(resident_ms), max(resident_ms)
+        common = set(resident_ms[lo]) & set(resident_ms[hi])
+        if common:
+            op = max(common, key=lambda o: resident_ms[hi][o] - resident_ms[lo][o])
+            out.append(f"What grows most with the batch, resident: `{op}` ({resident_ms[lo][op]:.0f} -> "
+                       f"{resident_ms[hi][op]:.0f} ms per step from batch {lo} to {hi}).")
+    return out

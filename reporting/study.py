@@ -414,7 +414,7 @@ def alpha_answers(rows: list[dict]) -> tuple[str, list[str]] | None:
 
 
 def importance_answers(rows: list[dict], influence: list[dict]) -> tuple[str, list[str]] | None:
-    details, rhos = [], []
+    details, rhos, values, worst_layers = [], [], [], []
     for model, (removal, bi) in importance_scores(rows, influence).items():
         common = sorted(set(removal) & set(bi))
         if len(common) < 3:
@@ -422,7 +422,9 @@ def importance_answers(rows: list[dict], influence: list[dict]) -> tuple[str, li
         base = reference(next(r for r in rows if r["model"] == model), rows)
         rho = importance.spearman([removal[i] for i in common], [bi[i] for i in common])
         rhos.append(f"{rho:+.2f} ({model})")
+        values.append(rho)
         worst = max(common, key=lambda i: removal[i])
+        worst_layers.append(f"{worst} ({model})")
         least = sorted(common, key=lambda i: removal[i])[:3]
         # ranks by importance, 1 = the layer whose removal (or whose Block Influence) is largest
         rank_removal = {i: k + 1 for k, i in enumerate(sorted(common, key=lambda i: -removal[i]))}
@@ -438,15 +440,17 @@ def importance_answers(rows: list[dict], influence: list[dict]) -> tuple[str, li
         details.append(text)
     if not details:
         return None
-    head = (f"Block Influence (one forward pass) against removal perplexity (one pass per layer): Spearman rho "
-            f"{', '.join(rhos)}; it finds the important region, not the order.")
-    return head, [f"**Block Influence finds the region but not the order.** Spearman rho with removal perplexity, "
-                  f"all layers: {', '.join(rhos)}."] + details
+    agree = "agree" if min(values) >= 0.9 else "agree only in part"
+    head = (f"Block Influence (one forward pass) and removal perplexity (one pass per layer) {agree}: Spearman rho "
+            f"{', '.join(rhos)}; the most important layer by removal: " + ", ".join(worst_layers) + ".")
+    return head, [f"**Block Influence and removal perplexity {agree}.** Spearman rho over all layers: "
+                  f"{', '.join(rhos)}. Block Influence is what a user can afford on a large model: one forward pass "
+                  "over the corpus (`eval_ppl.py --block-influence`) against one full pass per layer."] + details
 
 
 def planner_answers(rows: list[dict], scores: dict) -> tuple[str, list[str]] | None:
     curves = planner_curves(rows, scores)
-    heads, details = [], []
+    heads, details, best_ratios = [], [], []
     for model, orders in curves.items():
         n = len(offload_skip.select_layers(sweep.STUDY_MODELS[model]["n_layers"], "even"))
         half = round(n / 2)
@@ -459,6 +463,7 @@ def planner_answers(rows: list[dict], scores: dict) -> tuple[str, list[str]] | N
         read_half, read_all = at_half[best][0], at.get(best, {}).get(0, (None,))[0]
         naive = [at_half[o][1] / ref for o in importance.NAIVE_ORDERS if o in at_half]
         heads.append(f"{model} {cost(at_half[best][1] / ref)} ({best} order)")
+        best_ratios.append(at_half[best][1] / ref)
         text = (f"**{model}**: skipping {half} of {n} offloaded layers (reading {read_half:.0f}"
                 + (f" of {read_all:.0f}" if read_all else "") + f" MB per token) costs {cost(at_half[best][1] / ref)} "
                 f"in the best order ({best})" + (f", {_span(naive)} in the naive orders" if naive else "") + ".")
@@ -476,8 +481,10 @@ def planner_answers(rows: list[dict], scores: dict) -> tuple[str, list[str]] | N
         details.append(text)
     if not details:
         return None
-    return (f"Skipping half the offloaded layers costs, in the best order: {', '.join(heads)}. No free half.",
-            ["**There is no free half.** The planner trades read bytes against quality:"] + details)
+    free = min(best_ratios) < 1.1  # a tenth more perplexity or less: call it nearly free
+    return (f"Skipping half the offloaded layers costs, in the best order: {', '.join(heads)}."
+            + ("" if free else " No free half."),
+            [("" if free else "**There is no free half.** ") + "The planner trades read bytes against quality:"] + details)
 
 
 def patterns_answers(rows: list[dict]) -> tuple[str, list[str]] | None:
@@ -548,7 +555,7 @@ def context_answers(rows: list[dict]) -> tuple[str, list[str]] | None:
             if len(ctxs) < 2:
                 continue
             lo, hi = ctxs[0], ctxs[-1]
-            spans.append(f"{model} {label}: {ppl[lo] / base[lo]:.2f}x at ctx {lo}, {ppl[hi] / base[hi]:.2f}x at {hi}")
+            spans.append((lo, hi, f"{model} {label} {ppl[lo] / base[lo]:.2f}x -> {ppl[hi] / base[hi]:.2f}x"))
             for a, b in zip(ctxs, ctxs[1:]):
                 if ppl[b] > ppl[a] and base[b] < base[a]:
                     details.append(f"On {model}, {label} loses ground as the context grows: its perplexity rises "
@@ -556,7 +563,10 @@ def context_answers(rows: list[dict]) -> tuple[str, list[str]] | None:
                                    f"falls ({base[a]:.2f} to {base[b]:.2f}). Short texts hide that.")
     if not spans:
         return None
-    head = "The approximate variants' cost against the unpatched model, shortest and longest context: " + "; ".join(spans) + "."
+    ctx = sorted({(lo, hi) for lo, hi, _ in spans})
+    head = (f"The approximate variants' perplexity over the unpatched model's, from ctx "
+            f"{' / '.join(str(lo) for lo, _ in ctx)} to {' / '.join(str(hi) for _, hi in ctx)}: "
+            + "; ".join(text for _, _, text in spans) + ".")
     return head, ["At alpha = 1 with non-adjacent layers offloading is exact at any length, so only the approximate "
                   "variants can change with context. " + head] + details
 
