@@ -506,18 +506,21 @@ def patterns_answers(rows: list[dict]) -> tuple[str, list[str]] | None:
     if at_one:
         details.append(f"**Adjacent layers are a different model.** A run of N adjacent offloaded layers is computed "
                        f"in parallel from one input (`blocks:N`): at alpha 1 it costs {_span(at_one)}.")
-        helps, not_helps, best = [], [], []
+        every, some, none, best = [], [], [], []
         for n in sweep.BLOCK_SIZES:
             pairs = [(b[1.0], min(v for a, v in b.items() if a != 1.0)) for (m, layers), b in blocks.items()
                      if layers == f"blocks:{n}" and 1.0 in b and len(b) > 1]
             if pairs:
-                (helps if all(avg < one for one, avg in pairs) else not_helps).append(str(n))
+                lower = sum(avg < one for one, avg in pairs)
+                (every if lower == len(pairs) else some if lower else none).append(str(n))
                 best += [avg for _, avg in pairs]
-        if helps or not_helps:
-            details.append("Averaging (alpha = 1/N, \"Transformer Layers as Painters\") "
-                           + (f"lowers the cost for N = {', '.join(helps)}" if helps else "lowers it for no N")
-                           + (f", not for N = {', '.join(not_helps)}" if not_helps else "")
-                           + f", and does not rescue it (at best {cost(min(best))}).")
+        if best:
+            parts = [f"on every model for N = {', '.join(every)}" if every else "",
+                     f"on some models only for N = {', '.join(some)}" if some else "",
+                     f"on none for N = {', '.join(none)}" if none else ""]
+            details.append("Averaging (alpha = 1/N, \"Transformer Layers as Painters\") lowers the cost "
+                           + "; ".join(p for p in parts if p)
+                           + (", and does not rescue it" if min(best) > 1.1 else "") + f" (at best {cost(min(best))}).")
     head = (f"Non-adjacent patterns at alpha 1: {len(equal)} of {len(exact_rows)} exact" if exact_rows else "")
     if at_one:
         head += f"; adjacent layers in parallel (`blocks:N`) cost {_span(at_one)} at alpha 1"
