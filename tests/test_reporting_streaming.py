@@ -35,3 +35,18 @@ def test_batch_block_leaves_busy_rows_out_and_missing_files_name_their_command(t
     assert "| machine | model |" in text["batch"]  # a row names the machine kind it was measured on
     assert "| 4 |" not in text["batch"]
     assert text["cold"] == "No rows in results/cold.csv yet: run `python run_diskoffload.py --cold --out results/cold.csv`."
+
+
+def test_answers_come_from_the_rows(tmp_path):
+    for row in (_peer("resident", 20.0), _peer("stream", 15.0, peak_bytes=1_500_000), _peer("accelerate-disk", 5.0)):
+        bench.append_row(tmp_path / "peers.csv", row)
+    peers = streaming.peers_answers(tmp_path)
+    assert peers[0].startswith("**m bf16: ours is 3.00x accelerate's disk offload** (15.00 against 5.00 tok/s")
+    assert "ours peaks lower (1.5 against 2.0 MB)" in peers[0] and "0.75x the resident model (20.00 tok/s)" in peers[0]
+    common = dict(variant="diskoffload", mode="stream", prefetch=0, baseline_decode_tok_s=30.0, loads=26)
+    for batch, ratio, ms in ((1, 0.9, 100.0), (16, 1.0, 400.0)):
+        bench.append_row(tmp_path / "batch.csv", _row(**common, batch_size=batch, decode_ratio=ratio, decode_ms_per_tok=ms))
+    assert streaming.batch_answers(tmp_path) == [
+        "**Stream against the resident model, same run**: batch 1 0.90x, batch 16 1.00x; a step grows from 100 ms "
+        "(batch 1) to 400 ms (batch 16), while the layer reads stay the same (26 per run at every batch size)."]
+    assert streaming.cold_answers(tmp_path) == [] and streaming.profile_answers(tmp_path) == []

@@ -70,3 +70,29 @@ def test_planner_table_follows_the_orders(tmp_path):
     assert f"| {MODEL} | removal | 16.00 | {half} of {len(EVEN)} | {len(EVEN) - half:.1f} | {16 + 10 * half:.2f} |" in text
     importance_text = study.sections(tmp_path)["findings-importance"]
     assert "| -1.00 |" in importance_text  # removal grows with the index, BI falls: opposite ranks
+
+
+def test_alpha_answers_state_only_what_the_rows_show(tmp_path):
+    bench.append_row(tmp_path / "alpha.csv", _case("baseline", ppl=16.0))
+    for alpha, ppl in ((0.0, 1600.0), (0.5, 32.0), (0.75, 17.6), (1.0, 16.0)):
+        bench.append_row(tmp_path / "alpha.csv", _case(alpha=alpha, ppl=ppl))
+    line, details = study.answers(tmp_path)["alpha"]
+    assert line.startswith("alpha = 1 is exact (perplexity equal to the unpatched model's on 1 of 1 models)")
+    assert "every other alpha costs perplexity (+10% to 2x)" in line and "multiplies it by 100 to 100" in line
+    assert any("does not reproduce" in d for d in details)
+    # an alpha that beats the unpatched model: no "costs" claim, no "does not reproduce"
+    bench.append_row(tmp_path / "alpha.csv", _case(alpha=1.25, ppl=15.0))
+    line, details = study.answers(tmp_path)["alpha"]
+    assert "every other alpha costs" not in line and not any("does not reproduce" in d for d in details)
+    assert any("**alpha 1.25 beats the unpatched model on" in d for d in details)
+
+
+def test_patterns_answers_count_exact_rows_and_parallel_costs(tmp_path):
+    bench.append_row(tmp_path / "patterns.csv", _case("baseline", ppl=16.0))
+    bench.append_row(tmp_path / "patterns.csv", _case(layers="odd", ppl=16.0))
+    bench.append_row(tmp_path / "patterns.csv", _case(layers="blocks:2", ppl=32.0))
+    bench.append_row(tmp_path / "patterns.csv", _case(layers="blocks:2", alpha=0.5, ppl=24.0))
+    line, details = study.answers(tmp_path)["patterns"]
+    assert line == "Non-adjacent patterns at alpha 1: 1 of 1 exact; adjacent layers in parallel (`blocks:N`) cost 2x at alpha 1."
+    assert any("lowers the cost on every model for N = 2, and does not rescue it (at best +50%)" in d for d in details)
+    assert study.answers(tmp_path / "none") == {}
