@@ -273,7 +273,7 @@ def results_page(results: Path) -> str:
 
 def fill(path: Path, named: dict[str, str]) -> list[str]:
     """Replace each named marker block present in the file; the names filled (the file is
-    written only if its text changed)."""
+    written only if its text changed, so a second run leaves it untouched)."""
     if not path.is_file():
         return []
     text = original = path.read_text(encoding="utf-8")
@@ -336,9 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     quickstart = quickstart_block(results)
     if quickstart is not None:
         named["quickstart"] = quickstart
+    before = args.readme.read_text(encoding="utf-8") if args.readme.is_file() else None
     filled = fill(args.readme, named)
-    for name in filled:
-        print(f"{args.readme}: {name} block updated")
+    if filled:
+        changed = args.readme.read_text(encoding="utf-8") != before
+        print(f"{args.readme}: {'updated' if changed else 'unchanged'} ({len(filled)} blocks: {', '.join(filled)})")
     text = args.readme.read_text(encoding="utf-8") if args.readme.is_file() else ""
     if quickstart is None and marker("quickstart") in text:
         print(f"{args.readme}: quick-start block left as it is: no {results / Path(QUICKSTART).name} (the main "
