@@ -17,7 +17,7 @@ are far from the device's memory bandwidth, so bytes / bandwidth would flatter t
     python estimate.py                      # Qwen2.5-3B NF4, even layers 2..32, RTX 4050 laptop
     python estimate.py --check results      # predictions next to this machine's measurements
 
-report.py puts both tables into README.md.
+report.py puts both tables into results/README.md.
 """
 from __future__ import annotations
 

@@ -43,13 +43,13 @@ python run_diskoffload.py
 #   python run_diskoffload.py --model qwen2.5-coder-1.5b --quant bf16 $QWEN --prefetch 0 $NO_PPL   # NF4 dequantisation
 # alpha = 1 equality of the 1.5B's logits is shown by check_exact.py above.
 
-# --- The study (README "Findings"): perplexity sweeps, fp32, one eval_ppl.py process per case --
+# --- The study (results/README.md "Findings: the study"): perplexity sweeps, fp32, one eval_ppl.py process per case --
 # results/<suite>.csv; a case already in its CSV is skipped. The planner needs importance first.
 for suite in alpha importance planner distance patterns context; do
   python sweep.py $suite
 done
 
-# --- Streaming against its peers, cold reads, batches (README "Streaming against its peers") ---
+# --- Streaming against its peers, cold reads, batches (results/README.md "Streaming against its peers") ---
 python run_peers.py --model smollm2-135m --prefetch 0 --repeats 5 --max-new-tokens 32        # needs: pip install airllm
 python run_peers.py --model smollm2-135m --quant nf4 --peers none --prefetch 0 --repeats 5 --max-new-tokens 32
 Q="--model qwen2.5-coder-0.5b --quant bf16 --max-new-tokens 16 --repeats 3 --ppl-max-tokens 0 --out results/cold.csv"
@@ -63,11 +63,11 @@ done
 python run_diskoffload.py $B --batch-size 16 --repeats 9 --prefetch 0
 for b in 1 16; do python profile_step.py --batch-size $b --prefetch 0 --max-new-tokens 8 --repeats 3; done
 
-# --- Beyond the layers: embedding rows from disk, NF4 head (README "Beyond the layers") ---
+# --- Beyond the layers: embedding rows from disk, NF4 head (results/README.md "Beyond the layers") ---
 python sweep.py beyond
 
 # --- Models larger than the device: load peaks, the offloaded layers stored one at a time
-# before the rest loads (README "Models larger than the device") ---
+# before the rest loads (results/README.md "Models larger than the device") ---
 python sweep.py load
 
 python estimate.py --check results

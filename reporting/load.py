@@ -1,11 +1,12 @@
 """Loading a model larger than the device: the load peak of each variant against the baseline's,
-from results/load.csv (``python sweep.py load``). Called by report.py; every number is a row's."""
+from results/load.csv (``python sweep.py load``). Every number is a row's."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import bench
-from report_study import markdown_table, mb, missing, suite_rows, unpatched_row
+from bench import hostmem
+from reporting.tables import commits, machines, markdown_table, mb, missing, suite_rows, unpatched_row
 
 SUITE = "load"
 
@@ -38,16 +39,16 @@ def load_section(results: Path) -> str:
     headers = ["model", "quant", "variant", "load peak MB", "standby MB", "offloaded layers MB",
                "load peak saved MB", "saved >= offloaded", "host load peak MB", "host peak saved MB", "PPL",
                "PPL vs baseline", "load s"]
-    machines = sorted({f"{r['device_name']} ({r['cpu_isa']})" for r in rows})
-    return (f"From results/{SUITE}.csv (`python sweep.py {SUITE}`; {', '.join(machines)}; commit "
-            f"{', '.join(sorted({r['commit'] for r in rows}))}). *Load peak*: on CPU the weight bytes counted "
+    return (f"From results/{SUITE}.csv (`python sweep.py {SUITE}`; {machines(rows)}; commit "
+            f"{commits(rows)}). *Load peak*: on CPU the weight bytes counted "
             "after from_pretrained and after each offloaded layer was made real (CUDA: the allocator's peak); "
-            "*host load peak*: the process's anonymous resident memory, sampled every 2 ms while loading: "
+            f"*host load peak*: the process's anonymous resident memory, sampled every "
+            f"{hostmem.SAMPLE_INTERVAL_S * 1e3:g} ms while loading: "
             "measured, so it also holds torch, Python and from_pretrained's transient copies (each checkpoint "
             "tensor is read, then cast), which vary with when the allocator hands memory back: compare it over "
             "repeated runs, not one row.\n\n" + markdown_table(headers, lines))
 
 
 def sections(results_dir: Path) -> dict[str, str]:
-    """README block name -> markdown."""
+    """Block name -> markdown."""
     return {SUITE: load_section(Path(results_dir))}

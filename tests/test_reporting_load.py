@@ -1,6 +1,6 @@
-"""report_load.py: the load-peak table of results/load.csv, from made-up rows."""
+"""reporting/load.py: the load-peak table of results/load.csv, from made-up rows."""
 import bench
-import report_load
+from reporting import load
 from test_results import _row
 
 
@@ -19,7 +19,7 @@ def test_each_variant_against_the_baseline_load_peak(tmp_path):
     _load_row(tmp_path, "diskoffload", 700_000_000, 1_200_000_000, 600_000_000, ppl=11.6)
     _load_row(tmp_path, "kvcache", 600_000_000, None, 600_000_000, model="other",
               command="python run_kvcache.py --model other")  # no baseline, no host peak
-    text = report_load.sections(tmp_path)["load"]
+    text = load.sections(tmp_path)["load"]
     assert "| m | nf4 | baseline | 1000.0 | 1000.0 |  |  |  | 1500.0 |  | 11.5000 |  | 2.0 |" in text
     # saved: the baseline's peak minus the variant's, against the offloaded layers' bytes (400 MB)
     assert ("| m | nf4 | kvcache | 600.0 | 600.0 | 400.0 | 400.0 | yes | 1050.0 | 450.0 | 11.5000 "
@@ -35,9 +35,9 @@ def test_the_offloaded_bytes_come_from_the_baseline_row(tmp_path):
     the offloaded layers' bytes as loaded are the baseline row's standby less the variant's."""
     _load_row(tmp_path, "baseline", 1_000_000_000, None, 1_000_000_000)
     _load_row(tmp_path, "kvcache", 600_000_000, None, 600_000_000, baseline_standby_bytes=1_000_054_000)
-    text = report_load.sections(tmp_path)["load"]
+    text = load.sections(tmp_path)["load"]
     assert "| m | nf4 | kvcache | 600.0 | 600.0 | 400.0 | 400.0 | yes |  |  | 11.5000 | = baseline | 2.0 |" in text
 
 
 def test_missing_file_names_its_command(tmp_path):
-    assert report_load.sections(tmp_path)["load"] == "No rows in results/load.csv yet: run `python sweep.py load`."
+    assert load.sections(tmp_path)["load"] == "No rows in results/load.csv yet: run `python sweep.py load`."

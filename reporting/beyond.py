@@ -1,12 +1,12 @@
 """Past the layers: where the resident bytes are, and what offloading the input embedding's rows
-and an NF4 output head win, from results/beyond.csv (``python sweep.py beyond``). Called by
-report.py; every number comes from a row."""
+and an NF4 output head win, from results/beyond.csv (``python sweep.py beyond``). Every number
+comes from a row."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import bench
-from report_study import markdown_table, mb, missing, save_figure, suite_rows, unpatched_row
+from reporting.tables import commits, machine_kind, markdown_table, mb, missing, save_figure, suite_rows, unpatched_row
 
 SUITE = "beyond"
 # The stacked parts of a bar: standby parts (they sum to standby_bytes), then the offloaded
@@ -75,11 +75,13 @@ def beyond_section(results: Path) -> str:
                       _speed(row), _ppl(row, base)])
     headers = ["model", "step", "standby MB", "of unpatched", "peak MB", "embedding MB", "head MB",
                "resident layers MB", "decode tok/s (x same-run unpatched)", "PPL"]
-    machines = sorted({f"{r['device_name']} ({r['cpu_isa']}), torch {r['torch']}" for r in rows})
-    tokens = sorted({f"{r['model']}: {r['ppl_tokens']} tokens" for r in rows})
+    setups = sorted({f"{machine_kind(r)}, torch {r['torch']}" for r in rows})
+    weights = ", ".join(sorted({r["quant"].upper() for r in rows}))
+    scored = sorted({f"{r['ppl_dataset']}, ctx {r['ppl_ctx']}" for r in rows if r["ppl"]})
+    tokens = sorted({f"{r['model']}: {r['ppl_tokens']} tokens" for r in rows if r["ppl"]})
     tied = sorted({r["model"] for r in rows if r["tied_embeddings"] == "True"})
-    return (f"From results/{SUITE}.csv (`python sweep.py {SUITE}`; weights NF4, CPU: {'; '.join(machines)}; "
-            f"commit {', '.join(sorted({r['commit'] for r in rows}))}). Perplexity on wiki-embedded, ctx 512 "
+    return (f"From results/{SUITE}.csv (`python sweep.py {SUITE}`; weights {weights}; {'; '.join(setups)}; "
+            f"commit {commits(rows)}). Perplexity on {'; '.join(scored)} "
             f"({', '.join(tokens)}). Checkpoints whose head is tied to the input embedding: "
             f"{', '.join(tied) or 'none'}. Decode speed: greedy, KV cache; in brackets its ratio to the "
             "unpatched model timed in the same process, with the same head (so a ratio compares residency, "
@@ -89,7 +91,7 @@ def beyond_section(results: Path) -> str:
 
 
 def sections(results_dir: Path) -> dict[str, str]:
-    """README block name -> markdown."""
+    """Block name -> markdown."""
     return {SUITE: beyond_section(Path(results_dir))}
 
 

@@ -1,6 +1,6 @@
-"""report.py: tables per machine kind, same-run ratios only, busy rows left out."""
+"""reporting/runs.py: tables per machine kind, same-run ratios only, busy rows left out."""
 import bench
-import report
+from reporting import runs
 from test_results import _row, _variant
 
 
@@ -12,13 +12,13 @@ def _table_lines(text: str, machine: str) -> list[str]:
 def test_tables_per_machine_and_ratios_from_the_same_run(tmp_path):
     bench.append_row(tmp_path / "baseline.csv", _row(device_name="CPU: A", cpu_isa="avx2", decode_tok_s=50.0))
     bench.append_row(tmp_path / "kvcache.csv", _variant(device_name="CPU: A", cpu_isa="avx2"))
-    before = report.render(report.load_rows(tmp_path), "results")
+    before = runs.render(runs.load_rows(tmp_path), "results")
     # a user's rows from another machine, and a busy row on the first one
     bench.append_row(tmp_path / "baseline.csv", _row(device_name="CPU: B", cpu_isa="avx512_bf16", decode_tok_s=999.0,
                                                      run_id="r9"))
     bench.append_row(tmp_path / "kvcache.csv", _variant(device_name="CPU: A", cpu_isa="avx2", decode_tok_s=5.0,
                                                         decode_ratio=0.1, other_cpu_share=0.5, busy=True))
-    after = report.render(report.load_rows(tmp_path), "results")
+    after = runs.render(runs.load_rows(tmp_path), "results")
     assert _table_lines(after, "CPU: A (avx2)") == _table_lines(before, "CPU: A (avx2)")
     lines = _table_lines(after, "CPU: A (avx2)")
     assert len(lines) == 1 + 2  # header, baseline, kvcache: the busy row is out
@@ -28,7 +28,7 @@ def test_tables_per_machine_and_ratios_from_the_same_run(tmp_path):
 
 
 def test_lead_section_sets_our_rows_beside_the_original(tmp_path):
-    model = report.LEAD_MODEL
+    model = runs.LEAD_MODEL
     common = dict(model=model, quant="nf4", device_name="CPU: A", cpu_isa="avx2", n_layers=28)
     layers = dict(layers="even", layers_offloaded=" ".join(map(str, range(2, 25, 2))))
     bench.append_row(tmp_path / "baseline.csv", _row(**common, standby_bytes=1_600_000_000, ppl=9.87654,
@@ -41,11 +41,23 @@ def test_lead_section_sets_our_rows_beside_the_original(tmp_path):
                                                             prefetch=0, standby_bytes=1_300_000_000,
                                                             peak_bytes=1_330_000_000,
                                                             baseline_standby_bytes=1_600_000_000, ppl=9.87654))
-    text = report.lead_section(report.load_rows(tmp_path))
+    text = runs.lead_section(runs.load_rows(tmp_path))
     assert f"this repo: {model} NF4, CPU: A (avx2) |" in text
     assert "| layers offloaded | 16 of 36 (even 2..32) | 12 of 28 (even) |" in text
     assert "| 1.92 -> 1.34 GB (-30%) | 1.60 GB -> 1.30 GB (-19%) |" in text
     assert "session 1.60 GB; stream 1.33 GB (-17%) |" in text
     assert "| 9.8765 unpatched -> 9.8765 streamed (wiki-embedded, 8176 tokens, ctx 512) |" in text
     assert "0.60 vs 0.62 tok/s unpatched, same run: 0.97x" in text
-    assert report.lead_section([]).startswith("(no ")
+    assert runs.lead_section([]).startswith("(no ")
+
+
+def test_nf4_against_bf16_and_the_spread_of_paired_ratios(tmp_path):
+    common = dict(device_name="CPU: A", cpu_isa="avx2")
+    bench.append_row(tmp_path / "baseline.csv", _row(**common, quant="bf16", decode_tok_s=4.0))
+    bench.append_row(tmp_path / "baseline.csv", _row(**common, quant="nf4", decode_tok_s=0.5))
+    bench.append_row(tmp_path / "kvcache.csv", _variant(**common, quant="nf4", decode_ratio=0.9))
+    bench.append_row(tmp_path / "diskoffload.csv", _variant(**common, quant="nf4", variant="diskoffload", decode_ratio=1.2))
+    rows = runs.load_rows(tmp_path)
+    assert runs.nf4_cpu_answers(rows) == [
+        "CPU: A (avx2), m unpatched: bf16 decodes 4.00 tok/s, NF4 0.50 tok/s (8.0x slower in NF4)."]
+    assert "spread from 0.90x to 1.20x" in runs.lead_answers(rows, tmp_path)[-1]

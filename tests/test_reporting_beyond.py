@@ -1,6 +1,6 @@
-"""report_beyond.py: the byte-breakdown table and plot of results/beyond.csv, from made-up rows."""
+"""reporting/beyond.py: the byte-breakdown table and plot of results/beyond.csv, from made-up rows."""
 import bench
-import report_beyond
+from reporting import beyond
 from test_results import _row
 
 PARTS = dict(embedding_bytes=50_000_000, head_bytes=0, resident_layers_bytes=30_000_000, other_bytes=1_000)
@@ -28,7 +28,7 @@ def _steps(tmp_path):
 
 def test_table_states_each_step_against_the_unpatched_row(tmp_path):
     _steps(tmp_path)
-    text = report_beyond.sections(tmp_path)["beyond"]
+    text = beyond.sections(tmp_path)["beyond"]
     assert "| m | unpatched | 110.0 | 100% | 110.0 | 50.0 | 0.0 | 60.0 | 5.00 | 10.000 |" in text
     assert "| m | layers offloaded | 80.0 | 73% | 110.0 | 50.0 | 0.0 | 30.0 | 4.00 (0.80x) | 10.000 (= unpatched) |" in text
     # a busy row shows no speed; a tied embedding is kept, and the row says so
@@ -38,12 +38,12 @@ def test_table_states_each_step_against_the_unpatched_row(tmp_path):
 
 
 def test_missing_file_names_its_command(tmp_path):
-    assert report_beyond.sections(tmp_path)["beyond"] == (
+    assert beyond.sections(tmp_path)["beyond"] == (
         "No rows in results/beyond.csv yet: run `python sweep.py beyond`.")
-    assert report_beyond.plots(tmp_path) == []
+    assert beyond.plots(tmp_path) == []
 
 
 def test_plot_is_written(tmp_path):
     _steps(tmp_path)
-    assert report_beyond.plots(tmp_path) == [tmp_path / "beyond.png"]
+    assert beyond.plots(tmp_path) == [tmp_path / "beyond.png"]
     assert (tmp_path / "beyond.png").stat().st_size > 0

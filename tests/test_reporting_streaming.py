@@ -1,7 +1,7 @@
-"""report_streaming.py: peers, cold-read, batch and profile blocks from their rows."""
+"""reporting/streaming.py: peers, cold-read, batch and profile blocks from their rows."""
 import bench
-import report_streaming
 import run_peers
+from reporting import streaming
 from test_results import _row
 
 
@@ -20,7 +20,7 @@ def test_peers_block_states_the_same_run_ratio(tmp_path):
     for row in (_peer("resident", 20.0), _peer("stream", 15.0), _peer("accelerate-disk", 5.0),
                 _peer("airllm", 0.1, layers_offloaded="0 1 2 3 4 5 6 7")):
         bench.append_row(tmp_path / "peers.csv", row)
-    text = report_streaming.sections(tmp_path)["peers"]
+    text = streaming.sections(tmp_path)["peers"]
     assert "| m | bf16 | stream | 2/8 | 15.00 | 0.75x | 3.00x accelerate-disk |" in text
     assert "| m | bf16 | accelerate-disk | 2/8 | 5.00 | 0.25x | ours 3.00x |" in text
     assert "| m | bf16 | airllm | 8/8 | 0.10 |" in text
@@ -30,7 +30,23 @@ def test_batch_block_leaves_busy_rows_out_and_missing_files_name_their_command(t
     common = dict(variant="diskoffload", mode="stream", prefetch=0, decode_ratio=0.95, baseline_decode_tok_s=30.0)
     bench.append_row(tmp_path / "batch.csv", _row(**common, batch_size=16, decode_tok_s=28.5, repeats=5))
     bench.append_row(tmp_path / "batch.csv", _row(**common, batch_size=4, decode_tok_s=9.0, busy=True))
-    text = report_streaming.sections(tmp_path)
-    assert "| m | fp32 | diskoffload | stream p0 | 16 | 28.5 |" in text["batch"]
+    text = streaming.sections(tmp_path)
+    assert "| CPU: x (" in text["batch"] and "| m | fp32 | diskoffload | stream p0 | 16 | 28.5 |" in text["batch"]
+    assert "| machine | model |" in text["batch"]  # a row names the machine kind it was measured on
     assert "| 4 |" not in text["batch"]
     assert text["cold"] == "No rows in results/cold.csv yet: run `python run_diskoffload.py --cold --out results/cold.csv`."
+
+
+def test_answers_come_from_the_rows(tmp_path):
+    for row in (_peer("resident", 20.0), _peer("stream", 15.0, peak_bytes=1_500_000), _peer("accelerate-disk", 5.0)):
+        bench.append_row(tmp_path / "peers.csv", row)
+    peers = streaming.peers_answers(tmp_path)
+    assert peers[0].startswith("**m bf16: ours is 3.00x accelerate's disk offload** (15.00 against 5.00 tok/s")
+    assert "ours peaks lower (1.5 against 2.0 MB)" in peers[0] and "0.75x the resident model (20.00 tok/s)" in peers[0]
+    common = dict(variant="diskoffload", mode="stream", prefetch=0, baseline_decode_tok_s=30.0, loads=26)
+    for batch, ratio, ms in ((1, 0.9, 100.0), (16, 1.0, 400.0)):
+        bench.append_row(tmp_path / "batch.csv", _row(**common, batch_size=batch, decode_ratio=ratio, decode_ms_per_tok=ms))
+    assert streaming.batch_answers(tmp_path) == [
+        "**Stream against the resident model, same run**: batch 1 0.90x, batch 16 1.00x; a step grows from 100 ms "
+        "(batch 1) to 400 ms (batch 16), while the layer reads stay the same (26 per run at every batch size)."]
+    assert streaming.cold_answers(tmp_path) == [] and streaming.profile_answers(tmp_path) == []

@@ -1,0 +1,136 @@
+"""README.md's headline blocks: each a few lines from results/*.csv, ending with a link to
+its full section in results/README.md (the caller passes the link). Every number is a row's."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import bench
+from reporting import beyond, load, runs, streaming, study
+from reporting.tables import by_machine, machine_kind, machines, markdown_table, mb, num, suite_rows, unpatched_row
+
+
+def _ratio(cell) -> str:
+    value = bench.number(cell)
+    return "" if value is None else f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"
+
+
+def more(link: str, what: str = "the full tables") -> str:
+    return f"More: [{what}]({link})."
+
+
+def original(rows: list[dict], link: str) -> str:
+    table = runs.lead_section(rows).split("\n\n", 1)[-1]  # the table without its source paragraph
+    return table + "\n\n" + more(link, "how the savings differ, and every row")
+
+
+def exactness(rows: list[dict], link: str) -> str:
+    """Per machine kind and model: alpha = 1 equal or not in each format, and the naive form's logit gap."""
+    if not rows:
+        return "No rows in results/exactness.csv yet: run `python check_exact.py`."
+    lines, quants = [], list(dict.fromkeys(r["quant"] for r in rows))
+    for machine, group in by_machine(rows).items():
+        for model in dict.fromkeys(r["model"] for r in group):
+            mine = [r for r in group if r["model"] == model]
+            exact = [r for r in mine if r["form"] != "naive"]
+            equal = all(r["logits_equal"] == "True" and r["tokens_equal"] == "True" for r in exact)
+            tested = list(dict.fromkeys(r["quant"] for r in exact))
+            naive = {r["quant"]: num(r["max_abs_logit_diff"], ".3g") for r in mine if r["form"] == "naive"}
+            lines.append([machine, model, f"{'yes' if equal else 'NO'}: {', '.join(tested)} "
+                          f"({', '.join(dict.fromkeys(r['form'] for r in exact))})"] + [naive.get(q, "") for q in quants])
+    headers = ["machine", "model", "alpha = 1: logits and greedy tokens equal"] + [
+        f"naive form, max abs dlogit: {q}" for q in quants]
+    return markdown_table(headers, lines) + "\n\n" + more(link)
+
+
+def streaming_memory(rows: list[dict], link: str) -> str:
+    """Per model on the newest machine kind: what session and stream residency hold, idle and
+    while generating, and their same-run decode ratio."""
+    timed = [r for r in rows if r["busy"] != "True" and r["variant"] in ("kvcache", "diskoffload")]
+    if not timed:
+        return "No variant rows yet: run `python run_kvcache.py` and `python run_diskoffload.py`."
+    machine = machine_kind(max(timed, key=lambda r: r["timestamp"]))
+    lines = []
+    for key in dict.fromkeys((r["model"], r["quant"]) for r in timed if machine_kind(r) == machine):
+        mine = [r for r in timed if (r["model"], r["quant"]) == key and machine_kind(r) == machine]
+        session = runs.latest(mine, variant="kvcache")
+        stream = runs.latest(mine, variant="diskoffload", prefetch="0") or runs.latest(mine, variant="diskoffload")
+        first = session or stream
+        lines.append([*key, f"{mb(first['baseline_standby_bytes'])} -> {mb(first['standby_bytes'])}",
+                      mb(session["peak_bytes"]) if session else "", mb(stream["peak_bytes"]) if stream else "",
+                      num(session["decode_ratio"], ".2f", "x") if session else "",
+                      num(stream["decode_ratio"], ".2f", "x") if stream else ""])
+    headers = ["model", "quant", "standby MB, unpatched -> offloaded", "peak MB, session", "peak MB, stream",
+               "decode vs unpatched, session", "stream"]
+    ratios = [bench.number(r[k]) for r in timed if machine_kind(r) == machine for k in ("decode_ratio",)
+              if bench.number(r[k])]
+    spread = (f" The paired decode ratios of all these rows spread from {min(ratios):.2f}x to {max(ratios):.2f}x: "
+              "read a ratio inside that spread as no measurable cost." if ratios else "")
+    return (f"{machine}; ratios against the unpatched model timed in the same process.{spread}\n\n"
+            + markdown_table(headers, lines) + "\n\n" + more(link, "every row"))
+
+
+def peers(results: Path, link: str) -> str:
+    rows = bench.read_rows(results / "peers.csv")
+    if not rows:
+        return "No rows in results/peers.csv yet: run `python run_peers.py`."
+    lines = []
+    for run in streaming.latest_peer_runs(rows):
+        for r in run:
+            if bench.number(r["decode_tok_s"]):
+                lines.append([r["model"], r["quant"], r["system"], num(r["decode_tok_s"], ".2f"),
+                              _ratio(r["ratio_to_resident"]), mb(r["idle_bytes"]), mb(r["peak_bytes"])])
+    headers = ["model", "quant", "system", "decode tok/s", "vs resident, same run", "idle MB", "peak MB"]
+    return (f"{machines(rows)}.\n\n" + markdown_table(headers, lines) + "\n\n"
+            + more(link, "the peers, cold reads, batches and a decode step op by op"))
+
+
+def study_answers(results: Path, links: dict[str, str], titles: dict[str, str]) -> str:
+    """One line per suite: its question, its answer, a link."""
+    found = study.answers(results)
+    if not found:
+        return "No study rows yet: run `python sweep.py <suite>` (see results/README.md)."
+    def title(suite: str) -> str:
+        return titles[suite] if titles[suite].endswith("?") else titles[suite] + ":"
+    return "\n".join(f"- **{title(suite)}** {line} [More]({links[suite]})." for suite, (line, _) in found.items())
+
+
+def load_peaks(results: Path, link: str) -> str:
+    rows = suite_rows(results, load.SUITE)
+    if not rows:
+        return "No rows in results/load.csv yet: run `python sweep.py load`."
+    lines = []
+    for row in rows:
+        base = unpatched_row(rows, row)
+        same = "" if base is None or base is row else ("= unpatched" if row["ppl"] == base["ppl"] else "differs")
+        saved = load._saved(row, base, "load_peak_bytes")
+        lines.append([row["model"], row["quant"], row["variant"], mb(row["load_peak_bytes"]), mb(saved), same])
+    headers = ["model", "quant", "variant", "load peak MB", "saved MB", "PPL"]
+    return (f"{machines(rows)}.\n\n" + markdown_table(headers, lines) + "\n\n"
+            + more(link, "the host memory peaks and load times"))
+
+
+def beyond_levers(results: Path, link: str) -> str:
+    """Per model: the unpatched standby, the exact levers' and all levers' standby, and the NF4 head's cost."""
+    rows = suite_rows(results, beyond.SUITE)
+    if not rows:
+        return "No rows in results/beyond.csv yet: run `python sweep.py beyond`."
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        base = unpatched_row(rows, mine[0])
+        if base is None:
+            continue
+        exact = [r for r in mine if r["variant"] != "baseline" and r["quant_head"] in ("none", "")]
+        approx = [r for r in mine if r["quant_head"] == "nf4" and r["variant"] != "baseline"]
+        whole = bench.number(base["standby_bytes"])
+
+        def share(row) -> str:
+            return f"{mb(row['standby_bytes'])} ({100 * bench.number(row['standby_bytes']) / whole:.0f}%)" if row else ""
+        best_exact = min(exact, key=lambda r: bench.number(r["standby_bytes"]), default=None)
+        best = min(approx, key=lambda r: bench.number(r["standby_bytes"]), default=None)
+        ppl, base_ppl = (bench.number(best["ppl"]), bench.number(base["ppl"])) if best else (None, None)
+        lines.append([model, mb(base["standby_bytes"]), share(best_exact), share(best),
+                      f"{100 * (ppl / base_ppl - 1):+.2f}%" if ppl and base_ppl else ""])
+    headers = ["model (NF4)", "unpatched standby MB", "exact levers: layers + embedding rows", "+ NF4 head (approximate)",
+               "NF4 head's PPL cost"]
+    return markdown_table(headers, lines) + "\n\n" + more(link, "every step, peaks and speeds")

@@ -1,0 +1,315 @@
+"""The run scripts' rows (results/baseline.csv, kvcache.csv, diskoffload.csv, ...): the table of
+every row per machine kind, the exactness table (exactness.csv), the reference model beside
+the original experiment, and results/memory.png and speed.png.
+
+Rows are grouped by machine kind (device name and CPU vector extension): speed depends on
+the machine and NF4 perplexity on its kernels, so nothing is compared across groups. A
+variant row's ratios are its own: against the unpatched model timed in the same process
+(run_id). Rows marked busy (other work shared the CPU while timing) are left out.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import bench
+import estimate
+import offload_skip
+import sweep
+from reporting import streaming
+from reporting.tables import by_machine, column_table, machine_kind, mb, num, percent
+
+# (header, cell) of the table's columns; a cell gets the row dict of CSV strings.
+TABLE = (
+    ("csv", lambda r: r["file"].removesuffix(".csv")),
+    ("variant", lambda r: r["variant"]),
+    ("model", lambda r: r["model"]),
+    ("quant", lambda r: r["quant"]),
+    ("device", lambda r: r["device"]),
+    ("offloaded", lambda r: _offloaded(r)),
+    ("alpha", lambda r: r["alpha"]),
+    ("mode", lambda r: _mode(r)),
+    ("standby MB", lambda r: mb(r["standby_bytes"])),
+    ("peak MB", lambda r: mb(r["peak_bytes"])),
+    ("peak vs unpatched", lambda r: percent(r["peak_bytes"], r["baseline_standby_bytes"])),
+    ("idle RSS MB", lambda r: mb(r["rss_bytes"])),
+    ("PPL", lambda r: _ppl(r)),
+    ("prefill s", lambda r: num(r["prefill_s"], ".3f")),
+    ("decode tok/s", lambda r: num(r["decode_tok_s"], ".1f")),
+    ("unpatched tok/s, same run", lambda r: num(r["baseline_decode_tok_s"], ".1f")),
+    ("decode vs unpatched", lambda r: num(r["decode_ratio"], ".2f", "x")),
+    ("generate tok/s", lambda r: num(r["generate_tok_s"], ".1f")),
+    ("generate vs unpatched", lambda r: num(r["generate_ratio"], ".2f", "x")),
+    ("loads/run", lambda r: num(r["loads"], "g")),
+    ("wait s/run", lambda r: num(r["wait_s"], ".3f")),
+    ("overlap", lambda r: num(r["overlap"], ".2f")),
+    ("commit", lambda r: r["commit"]),
+    ("date", lambda r: r["timestamp"][:10]),
+)
+
+
+def _offloaded(row: dict) -> str:
+    n = len(row["layers_offloaded"].split())
+    return f"{n}/{row['n_layers']}" + (f" ({row['layers']})" if row["layers"] else "")
+
+
+def _mode(row: dict) -> str:
+    parts = [row["mode"]]
+    if row["mode"] == "stream":
+        parts.append(f"prefetch {row['prefetch']}")
+        if bench.number(row["budget_bytes"]):
+            parts.append(f"budget {mb(row['budget_bytes'])} MB")
+        if row["io_bandwidth"]:
+            parts.append(f"{bench.number(row['io_bandwidth']) / 1e6:g} MB/s")
+    if row["kv_cache"] == "False":
+        parts.append("no KV cache")
+    return ", ".join(parts)
+
+
+def _ppl(row: dict) -> str:
+    ppl = bench.number(row["ppl"])
+    if ppl is None:
+        return ""
+    return f"{ppl:.3f} ({row['ppl_dataset']}, ctx {row['ppl_ctx']}, {row['ppl_tokens']} tok)"
+
+
+# The exactness check's rows (check_exact.py -> exactness.csv, a schema of its own).
+EXACTNESS_TABLE = (
+    ("model", lambda r: r["model"]),
+    ("quant", lambda r: r["quant"]),
+    ("layers", lambda r: r["layers"]),
+    ("form", lambda r: r["form"]),
+    ("max abs dlogit", lambda r: num(r["max_abs_logit_diff"], ".3g")),
+    ("logits equal", lambda r: r["logits_equal"]),
+    ("greedy tokens equal", lambda r: f"{r['tokens_equal']} ({r['greedy_tokens']} tok)"),
+    ("first divergence", lambda r: r["first_divergence"]),
+    ("standby MB", lambda r: f"{mb(r['standby_bytes_before'])} -> {mb(r['standby_bytes_after'])}"),
+    ("commit", lambda r: r["commit"]),
+)
+
+
+def load_rows(results_dir: Path) -> list[dict]:
+    """Every row of every Result CSV in the directory (files with another schema, such as
+    exactness.csv, and the study's suite CSVs are left out), files in name order, each row with a 'file' key; a column
+    a file lacks (an older schema) reads as empty."""
+    rows = []
+    # the study's suites and the streaming files have sections of their own
+    study = {f"{suite}.csv" for suite in sweep.SUITES} | set(streaming.FILES)
+    for path in sorted(Path(results_dir).glob("*.csv")):
+        if path.name in study:
+            continue
+        file_rows = bench.read_rows(path)
+        if file_rows and "variant" not in file_rows[0]:
+            continue
+        for row in file_rows:
+            rows.append({**{name: "" for name in bench.FIELDS}, **{k: v or "" for k, v in row.items()},
+                         "file": path.name})
+    return rows
+
+
+LEAD_MODEL = "qwen2.5-coder-1.5b"
+# The original experiment's own reported figures (REFERENCES.md), quoted beside ours, never
+# measured here: estimate.ORIGINAL's, plus its peak while generating and its perplexity on
+# five short sentences (naive x + (L(x) - x), before -> after offloading).
+ORIGINAL = dict(estimate.ORIGINAL, peak_GB=1.93, ppl=(3.46, 3.43))
+ORIGINAL_LAYERS = offload_skip.select_layers(estimate.QWEN25_3B["n_layers"], "even")
+
+
+def latest(rows: list[dict], **match) -> dict | None:
+    """The newest row that is not busy and matches every column=value (a callable value is a test)."""
+    found = [r for r in rows if r["busy"] != "True"
+             and all(v(r[k]) if callable(v) else r[k] == v for k, v in match.items())]
+    return max(found, key=lambda r: r["timestamp"]) if found else None
+
+
+def lead_section(rows: list[dict], model: str = LEAD_MODEL) -> str:
+    """The reference architecture beside the original experiment's reported figures: our
+    newest rows of `model` in NF4 on the newest machine kind that has them."""
+    nf4 = [r for r in rows if r["model"] == model and r["quant"] == "nf4"]
+    if not nf4:
+        return f"(no {model} NF4 rows yet: see reproduce.sh)"
+    machine = machine_kind(max(nf4, key=lambda r: r["timestamp"]))
+    nf4 = [r for r in nf4 if machine_kind(r) == machine]
+    base = latest(nf4, variant="baseline", ppl=bool) or latest(nf4, variant="baseline")
+    session = latest(nf4, variant="kvcache", decode_tok_s=bool)
+    stream = latest(nf4, variant="diskoffload", decode_tok_s=bool, prefetch="0", kv_cache="True")
+    stream_ppl = latest(nf4, variant="diskoffload", ppl=bool, alpha="1")
+    o = ORIGINAL
+    standby0, standby1 = o["standby_GB"]
+    layers0 = ORIGINAL_LAYERS
+
+    def gb(cell) -> str:
+        value = bench.number(cell)
+        return "-" if value is None else f"{value / 1e9:.2f} GB"
+
+    def change(new, old) -> str:
+        new, old = bench.number(new), bench.number(old)
+        return "" if new is None or not old else f" ({100 * (new / old - 1):+.0f}%)"
+
+    def speed(row) -> str:
+        if not row:
+            return "-"
+        return (f"{num(row['decode_tok_s'], '.2f')} vs {num(row['baseline_decode_tok_s'], '.2f')} tok/s unpatched, "
+                f"same run: {num(row['decode_ratio'], '.2f', 'x')}")
+
+    first = session or stream or base
+    offloaded = f"{len(first['layers_offloaded'].split())} of {first['n_layers']} ({first['layers']})" if first else "-"
+    lines = [
+        f"Generated by `python report.py` from results/*.csv: the newest {model} NF4 rows measured on {machine}, "
+        "beside the original experiment's reported figures (Qwen2.5-3B NF4, bitsandbytes double quant, "
+        "RTX 4050 laptop GPU).",
+        "",
+        f"| | original: Qwen2.5-3B NF4, RTX 4050 | this repo: {model} NF4, {machine} |",
+        "|---|---|---|",
+        f"| layers offloaded | {len(layers0)} of {estimate.QWEN25_3B['n_layers']} (even {layers0[0]}..{layers0[-1]}) "
+        f"| {offloaded} |",
+        f"| standby weights, unpatched -> offloaded | {standby0} -> {standby1} GB "
+        f"({100 * (standby1 / standby0 - 1):+.0f}%) | "
+        + (f"{gb(session['baseline_standby_bytes'])} -> {gb(session['standby_bytes'])}"
+           f"{change(session['standby_bytes'], session['baseline_standby_bytes'])}" if session else "-") + " |",
+        f"| weights while generating | {o['peak_GB']} GB: every offloaded layer reloaded | "
+        + (f"session {gb(session['peak_bytes'])}" if session else "session -")
+        + (f"; stream {gb(stream['peak_bytes'])}{change(stream['peak_bytes'], stream['baseline_standby_bytes'])}"
+           if stream else "") + " |",
+        f"| perplexity | {o['ppl'][0]} -> {o['ppl'][1]} on five short sentences | "
+        + (f"{num(base['ppl'], '.4f')} unpatched" if base and base["ppl"] else "-")
+        + (f" -> {num(stream_ppl['ppl'], '.4f')} streamed" if stream_ppl else "")
+        + (f" ({base['ppl_dataset']}, {base['ppl_tokens']} tokens, ctx {base['ppl_ctx']})"
+           if base and base["ppl"] else "")
+        + " |",
+        f"| decode, session (all layers loaded per inference) | {o['resident_tok_s']} tok/s (own loop) vs "
+        f"{o['generate_tok_s']} tok/s (HF generate): two different loops | {speed(session)} |",
+        f"| decode, stream (each layer read when used) | {o['disk_no_kv_tok_s']} tok/s, without KV cache | "
+        f"{speed(stream)} |",
+    ]
+    return "\n".join(lines)
+
+
+def render(rows: list[dict], results_label: str) -> str:
+    """One table per machine kind; busy rows left out (and counted)."""
+    text = (f"Generated by `python report.py` from {results_label}/*.csv, one line per CSV row; bytes in MB "
+            f"(10^6); ratios against the unpatched model of the same run. Column meanings: "
+            f"`python report.py --columns`.")
+    if not rows:
+        return text + "\n\n(no results yet)"
+    for machine, group in by_machine(rows).items():
+        quiet = [r for r in group if r["busy"] != "True"]
+        text += f"\n\n#### {machine}\n\n" + column_table(quiet, TABLE)
+        if len(quiet) < len(group):
+            text += (f"\n\n{len(group) - len(quiet)} row(s) left out: other work used more than "
+                     f"{bench.BUSY_OTHER_CPU_SHARE:.0%} of the CPU while they were timed (column busy).")
+    return text
+
+
+def exactness_section(rows: list[dict], results_label: str) -> str:
+    text = (f"Generated by `python report.py` from {results_label}/exactness.csv (made by "
+            f"`python check_exact.py`), per machine kind.")
+    for machine, group in by_machine(rows).items():
+        text += f"\n\n#### {machine}\n\n" + column_table(group, EXACTNESS_TABLE)
+    return text
+
+
+def _label(row: dict, several_setups: bool) -> str:
+    label = row["variant"]
+    if row["mode"] == "stream":
+        label += f" p{row['prefetch']}"
+        if bench.number(row["budget_bytes"]):
+            label += f" b{mb(row['budget_bytes'])}M"
+        if row["io_bandwidth"]:
+            label += f" {bench.number(row['io_bandwidth']) / 1e6:g}MB/s"
+    if row["kv_cache"] == "False":
+        label += " no-kv"
+    if several_setups:
+        label += f"\n{row['model']} {row['quant']} {row['device']}"
+    return label
+
+
+def plot(rows: list[dict], out_dir: Path) -> list[Path]:
+    """memory.png (standby and peak weight MB) and speed.png (decode and generate tok/s)
+    of the timed rows, the latest row for each configuration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if bench.number(r["decode_tok_s"]) is not None and r["busy"] != "True"]
+    if not timed:
+        return []
+    newest = max(timed, key=lambda r: r["timestamp"])  # plots show one machine kind: the latest one measured
+    machine = machine_kind(newest)
+    timed = [r for r in timed if machine_kind(r) == machine]
+    several = len({(r["model"], r["quant"], r["device"]) for r in timed}) > 1
+    latest = {}
+    for row in timed:  # later rows win: the newest measurement of a configuration
+        latest[_label(row, several)] = row
+    order = {variant: k for k, variant in enumerate(bench.VARIANTS)}
+    labels = sorted(latest, key=lambda label: order.get(latest[label]["variant"], len(order)))  # stable
+    x = range(len(labels))
+    width = 0.4
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, series, ylabel, title in (
+        ("memory.png", (("standby", "standby_bytes", 1e6), ("peak", "peak_bytes", 1e6)),
+         "weights resident on the device (MB)", "Resident weight bytes: idle vs during inference"),
+        ("speed.png", (("decode loop", "decode_tok_s", 1), ("generate", "generate_tok_s", 1)),
+         "tokens / s", "Decode speed (greedy, median of repeats)"),
+    ):
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(labels) + 2), 4.5))
+        top = 0.0
+        for k, (legend, column, scale) in enumerate(series):
+            cells = [bench.number(latest[label][column]) for label in labels]
+            values = [(cell or 0) / scale for cell in cells]
+            bars = ax.bar([i + (k - 0.5) * width for i in x], values, width, label=legend)
+            ax.bar_label(bars, ["" if cell is None else f"{value:.3g}" for cell, value in zip(cells, values)],
+                         fontsize=7)  # an empty cell is not measured, not zero
+            top = max(top, *values)
+        ax.set_ylim(0, 1.25 * top or 1)  # room for the legend and the value labels
+        ax.set_xticks(list(x), labels, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}\n{machine}", fontsize=10)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def lead_answers(rows: list[dict], results: Path, model: str = LEAD_MODEL) -> list[str]:
+    """Why the savings differ from the original's, and how to read the speed ratios: sentences
+    computed from the rows (the lead model's byte breakdown comes from beyond.csv)."""
+    out = []
+    parts = next((r for r in bench.read_rows(Path(results) / "beyond.csv") if r["model"] == model
+                  and r["variant"] == "baseline" and r["quant_head"] in ("none", "")), None)
+    session = latest([r for r in rows if r["model"] == model and r["quant"] == "nf4"], variant="kvcache")
+    if parts and session and bench.number(parts["embedding_bytes"]) is not None:
+        freed = bench.number(session["baseline_standby_bytes"]) - bench.number(session["standby_bytes"])
+        resident = bench.number(parts["embedding_bytes"]) + bench.number(parts["head_bytes"])
+        out.append(f"Offloading decoder layers saves only the layers' share of the weights. {model} (NF4) keeps its "
+                   f"input embedding and output head resident: {mb(parts['embedding_bytes'])} + "
+                   f"{mb(parts['head_bytes'])} MB of its {mb(parts['standby_bytes'])} MB, "
+                   + ("more than" if resident > freed else "less than")
+                   + f" the {mb(freed)} MB its {len(session['layers_offloaded'].split())} offloaded layers free "
+                   f"(see the beyond-the-layers section for moving those too).")
+    nf4 = [bench.number(r["decode_ratio"]) for r in rows if r["quant"] == "nf4" and r["busy"] != "True"
+           and bench.number(r["decode_ratio"])]
+    if nf4:
+        out.append(f"On a CPU the \"device\" is host memory and a session's load is a copy from the page cache; every "
+                   f"ratio is against the same machine's unpatched model, timed interleaved in the same process. The "
+                   f"paired NF4 decode ratios of the rows below spread from {min(nf4):.2f}x to {max(nf4):.2f}x: read "
+                   "them as \"no cost measurable above that spread\", not as a speed-up.")
+    return out
+
+
+def nf4_cpu_answers(rows: list[dict]) -> list[str]:
+    """How much slower NF4 decodes than bf16 on each machine kind, from the baseline rows."""
+    out = []
+    for machine, group in by_machine(rows).items():
+        for model in dict.fromkeys(r["model"] for r in group):
+            bf16 = latest(group, model=model, variant="baseline", quant="bf16", decode_tok_s=bool)
+            nf4 = latest(group, model=model, variant="baseline", quant="nf4", decode_tok_s=bool)
+            if bf16 and nf4:
+                ratio = bench.number(bf16["decode_tok_s"]) / bench.number(nf4["decode_tok_s"])
+                out.append(f"{machine}, {model} unpatched: bf16 decodes {num(bf16['decode_tok_s'], '.2f')} tok/s, NF4 "
+                           f"{num(nf4['decode_tok_s'], '.2f')} tok/s ({ratio:.1f}x "
+                           + ("slower" if ratio > 1 else "faster") + " in NF4).")
+    return out

@@ -1,0 +1,267 @@
+"""Streaming against its peers, on cold storage and in batches: blocks and plots from
+results/peers.csv (run_peers.py), results/cold.csv (run_diskoffload.py --cold),
+results/batch.csv (--batch-size) and results/profile.csv (profile_step.py). Every number
+comes from a row."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import bench
+import estimate
+from reporting.tables import commits, machine_kind, machines, markdown_table, mb, missing, num, save_figure
+
+FILES = ("peers.csv", "cold.csv", "batch.csv", "profile.csv")
+PROFILE_OPS = 6  # per run: the ops whose time differs most between the two modes
+
+
+def peers_section(results: Path) -> str:
+    rows = bench.read_rows(results / "peers.csv")
+    if not rows:
+        return missing("peers.csv", "python run_peers.py --model smollm2-135m --prefetch 0")
+    lines = []
+    for row in rows:
+        runs = [r for r in rows if r["run_id"] == row["run_id"]]
+        peer = next((r for r in runs if r["system"] == "accelerate-disk"), None)
+        ours = next((r for r in runs if r["system"] == "stream"), None)
+        versus = ""
+        if row["system"] == "stream" and peer and bench.number(peer["decode_tok_s"]):
+            versus = f"{bench.number(row['decode_tok_s']) / bench.number(peer['decode_tok_s']):.2f}x accelerate-disk"
+        elif row["system"] != "stream" and ours and bench.number(row["decode_tok_s"]):
+            versus = f"ours {bench.number(ours['decode_tok_s']) / bench.number(row['decode_tok_s']):.2f}x"
+        # AirLLM streams every layer by design (rows before that was recorded list the others' layers)
+        offloaded = row["n_layers"] if row["system"] == "airllm" else len(row["layers_offloaded"].split())
+        lines.append([row["model"], row["quant"], row["system"], f"{offloaded}/{row['n_layers']}",
+                      num(row["decode_tok_s"], ".2f"), num(row["ratio_to_resident"], ".2f") + ("x" if row["ratio_to_resident"] else ""),
+                      versus, mb(row["idle_bytes"]), mb(row["peak_bytes"]), num(row["rss_delta_bytes"], "+,.0f"),
+                      row["note"], row["run_id"][:6]])
+    headers = ["model", "quant", "system", "offloaded", "decode tok/s", "vs resident", "stream vs peer",
+               "idle MB", "peak MB", "RSS delta bytes", "note", "run"]
+    return (f"From results/peers.csv (`python run_peers.py`; {machines(rows)}; commit {commits(rows)}). "
+            "Rows of one run share its interleaved rounds.\n\n"
+            + markdown_table(headers, lines))
+
+
+def cold_section(results: Path) -> str:
+    if not bench.read_rows(results / "cold.csv"):
+        return missing("cold.csv", "python run_diskoffload.py --cold --out results/cold.csv")
+    return ("From results/cold.csv (`run_diskoffload.py --cold`: each layer file dropped from the page cache "
+            "before it is read; the rows without --cold read from the page cache). Predicted with estimate.py's "
+            "model from the row's own same-run compute time and its measured cold read rate:\n\n"
+            + estimate.check_table(results, "cold.csv"))
+
+
+def batch_section(results: Path) -> str:
+    rows = [r for r in bench.read_rows(results / "batch.csv") if r["busy"] != "True"]
+    if not rows:
+        return missing("batch.csv", "python run_diskoffload.py --batch-size 16 --out results/batch.csv")
+    lines = []
+    for row in rows:
+        lines.append([machine_kind(row), row["model"], row["quant"], row["variant"],
+                      row["mode"] + (f" p{row['prefetch']}" if row["prefetch"] else ""),
+                      row["batch_size"], num(row["decode_tok_s"], ".1f"), num(row["decode_ms_per_tok"], ".1f"),
+                      num(row["baseline_decode_tok_s"], ".1f"), num(row["decode_ratio"], ".2f") + "x",
+                      num(row["other_cpu_share"], ".2f"), row["repeats"]])
+    headers = ["machine", "model", "quant", "variant", "mode", "batch", "tok/s (whole batch)", "ms per step",
+               "resident tok/s, same run", "vs resident", "other CPU share", "repeats"]
+    return (f"From results/batch.csv (`--batch-size N`, left-padded prompts of unequal length, greedy; "
+            f"commit {commits(rows)}).\n\n" + markdown_table(headers, lines))
+
+
+def profile_section(results: Path) -> str:
+    rows = bench.read_rows(results / "profile.csv")
+    if not rows:
+        return missing("profile.csv", "python profile_step.py --batch-size 16")
+    lines = []
+    for run_id in dict.fromkeys(r["run_id"] for r in rows):
+        run = [r for r in rows if r["run_id"] == run_id]
+        modes = list(dict.fromkeys(r["mode"] for r in run))
+        ms = {(r["mode"], r["op"]): bench.number(r["self_ms_per_step"]) for r in run}
+        step = {r["mode"]: bench.number(r["step_ms"]) for r in run}
+        ops = sorted({r["op"] for r in run}, key=lambda op: -abs(ms.get((modes[-1], op), 0) - ms.get((modes[0], op), 0)))
+        for op in ops[:PROFILE_OPS]:
+            a, b = ms.get((modes[0], op)), ms.get((modes[-1], op))
+            lines.append([machine_kind(run[0]), run[0]["model"], run[0]["quant"], run[0]["batch_size"], f"{modes[0]} {step[modes[0]]:.1f} / "
+                          f"{modes[-1]} {step[modes[-1]]:.1f}", op, num(a, ".2f"), num(b, ".2f"),
+                          num((b or 0) - (a or 0), "+.2f")])
+    headers = ["machine", "model", "quant", "batch", "self CPU ms per step (all ops)", "op", "resident ms/step", "variant ms/step",
+               "difference"]
+    return ("From results/profile.csv (`python profile_step.py`: torch.profiler over alternating decodes; an op "
+            "missing from a mode's top 25 is blank).\n\n" + markdown_table(headers, lines))
+
+
+def sections(results: Path) -> dict[str, str]:
+    return {"peers": peers_section(results), "cold": cold_section(results), "batch": batch_section(results),
+            "profile": profile_section(results)}
+
+
+def plots(results: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+
+    def save(fig, name):
+        paths.append(save_figure(fig, results / name))
+
+    peers = [r for r in bench.read_rows(results / "peers.csv") if bench.number(r["decode_tok_s"])]
+    if peers:
+        latest = {}
+        for row in peers:  # the latest run per model and format
+            latest[(row["model"], row["quant"])] = row["run_id"]
+        shown = [r for r in peers if latest[(r["model"], r["quant"])] == r["run_id"]]
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(shown) + 2), 4.5))
+        labels = [f"{r['system']}\n{r['model']} {r['quant']}" for r in shown]
+        bars = ax.bar(range(len(shown)), [bench.number(r["decode_tok_s"]) for r in shown])
+        ax.bar_label(bars, [f"{bench.number(r['decode_tok_s']):.2g}" for r in shown], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(shown)), labels, fontsize=7, rotation=20, ha="right")
+        ax.set_ylabel("decode tok/s (log)")
+        ax.set_title("Ours (stream) against accelerate disk offload and AirLLM, same run")
+        save(fig, "peers.png")
+
+    cold = [r for r in bench.read_rows(results / "cold.csv") if bench.number(r["decode_ms_per_tok"]) and r["busy"] != "True"]
+    if cold:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, is_cold in (("cold reads", "True"), ("page cache", "False")):
+            points = sorted((int(r["prefetch"]), bench.number(r["decode_ms_per_tok"])) for r in cold
+                            if r["cold_reads"] == is_cold)
+            if points:
+                ax.plot([p for p, _ in points], [t for _, t in points], "o-", label=label)
+        compute = [1000 / bench.number(r["baseline_decode_tok_s"]) for r in cold if bench.number(r["baseline_decode_tok_s"])]
+        if compute:
+            ax.axhline(sum(compute) / len(compute), color="gray", ls=":", label="resident, same runs (mean)")
+        ax.set_xlabel("prefetch depth (layers read ahead)")
+        ax.set_ylabel("ms per token")
+        ax.set_title(f"Stream decode time per token: {cold[0]['model']} {cold[0]['quant']}")
+        ax.legend(fontsize=8)
+        save(fig, "cold.png")
+
+    batch = [r for r in bench.read_rows(results / "batch.csv") if bench.number(r["decode_tok_s"]) and r["busy"] != "True"]
+    if batch:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for mode in dict.fromkeys(r["mode"] for r in batch):
+            points = sorted((int(r["batch_size"]), bench.number(r["decode_tok_s"])) for r in batch if r["mode"] == mode)
+            ax.plot([b for b, _ in points], [t for _, t in points], "o-", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("decode tok/s over the batch")
+        ax.set_title(f"Throughput vs batch size: {batch[0]['model']} {batch[0]['quant']}")
+        ax.legend(fontsize=8)
+        save(fig, "batch.png")
+    return paths
+
+
+# --------------------------------------------------------------------------- answers
+# Sentences whose every number is computed here from the rows; a claim is stated only when
+# the rows bear it out.
+
+def latest_peer_runs(rows: list[dict]) -> list[list[dict]]:
+    """The newest run (run_id) of each model and weight format, in file order."""
+    latest = {}
+    for row in rows:
+        latest[(row["model"], row["quant"])] = row["run_id"]
+    return [[r for r in rows if r["run_id"] == run_id] for run_id in dict.fromkeys(latest.values())]
+
+
+def peers_answers(results: Path) -> list[str]:
+    out = []
+    for run in latest_peer_runs(bench.read_rows(results / "peers.csv")):
+        by = {r["system"]: r for r in run}
+        ours, peer, resident = by.get("stream"), by.get("accelerate-disk"), by.get("resident")
+        if not ours or not bench.number(ours["decode_tok_s"]):
+            continue
+        setup = f"{ours['model']} {ours['quant']}"
+        tok_s = bench.number(ours["decode_tok_s"])
+        if peer and bench.number(peer["decode_tok_s"]):
+            peer_tok_s = bench.number(peer["decode_tok_s"])
+            text = (f"**{setup}: ours is {tok_s / peer_tok_s:.2f}x accelerate's disk offload** ({tok_s:.2f} against "
+                    f"{peer_tok_s:.2f} tok/s, same rounds)")
+            ours_peak, peer_peak = bench.number(ours["peak_bytes"]), bench.number(peer["peak_bytes"])
+            if ours_peak and peer_peak and ours["idle_bytes"] == peer["idle_bytes"]:
+                text += (f"; both hold {mb(ours['idle_bytes'])} MB idle, and ours peaks "
+                         + ("lower" if ours_peak < peer_peak else "higher") + f" ({mb(ours_peak)} against {mb(peer_peak)} MB)")
+        else:
+            text = f"**{setup}: ours decodes {tok_s:.2f} tok/s**"
+        if resident and bench.number(ours["ratio_to_resident"]):
+            text += (f"; it runs at {bench.number(ours['ratio_to_resident']):.2f}x the resident model "
+                     f"({bench.number(resident['decode_tok_s']):.2f} tok/s)")
+        out.append(text + ".")
+        air = by.get("airllm")
+        if air and bench.number(air["decode_tok_s"]):
+            out.append(f"**AirLLM ({setup}): {bench.number(air['decode_tok_s']):.2f} tok/s, "
+                       f"{bench.number(air['ratio_to_resident']):.3f}x the resident model.** It streams every layer for "
+                       "every token by design, so it is timed on one decode after the rounds, not interleaved.")
+        cpu = by.get("accelerate-cpu")
+        if cpu and not cpu["decode_tok_s"]:
+            out.append(f"accelerate's CPU offload ({setup}): {cpu['note']}.")
+    return out
+
+
+def cold_answers(results: Path) -> list[str]:
+    rows = [r for r in bench.read_rows(results / "cold.csv") if r["busy"] != "True" and bench.number(r["decode_ms_per_tok"])]
+    if not rows:
+        return []
+    out = []
+    rates = [bench.number(r["cold_read_bytes_s"]) for r in rows if bench.number(r["cold_read_bytes_s"])]
+    if rates:
+        out.append(f"The storage read rate each cold row measured (the streamed files read cold, one after another) "
+                   f"ranges from {min(rates) / 1e9:.2f} to {max(rates) / 1e9:.2f} GB/s: the disk's rate moves between "
+                   "measurements, which the model cannot know.")
+    for label, cold in (("cold", "True"), ("from the page cache", "False")):
+        mine = sorted((int(r["prefetch"]), bench.number(r["decode_ms_per_tok"])) for r in rows if r["cold_reads"] == cold)
+        if mine:
+            out.append(f"Stream decode {label}, ms per token by prefetch depth: "
+                       + ", ".join(f"p{p} {ms:.0f}" for p, ms in mine) + ".")
+    return out
+
+
+def batch_answers(results: Path) -> list[str]:
+    rows = [r for r in bench.read_rows(results / "batch.csv") if r["busy"] != "True" and bench.number(r["decode_ratio"])]
+    if not rows:
+        return []
+    out = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        mine = [r for r in rows if r["mode"] == mode]
+        sizes = sorted({int(r["batch_size"]) for r in mine})
+        ratios = {b: [f"{bench.number(r['decode_ratio']):.2f}x" for r in mine if int(r["batch_size"]) == b] for b in sizes}
+        text = (f"**{mode.capitalize()} against the resident model, same run**: "
+                + ", ".join(f"batch {b} {' and '.join(ratios[b])}" for b in sizes))
+        loads = {r["loads"] for r in mine}
+        steps = {b: [bench.number(r["decode_ms_per_tok"]) for r in mine if int(r["batch_size"]) == b] for b in sizes}
+        if len(sizes) > 1:
+            text += (f"; a step grows from {min(steps[sizes[0]]):.0f} ms (batch {sizes[0]}) to "
+                     f"{min(steps[sizes[-1]]):.0f}-{max(steps[sizes[-1]]):.0f} ms (batch {sizes[-1]})"
+                     if len(steps[sizes[-1]]) > 1 else
+                     f"; a step grows from {min(steps[sizes[0]]):.0f} ms (batch {sizes[0]}) to "
+                     f"{steps[sizes[-1]][0]:.0f} ms (batch {sizes[-1]})")
+            if len(loads) == 1:
+                text += f", while the layer reads stay the same ({loads.pop()} per run at every batch size)"
+        out.append(text + ".")
+    return out
+
+
+def profile_answers(results: Path) -> list[str]:
+    rows = bench.read_rows(results / "profile.csv")
+    if not rows:
+        return []
+    out, resident_ms = [], {}
+    for run_id in dict.fromkeys(r["run_id"] for r in rows):
+        run = [r for r in rows if r["run_id"] == run_id]
+        modes = list(dict.fromkeys(r["mode"] for r in run))
+        if len(modes) < 2:
+            continue
+        ms = {(r["mode"], r["op"]): bench.number(r["self_ms_per_step"]) for r in run}
+        step = {r["mode"]: bench.number(r["step_ms"]) for r in run}
+        diff = max(abs((ms.get((modes[-1], op)) or 0) - (ms.get((modes[0], op)) or 0)) for op in {r["op"] for r in run})
+        out.append(f"Batch {run[0]['batch_size']}: a {modes[-1]} step's ops take {step[modes[-1]]:.0f} ms of CPU against "
+                   f"{step[modes[0]]:.0f} ms {modes[0]}, and no op differs by more than {diff:.0f} ms.")
+        resident_ms[int(run[0]["batch_size"])] = {op: v for (mode, op), v in ms.items() if mode == modes[0]}
+    if len(resident_ms) > 1:
+        lo, hi = min(resident_ms), max(resident_ms)
+        common = set(resident_ms[lo]) & set(resident_ms[hi])
+        if common:
+            op = max(common, key=lambda o: resident_ms[hi][o] - resident_ms[lo][o])
+            out.append(f"What grows most with the batch, resident: `{op}` ({resident_ms[lo][op]:.0f} -> "
+                       f"{resident_ms[hi][op]:.0f} ms per step from batch {lo} to {hi}).")
+    return out
