@@ -4,20 +4,24 @@
 # Every variant row times the unpatched model in the same process, interleaved, so its
 # ratios do not depend on other rows.
 #
-# On a 2-core CPU without AVX512-BF16, bitsandbytes computes NF4 by dequantising every
-# weight to bf16 for every forward (no fused kernel): Qwen2.5-Coder-1.5B decodes at about
-# 0.6 tok/s and one 512-token perplexity window takes about 1.5 minutes. Hence the short
-# decodes (--max-new-tokens 16) and perplexity (8,192 tokens, ~24 min) only where it is
-# the point of the row; alpha = 1 equality is shown for every format by check_exact.py.
+# bitsandbytes computes NF4 on a CPU in one of two ways (README "NF4 on the two CPU kinds"):
+# with AVX512-BF16 through a fused kernel, without it by dequantising every weight for every
+# forward, several times slower. The rows' cpu_isa column says which ran. The script defaults
+# are the quick main job (32 new tokens, 2,048 perplexity tokens); the headline rows use the
+# full protocol, spelled out below (FULL: 64 new tokens, 8,192 wiki tokens of perplexity).
 set -euo pipefail
 cd "$(dirname "$0")"
+FULL="--max-new-tokens 64 --ppl-max-tokens 8192"
 QWEN="--max-new-tokens 16"
 NO_PPL="--ppl-max-tokens 0"
 
+# --- The quick start's output (README), captured with the runtime the user waits ------------
+TIMEFORMAT='runtime: %R s'; { time python run_kvcache.py 2>/dev/null; } 2>&1 | tee results/quickstart.txt
+
 # --- Qwen2.5-Coder-1.5B (the reference architecture; even layers 2..24 = 12 of 28) ---------
 M=qwen2.5-coder-1.5b
-python run_baseline.py --model $M $QWEN                              # PPL on 8,192 wiki tokens
-OFFLOAD_SKIP_CACHE=$(mktemp -d) python run_kvcache.py --model $M $QWEN $NO_PPL   # a first run: fetch + conversion included
+python run_baseline.py --model $M $QWEN --ppl-max-tokens 8192
+python run_kvcache.py --model $M $QWEN $NO_PPL
 python run_diskoffload.py --model $M $QWEN --prefetch 0 $NO_PPL
 python run_diskoffload.py --model $M --max-new-tokens 8 --prefetch 1 $NO_PPL
 python run_baseline.py --model $M $QWEN --quant bf16 $NO_PPL         # NF4 vs bf16 decode on this CPU
@@ -25,20 +29,20 @@ python check_exact.py --model $M --window-tokens 256 --greedy-tokens 16
 
 # --- Qwen2.5-Coder-0.5B (even layers 2..20 = 10 of 24) --------------------------------------
 M=qwen2.5-coder-0.5b
-python run_kvcache.py --model $M                                     # the main job, defaults
-python run_baseline.py --model $M $QWEN
-python run_diskoffload.py --model $M $QWEN --prefetch 0
+python run_kvcache.py --model $M $FULL
+python run_baseline.py --model $M $QWEN --ppl-max-tokens 8192
+python run_diskoffload.py --model $M $QWEN --prefetch 0 --ppl-max-tokens 8192
 python run_diskoffload.py --model $M $QWEN --prefetch 2 $NO_PPL
 python check_exact.py --model $M --greedy-tokens 32
 
 # --- SmolLM2-135M (Llama; even layers 2..26 = 13 of 30) --------------------------------------
-python run_baseline.py
-python run_kvcache.py
-python run_diskoffload.py
-# python check_exact.py    # SmolLM2's exactness rows: not re-run on this machine yet (shown before on an AVX512 EPYC)
+python run_baseline.py $FULL
+python run_kvcache.py $FULL
+python run_diskoffload.py $FULL
+python check_exact.py
 
-# Not run yet on this machine (no time left in the session that made these rows):
-#   python eval_ppl.py --model qwen2.5-coder-1.5b --variant diskoffload     # ~24 min here
+# Not run yet (each session had other work for its time):
+#   python eval_ppl.py --model qwen2.5-coder-1.5b --variant diskoffload --ppl-max-tokens 8192
 #   python run_kvcache.py --model qwen2.5-coder-1.5b --quant bf16 $QWEN $NO_PPL   # pairs without
 #   python run_diskoffload.py --model qwen2.5-coder-1.5b --quant bf16 $QWEN --prefetch 0 $NO_PPL   # NF4 dequantisation
 # alpha = 1 equality of the 1.5B's logits is shown by check_exact.py above.

@@ -148,7 +148,8 @@ def build_parser(variant: str | None = None, description: str | None = None,
         help="converted embedded models go to <cache-dir>/hf, offloaded layer files to <cache-dir>/layers")
     if variant is not None:
         add("--prompt", default=DEFAULT_PROMPT, help="prompt for the timed greedy decoding")
-        add("--max-new-tokens", type=_int_at_least(1), default=64, help="tokens decoded per timed run")
+        add("--max-new-tokens", type=_int_at_least(1), default=32,
+            help="tokens decoded per timed run (the headline rows: 64, reproduce.sh)")
         add("--batch-size", type=_int_at_least(1), default=1,
             help="sequences decoded together (--prompt and built-in prompts of other lengths, padded left); "
                  "tok/s then counts the tokens of every sequence")
@@ -161,8 +162,8 @@ def build_parser(variant: str | None = None, description: str | None = None,
     add("--ppl-stride", type=_int_at_least(1), default=None,
         help="tokens the window moves by (default: = ctx, non-overlapping); "
              "with overlap only the new tokens are scored")
-    add("--ppl-max-tokens", type=_int_at_least(0), default=8192,
-        help="score the first N tokens of the corpus; 0 skips perplexity")
+    add("--ppl-max-tokens", type=_int_at_least(0), default=2048,
+        help="score the first N tokens of the corpus; 0 skips perplexity (the headline rows: 8192, reproduce.sh)")
     if variant in (None, "diskoffload"):
         stream = parser.add_argument_group("stream residency (diskoffload)")
         stream.add_argument("--prefetch", type=_prefetch_arg, default="auto", metavar="N|auto",

@@ -37,8 +37,8 @@ def test_every_flag_has_help():
 def test_defaults(tmp_path):
     args = _parse(["--out", str(tmp_path / "x.csv")])
     assert (args.model, args.quant, args.layers, args.alpha) == ("smollm2-135m", "nf4", "even", 1.0)
-    assert (args.max_new_tokens, args.warmup, args.repeats, args.seed) == (64, 1, 3, 0)
-    assert (args.ppl_ctx, args.ppl_stride, args.ppl_max_tokens) == (512, 512, 8192)
+    assert (args.max_new_tokens, args.warmup, args.repeats, args.seed) == (32, 1, 3, 0)
+    assert (args.ppl_ctx, args.ppl_stride, args.ppl_max_tokens) == (512, 512, 2048)
     assert args.ppl_dataset == "wiki-embedded"  # embedded alias: the offline corpus
     assert args.device == ("cuda" if torch.cuda.is_available() else "cpu")
     assert args.cache_dir == bench.default_cache_dir()
