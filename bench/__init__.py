@@ -2,8 +2,12 @@
 
 Every script gets its models, corpora and measurements from here, so they are obtained
 the same way everywhere. Layering: offload_skip.py (core) <- bench <- eval_ppl.py,
-run_*.py, check_exact.py <- report.py. One module per concern, each importing only the
-ones above it in this list:
+run_*.py, check_exact.py <- report.py. One module per concern, in layers, lowest first; a
+module imports only the modules before it, not even a type checker's import of a later one
+(tests/test_bench_imports.py checks it):
+
+    base < hostmem < fetch < layer_loading < models < corpus < workload < results < cli
+    < experiment < measure < rows < importance
 
 - base: the one-line ``UsageError``, repo and cache locations
 - hostmem: the process's anonymous resident memory and its sampled peak
@@ -11,22 +15,25 @@ ones above it in this list:
 - layer_loading: loading with the offloaded layers left in the checkpoint, made real one at a time
 - models: embedded aliases and GGUF conversion, loading in a weight format
 - corpus: perplexity corpora
-- results: the CSV row (``Result``), CSV files, the printed summary
+- workload: the variants and their residency modes, the prompts decoded
+- results: the CSV row (``Result``) and its columns, CSV files, the printed summary, the environment
 - cli: the shared command line
 - experiment: one invocation (``Run``, ``open_run``) and the variant's residency (``patch``)
 - measure: the decode loop, timers, memory
+- rows: a run's ``Result`` (``make_result``), appended and summarised (``finish``)
 - importance: Block Influence, rank correlation, the planner's skip orders
 
 The names below are the harness's public surface; scripts use them as ``bench.<name>``.
 """
 from .base import REPO_DIR, RESULTS_DIR, UsageError, default_cache_dir, first_line
-from .cli import (BATCH_PROMPTS, CPU_DEFAULT_PREFETCH, CUDA_DEFAULT_PREFETCH, DEFAULT_PROMPT, SIZE_HELP, build_parser,
-                  default_ppl_dataset, finish_args, main, new_parser, parse_size)
+from .cli import (CPU_DEFAULT_PREFETCH, CUDA_DEFAULT_PREFETCH, SIZE_HELP, build_parser, default_ppl_dataset, finish_args,
+                  main, new_parser, parse_size)
 from .corpus import CORPORA, SHORT_TEXTS, load_corpus, parse_wiki_docs
 from .experiment import Run, inference, open_run, patch, prompt_batch, select
 from .measure import (DecodeTiming, Memory, Speed, cold_read_bytes_s, decode, generate, measure_memory, measure_speed,
                       measure_unpatched, synchronize, unpatched_fits, weight_bytes)
 from .models import DEFAULT_MODEL, EMBEDDED_GGUFS, EMBEDDED_MODELS, QUANTS, load_model, model_kind, resolve_model
-from .results import (COLUMNS, ENVIRONMENT_FIELDS, FIELDS, Result, append_row, csv_row, check_csv, cpu_name, device_name, environment, finish,
-                      git_commit, latest_baseline, make_result, number, read_rows, summary, BUSY_OTHER_CPU_SHARE,
-                      VARIANT_MODES, VARIANTS)
+from .results import (BUSY_OTHER_CPU_SHARE, COLUMNS, ENVIRONMENT_FIELDS, FIELDS, Result, append_row, check_csv, cpu_name,
+                      csv_row, device_name, environment, git_commit, latest_baseline, number, read_rows, summary)
+from .rows import finish, make_result
+from .workload import BATCH_PROMPTS, DEFAULT_PROMPT, VARIANT_MODES, VARIANTS

@@ -14,28 +14,9 @@ import offload_skip
 
 from .base import RESULTS_DIR, UsageError, default_cache_dir, first_line
 from .models import DEFAULT_MODEL, EMBEDDED_MODELS, HEAD_QUANTS, QUANTS, model_kind
-from .results import VARIANTS, check_csv
+from .results import check_csv
+from .workload import DEFAULT_PROMPT, VARIANTS
 
-DEFAULT_PROMPT = "The history of the printing press in Europe began when"
-# --batch-size N takes the first N (cycling): --prompt, then these; unequal lengths, so the
-# batch is really left-padded.
-BATCH_PROMPTS = (
-    "Photosynthesis converts light into",
-    "The first steam locomotive",
-    "In mathematics, a prime number is a natural number greater than one that",
-    "The river flows",
-    "Early computers filled entire rooms and were programmed by",
-    "Mount Everest",
-    "The Roman Empire was divided into an eastern and a western half after",
-    "Bees communicate the location of flowers by",
-    "A violin has four strings tuned in",
-    "The periodic table arranges the chemical elements by",
-    "Glaciers form where",
-    "The printing of banknotes requires special paper and inks because",
-    "Octopuses have three hearts and",
-    "The speed of sound in air depends mainly on",
-    "Ancient libraries stored texts on",
-)
 CUDA_DEFAULT_PREFETCH = 2
 # Layers read ahead by the stream reader on CPU: none. Measured on the 2-core machine in
 # results/diskoffload.csv: when a layer reads from the page cache in ~0.15 ms, a reader

@@ -15,11 +15,10 @@ import torch
 import offload_skip
 
 from .base import UsageError, first_line
-from .cli import BATCH_PROMPTS, DEFAULT_PROMPT
 from .corpus import load_corpus
 from .hostmem import AnonPeak
 from .models import DEFAULT_MODEL, embeddings_tied, load_model, model_kind, quantize_head, resolve_model
-from .results import VARIANT_MODES
+from .workload import BATCH_PROMPTS, DEFAULT_PROMPT, VARIANT_MODES
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The result row: one frozen dataclass per CSV row (config + metrics + environment), its
-column documentation, the CSV files, and the summary a script prints."""
+column documentation, the CSV files, and the summary a script prints. Nothing here knows a
+run: bench.rows fills a Result from one."""
 from __future__ import annotations
 
 import contextlib
@@ -12,20 +13,10 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from .base import REPO_DIR, UsageError
-
-if TYPE_CHECKING:  # make_result reads these; importing them for real would import upward
-    from .experiment import Run
-    from .measure import Memory, Speed
-
-VARIANTS = ("baseline", "kvcache", "diskoffload")
-# How each variant keeps the offloaded layers (see offload_skip.patch_model); the
-# baseline is the unpatched model, everything resident.
-VARIANT_MODES = {"baseline": "resident", "kvcache": "session", "diskoffload": "stream"}
 
 # Other work above this share of the machine marks a row busy (README tables leave it out).
 # An idle VM here shows ~0.01; a second benchmark or a test run on 2 cores 0.3-0.5.
@@ -312,106 +303,6 @@ def environment() -> dict:
     }
 
 
-def _ratio(value: float | None, base: float | None) -> float | None:
-    return value / base if value is not None and base else None
-
-
-def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=None,
-                baseline_memory: Memory | None = None, cold_read_bytes_s: float | None = None) -> Result:
-    """The row for a run. ppl: an eval_ppl.Perplexity or None. Peak bytes come from the
-    timed runs, or from the perplexity pass when nothing was timed (eval_ppl.py).
-    baseline_memory: the unpatched model's, measured in this process before patching; the
-    baseline speed comes with `speed` (measure_speed times both)."""
-    args = run.args
-    patched = ctl is not None
-    stream = patched and ctl.mode == "stream"
-    stats = speed.stats if speed is not None else {}
-    if not patched:
-        peak = memory.standby_bytes  # nothing moves: the resident weights are the peak
-    elif speed is not None:
-        peak = speed.peak_bytes
-    else:
-        peak = getattr(ppl, "peak_bytes", None)
-    loads = stats.get("loads")
-    timed = speed is not None
-    base = speed.baseline if timed else None
-    cpu = speed.cpu if timed else None
-    return Result(
-        variant=run.variant,
-        model=run.info["model"],
-        quant=run.info["quant"],
-        quant_head=getattr(args, "quant_head", "none"),
-        device=run.device.type,
-        device_name=device_name(run.device),
-        layers=args.layers if patched else "",
-        layers_offloaded=" ".join(map(str, run.layers)) if patched else "",
-        n_layers=run.info["n_layers"],
-        alpha=args.alpha if patched else None,
-        skipped_layers=" ".join(map(str, ctl.skipped_layers)) if patched else "",
-        inject_distance=ctl.inject_distance if patched else None,
-        embedding_residency=ctl.embedding_residency if patched else "resident",
-        tied_embeddings=run.info.get("tied_embeddings"),
-        mode=VARIANT_MODES[run.variant],
-        prefetch=ctl.prefetch if stream else None,
-        budget_bytes=args.budget if stream else None,
-        io_bandwidth=args.io_bandwidth if stream else None,
-        cold_reads=bool(args.cold) if stream else None,
-        cold_read_bytes_s=cold_read_bytes_s,
-        kv_cache=bool(args.kv_cache) if timed else None,
-        max_new_tokens=args.max_new_tokens if timed else None,
-        batch_size=run.input_ids.shape[0] if timed else None,
-        prompt_tokens=run.input_ids.shape[1] if timed else None,
-        warmup=args.warmup if timed else None,
-        repeats=args.repeats if timed else None,
-        seed=args.seed,
-        command=getattr(args, "command", ""),
-        run_id=run.run_id,
-        standby_bytes=memory.standby_bytes,
-        peak_bytes=peak,
-        embedding_bytes=memory.parts.get("embedding_bytes"),
-        head_bytes=memory.parts.get("head_bytes"),
-        resident_layers_bytes=memory.parts.get("resident_layers_bytes"),
-        other_bytes=memory.parts.get("other_bytes"),
-        offloaded_buffer_bytes=peak - memory.standby_bytes if peak is not None else None,
-        load_peak_bytes=run.info.get("load_peak_bytes"),
-        load_peak_host_bytes=run.info.get("load_peak_host_bytes"),
-        rss_bytes=memory.rss_bytes,
-        cuda_allocated_bytes=memory.cuda_allocated_bytes,
-        cuda_max_allocated_bytes=speed.cuda_max_allocated_bytes if timed else None,
-        cuda_reserved_bytes=memory.cuda_reserved_bytes,
-        cuda_max_reserved_bytes=speed.cuda_max_reserved_bytes if timed else None,
-        baseline_standby_bytes=getattr(baseline_memory, "standby_bytes", None),
-        baseline_rss_bytes=getattr(baseline_memory, "rss_bytes", None),
-        read_bytes_per_token=ctl.read_bytes_per_forward() if patched else None,
-        ppl=getattr(ppl, "ppl", None),
-        ppl_dataset=getattr(ppl, "dataset", None),
-        ppl_ctx=getattr(ppl, "ctx", None),
-        ppl_stride=getattr(ppl, "stride", None),
-        ppl_tokens=getattr(ppl, "n_tokens", None),
-        prefill_s=speed.prefill_s if timed else None,
-        decode_tok_s=speed.decode_tok_s if timed else None,
-        decode_ms_per_tok=speed.decode_ms_per_tok if timed else None,
-        generate_tok_s=speed.generate_tok_s if timed else None,
-        baseline_decode_tok_s=getattr(base, "decode_tok_s", None),
-        baseline_generate_tok_s=getattr(base, "generate_tok_s", None),
-        decode_ratio=_ratio(speed.decode_tok_s, base.decode_tok_s) if base else None,
-        generate_ratio=_ratio(speed.generate_tok_s, base.generate_tok_s) if base else None,
-        load_1m_before=getattr(cpu, "load_1m_before", None),
-        load_1m_after=getattr(cpu, "load_1m_after", None),
-        other_cpu_share=getattr(cpu, "other_cpu_share", None),
-        busy=getattr(cpu, "busy", None),
-        load_s=run.info["load_s"],
-        loads=loads,
-        loaded_bytes=stats.get("loaded_bytes"),
-        layer_load_s=stats.get("load_s"),
-        per_layer_load_ms=1000 * stats["load_s"] / loads if loads else None,
-        wait_s=stats.get("wait_s"),
-        forward_s=stats.get("forward_s"),
-        overlap=stats.get("overlap"),
-        **environment(),
-    )
-
-
 def _cell(value) -> str:
     if value is None:
         return ""
@@ -572,15 +463,6 @@ def summary(row: Result, baseline: dict | None = None) -> str:
 def _tok_s(value: float) -> str:
     # three significant digits: 0.934, 4.49, 30.6, 410 (one decimal would print 0.9 for 0.934)
     return f"{value:#.3g}".rstrip(".") if value < 1000 else f"{value:.0f}"
-
-
-def finish(run: Run, row: Result) -> Result:
-    """Append the row to --out and print the summary (perplexity against a comparable baseline row)."""
-    path = append_row(run.args.out, row)
-    print(summary(row, latest_baseline(run.args.baseline_csv, row)))
-    print(f"  row appended to {path}")
-    print(f"  {process_age_s():.0f} s since this process started (imports, any first-run fetch, loading, measuring)")
-    return row
 
 
 def process_age_s() -> float:
