@@ -90,6 +90,14 @@ def make_model(kind: str, tmp_path):
     return tiny_model(arch, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
 
 
+@pytest.fixture(autouse=True)
+def hub_offline(monkeypatch):
+    """No test asks the Hugging Face hub anything, not even whether it is reachable: a hub id
+    resolves from the local hub cache or fails at once (tests that need otherwise say so)."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 @pytest.fixture
 def prompt_ids():
     torch.manual_seed(1)

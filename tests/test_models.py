@@ -47,7 +47,9 @@ def test_unknown_model_lists_aliases(tmp_path):
 
 
 def test_resolve_local_dir_and_hub_id_pass_through(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "hub_unreachable", lambda endpoint: None)  # no test touches the network
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "hub_unreachable", lambda endpoint: None)  # a hub that answers, faked
     cache_dir = tmp_path / "cache"
     assert bench.resolve_model(str(tmp_path), cache_dir) == (str(tmp_path), str(tmp_path))
     assert bench.resolve_model("HuggingFaceTB/SmolLM2-135M", cache_dir) == (

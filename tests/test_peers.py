@@ -19,7 +19,7 @@ def test_device_map_sends_the_offloaded_layers_to_disk():
     (["--peers", "flexgen"], "--peers: unknown flexgen; choose from accelerate-disk, accelerate-cpu, airllm"),
     (["--quant", "nf4", "--peers", "accelerate-disk"], "accelerate cannot offload bitsandbytes 4-bit modules"),
     (["--no-kv-cache"], "--no-kv-cache: the peers are compared with the KV cache on"),
-    (["--model", "org/none", "--peers", "none"], "could not load model 'org/none'"),
+    (["--model", "org/none", "--peers", "none"], "model 'org/none' is not in the local Hugging Face cache"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
