@@ -389,7 +389,10 @@ def summary(row: Result, baseline: dict | None = None) -> str:
     """A few human lines: the row's numbers; memory as % and speed as a ratio of the row's own
     same-run baseline; perplexity against a comparable `baseline` row (latest_baseline) if it
     scored the same tokens."""
-    config = f"{row.model} {row.quant} on {row.device}"
+    machine = row.device_name.removeprefix("CPU: ") if row.device_name else ""
+    if row.device == "cpu" and row.cpu_isa:
+        machine += f", {row.cpu_isa}"  # which NF4 path bitsandbytes took, and so which speeds to expect
+    config = f"{row.model} {row.quant} on {row.device}" + (f" ({machine})" if machine else "")
     if row.layers_offloaded:
         n = len(row.layers_offloaded.split())
         config += f", {n} of {row.n_layers} layers offloaded ({row.layers})"

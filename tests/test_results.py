@@ -99,7 +99,7 @@ def test_summary_ratios_come_from_the_same_run(tmp_path):
     baseline = bench.latest_baseline(path, variant)
     assert baseline["model"] == "m"
     text = bench.summary(variant, baseline)
-    assert text.startswith("kvcache: m fp32 on cpu, 2 of 8 layers offloaded (even), alpha 1")
+    assert text.startswith("kvcache: m fp32 on cpu (x, avx2), 2 of 8 layers offloaded (even), alpha 1")
     assert "standby weights     0.0 MB  (75.0% of the unpatched model's standby weights, 0.0 MB)" in text
     assert "decode            45.0 tok/s  (0.900x the unpatched model's 50.0 tok/s, same run)" in text
     assert "(baseline row on this kind of machine: 12.5)" in text
