@@ -56,8 +56,10 @@ def test_nf4_against_bf16_and_the_spread_of_paired_ratios(tmp_path):
     bench.append_row(tmp_path / "baseline.csv", _row(**common, quant="bf16", decode_tok_s=4.0))
     bench.append_row(tmp_path / "baseline.csv", _row(**common, quant="nf4", decode_tok_s=0.5))
     bench.append_row(tmp_path / "kvcache.csv", _variant(**common, quant="nf4", decode_ratio=0.9))
-    bench.append_row(tmp_path / "diskoffload.csv", _variant(**common, quant="nf4", variant="diskoffload", decode_ratio=1.2))
+    bench.append_row(tmp_path / "kvcache.csv", _variant(**common, quant="nf4", decode_ratio=1.05))
+    bench.append_row(tmp_path / "diskoffload.csv", _variant(**common, quant="nf4", variant="diskoffload", decode_ratio=0.7))
     rows = runs.load_rows(tmp_path)
     assert runs.nf4_cpu_answers(rows) == [
         "CPU: A (avx2), m unpatched: bf16 decodes 4.00 tok/s, NF4 0.50 tok/s (8.0x slower in NF4)."]
-    assert "spread from 0.90x to 1.20x" in runs.lead_answers(rows, tmp_path)[-1]
+    # the noise band: the session rows only; the stream's 0.70x is a cost, outside it
+    assert "spread from 0.90x to 1.05x: that is the noise of one ratio" in runs.lead_answers(rows, tmp_path)[-1]
