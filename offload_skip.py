@@ -1008,8 +1008,9 @@ class LayerMaps:
     def _check(self, i: int, mapping: mmap.mmap) -> None:
         size, expected = mapping.size(), self.store.layouts[i].file_bytes  # size(): fstat of the mapped inode
         if size != expected:
-            raise _bad_file(self.store.path(i), f"truncated layer file ({size} bytes, expected {expected}) "
-                                                "while mapped")
+            problem = "truncated" if size < expected else "overlong"
+            raise _bad_file(self.store.path(i), f"{problem} layer file ({size} bytes, expected {expected}) "
+                                                "under its mapping")
 
     def _unmap(self, i: int, mapping: mmap.mmap) -> None:
         try:

@@ -64,8 +64,24 @@ def test_stream_flags(tmp_path):
     args = _parse(["--device", "cpu", "--out", str(tmp_path / "d.csv")], "diskoffload")
     assert (args.prefetch, args.budget, args.io_bandwidth, args.kv_cache) == (bench.CPU_DEFAULT_PREFETCH, 0, None, True)
     args = _parse(["--device", "cpu", "--prefetch", "3", "--budget", "8Mi", "--io-bandwidth", "600M",
-                   "--no-kv-cache", "--out", str(tmp_path / "d.csv")], "diskoffload")
+                   "--no-kv-cache", "--cpu-read", "copy", "--out", str(tmp_path / "d.csv")], "diskoffload")
     assert (args.prefetch, args.budget, args.io_bandwidth, args.kv_cache) == (3, 8 * 2**20, 600_000_000, False)
+
+
+@pytest.mark.parametrize("variant, argv, cpu_read", [
+    ("kvcache", [], "map"), ("diskoffload", [], "map"), (None, [], "map"),  # eval_ppl patches too
+    ("kvcache", ["--cpu-read", "copy"], "copy"), ("diskoffload", ["--cpu-read", "map"], "map"),
+    ("baseline", [], None),  # nothing patched: no flag
+])
+def test_cpu_read_flag(variant, argv, cpu_read, tmp_path):
+    assert _parse([*argv, "--out", str(tmp_path / "x.csv")], variant).cpu_read == cpu_read
+
+
+def test_throttled_reads_need_the_copy_path_on_a_cpu(tmp_path):
+    argv = ["--device", "cpu", "--io-bandwidth", "600M", "--out", str(tmp_path / "d.csv")]
+    with pytest.raises(bench.UsageError, match="--io-bandwidth throttles layer reads.*add --cpu-read copy"):
+        _parse(argv, "diskoffload")
+    assert _parse([*argv, "--cpu-read", "copy"], "diskoffload").io_bandwidth == 600_000_000
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -74,6 +90,7 @@ def test_stream_flags(tmp_path):
     (["--prefetch", "-1"], "argument --prefetch: -1 is too small"),
     (["--repeats", "0"], "argument --repeats: 0 is too small"),
     (["--quant", "int3"], "argument --quant: invalid choice: 'int3'"),
+    (["--cpu-read", "mmap"], "argument --cpu-read: invalid choice: 'mmap'"),
 ])
 def test_parser_errors_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
