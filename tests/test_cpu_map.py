@@ -16,7 +16,7 @@ import offload_skip as osk
 from offload_skip import CacheError, patch_model
 
 KINDS = [f"{arch}-{dtype}" for arch in ARCHS for dtype in ("fp32", "bf16")] + list(NF4_KINDS)
-LAYERS = [2, 4, 5]  # a single one and a parallel run
+LAYERS = [2, 4, 6]  # none adjacent: alpha = 1 is the original model, bit for bit
 # (mode, prefetch, how many of LAYERS the budget keeps mapped until standby)
 CONFIGS = [("session", 0, 0), ("stream", 0, 0), ("stream", 1, 0), ("stream", 1, 1)]
 linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self (Linux)")
@@ -215,7 +215,7 @@ def test_a_view_held_elsewhere_keeps_its_mapping_until_it_goes(tmp_path, prompt_
                                                    f"file {ctl.store.path(4)}")):
         ctl.standby()
     mappings = dict(made)
-    assert _closed(mappings[2]) and _closed(mappings[5])
+    assert _closed(mappings[2]) and _closed(mappings[6])
     assert mappings[4]() is not None and not mappings[4]().closed
     assert torch.equal(weight, expected)  # still readable: still mapped
     del weight
@@ -255,7 +255,7 @@ def test_a_file_that_grew_under_its_mapping_is_named(tmp_path, prompt_ids):
     model = make_model("llama-fp32", tmp_path)
     ctl = _patch(model, tmp_path, mode="session")
     _logits(model, prompt_ids)
-    path = ctl.store.path(5)
+    path = ctl.store.path(6)
     with open(path, "ab") as f:
         f.write(b"\0" * 10)
     with pytest.raises(CacheError, match=rf"{re.escape(str(path))}: overlong layer file \(\d+ bytes, expected "
