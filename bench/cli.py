@@ -99,7 +99,8 @@ def build_parser(variant: str | None = None, description: str | None = None,
     variant: the script's variant (``baseline``, ``kvcache``, ``diskoffload``); None for
     eval_ppl.py, which takes ``--variant`` and no decode-timing flags. The stream flags
     (--prefetch, --budget, --io-bandwidth; --no-kv-cache where something is decoded) are
-    defined here once, for the scripts that can run the stream variant.
+    defined here once, for the scripts that can run the stream variant; --cpu-read for every
+    script that patches (session residency reads layers too).
     """
     parser = new_parser(prog, description)
     add = parser.add_argument
@@ -145,6 +146,13 @@ def build_parser(variant: str | None = None, description: str | None = None,
              "with overlap only the new tokens are scored")
     add("--ppl-max-tokens", type=_int_at_least(0), default=2048,
         help="score the first N tokens of the corpus; 0 skips perplexity (the headline rows: 8192, reproduce.sh)")
+    if variant != "baseline":
+        reads = parser.add_argument_group("offloaded layer reads (kvcache, diskoffload)")
+        reads.add_argument("--cpu-read", choices=offload_skip.CPU_READS, default="map",
+                           help="how a CPU brings an offloaded layer in: map (its tensors are views of a private "
+                                "mapping of the layer file: no copy, the pages stay the page cache's) or copy (read "
+                                "into a buffer of the layer's size); ignored on CUDA, which copies through pinned "
+                                "staging")
     if variant in (None, "diskoffload"):
         stream = parser.add_argument_group("stream residency (diskoffload)")
         stream.add_argument("--prefetch", type=_prefetch_arg, default="auto", metavar="N|auto",
@@ -157,7 +165,8 @@ def build_parser(variant: str | None = None, description: str | None = None,
                                  "so reads come from the storage device")
         stream.add_argument("--io-bandwidth", type=_rate_arg, default=None, metavar="RATE",
                             help=f"throttle layer reads to RATE bytes/s to emulate slower storage, e.g. 600M; "
-                                 f"{SIZE_HELP}; default: unthrottled")
+                                 f"{SIZE_HELP}; default: unthrottled. On a CPU it needs --cpu-read copy "
+                                 "(a mapped layer is not read)")
         if variant is not None:  # perplexity never decodes
             stream.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
                                 help="recompute the whole sequence for every token (the original's slow variant)")
@@ -202,6 +211,11 @@ def finish_args(args: argparse.Namespace, row_type=None) -> argparse.Namespace:
         args.prefetch, args.budget, args.io_bandwidth, args.cold = None, None, None, False
     elif args.prefetch == "auto":
         args.prefetch = CUDA_DEFAULT_PREFETCH if args.device.startswith("cuda") else CPU_DEFAULT_PREFETCH
+    if not hasattr(args, "cpu_read"):  # the baseline patches nothing
+        args.cpu_read = None
+    if args.io_bandwidth and args.cpu_read == "map" and args.device == "cpu" and args.variant == "diskoffload":
+        raise UsageError("--io-bandwidth throttles layer reads, and with --cpu-read map (the default) a CPU maps "
+                         "the layer files instead of reading them: add --cpu-read copy")
     if args.out is None:
         args.out = RESULTS_DIR / ("ppl.csv" if args.script_variant is None else f"{args.variant}.csv")
     if args.baseline_csv is None:

@@ -120,7 +120,8 @@ def prompt_batch(tokenizer, prompt: str, batch_size: int = 1) -> tuple[torch.Ten
 
 def patch(run: Run):
     """Apply the run's variant to its model in place: None for the baseline, else the
-    offload_skip controller (session residency for kvcache, stream for diskoffload). Updates
+    offload_skip controller (session residency for kvcache, stream for diskoffload), its
+    layers mapped or copied on a CPU as --cpu-read says. Updates
     ``run.info["load_peak_bytes"]`` (open_run's) to include patching."""
     mode = VARIANT_MODES[run.variant]
     if mode == "resident":
@@ -137,7 +138,8 @@ def patch(run: Run):
         ctl = offload_skip.patch_model(run.model, run.layers, layers_dir(args), alpha=alpha,
                                        mode=mode, inject_distance=args.inject_distance,
                                        offload_embeddings=getattr(args, "offload_embeddings", False),
-                                       store=run.info["store"], **stream)
+                                       store=run.info["store"], cpu_read=getattr(args, "cpu_read", None) or "map",
+                                       **stream)
     except ValueError as err:  # e.g. a pattern that names tied tensors
         raise UsageError(str(err)) from None
     # the larger of loading's peak (open_run's) and patching's; on CPU storing's peak is in ctl's

@@ -1,5 +1,6 @@
 """The process's anonymous resident memory (host RAM its own allocations hold), and its peak
-over a block of code, sampled: a measured counterpart to the counted weight bytes.
+over a block of code, sampled: a measured counterpart to the counted weight bytes; and the
+resident set split into anonymous and file-backed pages.
 
 Anonymous = resident minus file-backed pages (/proc/self/statm: resident - shared), so a
 checkpoint read through mmap, whose pages the kernel may drop at will, is not counted; what
@@ -12,6 +13,7 @@ import threading
 from pathlib import Path
 
 _STATM = Path("/proc/self/statm")
+_STATUS = Path("/proc/self/status")
 SAMPLE_INTERVAL_S = 0.002
 
 
@@ -22,6 +24,24 @@ def anon_rss_bytes() -> int | None:
     except OSError:
         return None
     return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_split_bytes() -> tuple[int | None, int | None]:
+    """(anonymous, file-backed) resident bytes of this process now: /proc/self/status RssAnon
+    and RssFile (Linux 4.5+). File-backed pages (libraries, mapped layer files) are clean
+    copies of a file the kernel may drop under memory pressure and read again; anonymous
+    ones are not. With RssShmem (shared memory) they make up VmRSS. (None, None) where
+    /proc/self/status or those lines are missing."""
+    try:
+        text = _STATUS.read_text()
+    except OSError:
+        return None, None
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+    def kib(name: str) -> int | None:
+        value = fields.get(name, "").split()
+        return int(value[0]) * 1024 if value else None  # "RssAnon:   123456 kB"
+    return kib("RssAnon"), kib("RssFile")
 
 
 class AnonPeak:

@@ -19,6 +19,7 @@ import offload_skip
 
 from .base import UsageError
 from .experiment import Run, inference
+from .hostmem import rss_split_bytes
 from .results import BUSY_OTHER_CPU_SHARE
 
 
@@ -330,6 +331,9 @@ class Memory:
     # standby_bytes by part (offload_skip.weight_breakdown): embedding_bytes, head_bytes,
     # resident_layers_bytes, other_bytes; they sum to standby_bytes
     parts: dict = field(default_factory=dict)
+    # rss_bytes by kind of page (hostmem.rss_split_bytes), read just after it; None off Linux
+    rss_anon_bytes: int | None = None
+    rss_file_bytes: int | None = None
 
 
 def weight_bytes(model, ctl, device: torch.device) -> int:
@@ -373,9 +377,10 @@ def measure_unpatched(run: Run, ctl) -> Memory | None:
 
 
 def measure_memory(run: Run, ctl=None) -> Memory:
-    """The idle state: standby() (the pinned staging released too), freed pages handed back,
-    then weights, process RSS (on CUDA: host memory, the CUDA context's host side) and CUDA
-    allocated / reserved."""
+    """The idle state: standby() (the pinned staging released too, mapped layer files
+    unmapped), freed pages handed back, then weights, process RSS (on CUDA: host memory, the
+    CUDA context's host side) split into anonymous and file-backed pages, and CUDA allocated /
+    reserved."""
     if ctl is not None:
         ctl.standby()
     gc.collect()
@@ -388,9 +393,11 @@ def measure_memory(run: Run, ctl=None) -> Memory:
     except ImportError:
         raise UsageError("measuring RSS needs psutil; run: pip install psutil") from None
     rss = psutil.Process().memory_info().rss
+    rss_anon, rss_file = rss_split_bytes()
     allocated = torch.cuda.memory_allocated(run.device) if cuda else None
     reserved = torch.cuda.memory_reserved(run.device) if cuda else None
     parts = offload_skip.weight_breakdown(run.model, run.device)
-    return Memory(weight_bytes(run.model, ctl, run.device), rss, allocated, parts=parts, cuda_reserved_bytes=reserved)
+    return Memory(weight_bytes(run.model, ctl, run.device), rss, allocated, parts=parts, cuda_reserved_bytes=reserved,
+                  rss_anon_bytes=rss_anon, rss_file_bytes=rss_file)
 
 

@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import datetime
 import importlib.metadata
+import os
 import platform
 import subprocess
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .base import REPO_DIR, UsageError
+from .base import REPO_DIR, UsageError, temp_sibling
 
 # Other work above this share of the machine marks a row busy (README tables leave it out).
 # An idle VM here shows ~0.01; a second benchmark or a test run on 2 cores 0.3-0.5.
@@ -42,6 +43,10 @@ COLUMNS = {
                            "rows from a file); tied (asked, but kept resident: the output head shares the matrix)",
     "tied_embeddings": "True when the checkpoint's output head shares the input embedding's matrix (before --quant-head)",
     "mode": "residency: resident (baseline), session (loaded for each inference), stream (loaded per layer use)",
+    "cpu_read": "patched variants on a CPU, how an offloaded layer came in (--cpu-read): map (its tensors were views "
+                "of a private mapping of the layer file: no copy, the pages the page cache's) or copy (read into a "
+                "buffer of the layer's size); empty for the baseline and on CUDA (copied through pinned staging). "
+                "Rows written before this column (empty after bench.migrate_csv) copied",
     "prefetch": "stream: layers read ahead by the background reader (resolved from auto)",
     "budget_bytes": "stream: bytes of offloaded layers allowed to stay resident",
     "io_bandwidth": "stream: emulated storage bandwidth in bytes/s (empty: unthrottled)",
@@ -83,6 +88,11 @@ COLUMNS = {
     "rss_bytes": "process resident set size while idle, after malloc_trim (CPU: everything, weights included; "
                  "CUDA: host memory and the CUDA context's host side; the pinned staging is released when idle, "
                  "so it shows in neither this nor baseline_rss_bytes)",
+    "rss_anon_bytes": "of rss_bytes: anonymous pages (/proc/self/status RssAnon, read just after it): what the "
+                      "process allocated, weights and layer buffers included; Linux only",
+    "rss_file_bytes": "of rss_bytes: file-backed pages (RssFile): shared libraries and any file still mapped (idle, "
+                      "the layer files are unmapped); clean pages the kernel may drop and read again; Linux only. "
+                      "rss_bytes is about these two plus shared memory (RssShmem)",
     "cuda_allocated_bytes": "CUDA only: torch.cuda.memory_allocated while idle",
     "cuda_max_allocated_bytes": "CUDA only: torch.cuda.max_memory_allocated over the measured runs "
                                 "(weights, activations, KV cache)",
@@ -95,6 +105,8 @@ COLUMNS = {
                               "ctl.unpatched() (every offloaded layer read back and in place; rows before the "
                               "streamed load: before patching)",
     "baseline_rss_bytes": "variants: rss_bytes of the unpatched model, same process, measured likewise",
+    "baseline_rss_anon_bytes": "variants: rss_anon_bytes of the unpatched model, same process, measured likewise "
+                               "(its offloaded layers read into buffers of their own, whatever cpu_read says)",
     "read_bytes_per_token": "bytes of layer files one forward reads in stream residency: the offloaded layers "
                             "not skipped and not kept by --budget (session: the same layers, read once per "
                             "inference); what decode time follows on a GPU; empty for the baseline",
@@ -178,6 +190,7 @@ class Result:
     embedding_residency: str
     tied_embeddings: bool | None
     mode: str
+    cpu_read: str | None
     prefetch: int | None
     budget_bytes: int | None
     io_bandwidth: int | None
@@ -202,12 +215,15 @@ class Result:
     load_peak_bytes: int | None
     load_peak_host_bytes: int | None
     rss_bytes: int | None
+    rss_anon_bytes: int | None
+    rss_file_bytes: int | None
     cuda_allocated_bytes: int | None
     cuda_max_allocated_bytes: int | None
     cuda_reserved_bytes: int | None
     cuda_max_reserved_bytes: int | None
     baseline_standby_bytes: int | None
     baseline_rss_bytes: int | None
+    baseline_rss_anon_bytes: int | None
     read_bytes_per_token: int | None
     ppl: float | None
     ppl_dataset: str | None
@@ -328,8 +344,9 @@ def check_csv(path: Path, row_type: type = Result) -> None:
     if header is not None and tuple(header) != fields:
         extra, missing = sorted(set(header) - set(fields)), sorted(set(fields) - set(header))
         detail = f"extra {extra}, missing {missing}" if extra or missing else "same columns in another order"
+        cure = "; or bring it to these columns with bench.migrate_csv" if not extra else ""
         raise UsageError(f"{path} has other columns than this version's {row_type.__name__} ({detail}); "
-                         "move it away or write to another --out")
+                         f"move it away or write to another --out{cure}")
 
 
 def append_row(path: Path, row) -> Path:
@@ -346,6 +363,51 @@ def append_row(path: Path, row) -> Path:
             writer.writerow(fields)
         writer.writerow([_cell(getattr(row, name)) for name in fields])
     return path
+
+
+def migrate_csv(path: Path, row_type: type = Result) -> bool:
+    """Bring a results CSV written by an earlier version to this version's columns: every
+    missing column added as empty cells, every value kept under its column, the columns in
+    this version's order (so append_row takes the file again). Atomic: the new file is
+    written next to it, then os.replace()d over it. Returns False, leaving the file alone, when
+    it is empty or has these columns already.
+
+    Refused (UsageError naming the file): a column this version does not know (migrating
+    would drop it: a file of another row type, or from a later version), a column named
+    twice, or a row with more cells than the header. E.g. for the Result files under results/:
+    ``for p in Path("results").glob("*.csv"): bench.migrate_csv(p)`` after setting aside the
+    files of other row types (peers, profile, block_influence, exactness)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path} is not a file; nothing to migrate")
+    fields = [f.name for f in dataclasses.fields(row_type)]
+    header = _header(path)
+    if header is None or header == fields:
+        return False
+    unknown = [name for name in header if name not in fields]
+    if unknown:
+        raise UsageError(f"{path}: columns {unknown} are not {row_type.__name__} columns of this version; "
+                         "not migrated (that would drop them)")
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        raise UsageError(f"{path}: columns {twice} appear twice; not migrated")
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))[1:]
+    tmp = temp_sibling(path)
+    try:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(fields)
+            for line, cells in enumerate(rows, start=2):
+                if len(cells) > len(header):
+                    raise UsageError(f"{path}: line {line} has {len(cells)} cells, the header {len(header)} "
+                                     "columns; not migrated")
+                values = dict(zip(header, cells))
+                writer.writerow([values.get(name, "") for name in fields])
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -407,6 +469,8 @@ def summary(row: Result, baseline: dict | None = None) -> str:
         config += "; input embedding kept resident (tied to the output head: nothing saved)"
     if row.quant_head not in (None, "none"):
         config += f"; output head in {row.quant_head.upper()} (approximate)"
+    if row.cpu_read:
+        config += "; layer files mapped, not copied" if row.cpu_read == "map" else "; layers read into buffers"
     if row.mode == "stream":
         bandwidth = "unthrottled" if row.io_bandwidth is None else f"{row.io_bandwidth / 1e6:g} MB/s"
         if row.cold_reads:
@@ -437,6 +501,10 @@ def summary(row: Result, baseline: dict | None = None) -> str:
             ("idle RSS", row.rss_bytes, row.baseline_rss_bytes, "idle RSS")):
         if value is not None:
             lines.append(f"  {label:<15} {_mb(value):>10}" + versus(value, base, what))
+    if row.rss_anon_bytes is not None:
+        lines.append(f"  {'idle RSS parts':<15} anonymous {_mb(row.rss_anon_bytes)}, file-backed "
+                     f"{_mb(row.rss_file_bytes)}" + (f"; unpatched model's anonymous {_mb(row.baseline_rss_anon_bytes)}"
+                                                     if row.baseline_rss_anon_bytes is not None else ""))
     if row.embedding_bytes is not None:
         lines.append(f"  {'standby parts':<15} embedding {_mb(row.embedding_bytes)}, head {_mb(row.head_bytes)}, "
                      f"resident layers {_mb(row.resident_layers_bytes)}, other {_mb(row.other_bytes)}; "

@@ -28,6 +28,13 @@ def _parse(argv, variant="kvcache"):
     return bench.finish_args(bench.build_parser(variant).parse_args(argv))
 
 
+@pytest.fixture
+def any_results_dir(monkeypatch):
+    """For tests of the default --out, which finish_args checks: whatever schema the CSVs under
+    results/ have now (check_csv has tests of its own, and results/ is migrated separately)."""
+    monkeypatch.setattr(bench.cli, "check_csv", lambda *args: None)
+
+
 def test_every_flag_has_help():
     for variant in (None, *bench.VARIANTS):
         for action in bench.build_parser(variant)._actions:
@@ -46,14 +53,14 @@ def test_defaults(tmp_path):
     assert args.prefetch is None and args.kv_cache  # no stream flags outside the stream variant
 
 
-def test_default_out_is_per_variant():
+def test_default_out_is_per_variant(any_results_dir):
     assert _parse([], "baseline").out == bench.RESULTS_DIR / "baseline.csv"
     assert _parse([], "diskoffload").out == bench.RESULTS_DIR / "diskoffload.csv"
     assert _parse(["--variant", "kvcache"], None).out == bench.RESULTS_DIR / "ppl.csv"
     assert _parse([], "baseline").baseline_csv == bench.RESULTS_DIR / "baseline.csv"
 
 
-def test_ppl_dataset_default_follows_the_model(tmp_path):
+def test_ppl_dataset_default_follows_the_model(tmp_path, any_results_dir):
     assert bench.default_ppl_dataset("gemma3-270m") == "wiki-embedded"
     assert bench.default_ppl_dataset(str(tmp_path)) == "wiki-embedded"
     assert bench.default_ppl_dataset("HuggingFaceTB/SmolLM2-135M") == "wikitext2"
@@ -64,8 +71,24 @@ def test_stream_flags(tmp_path):
     args = _parse(["--device", "cpu", "--out", str(tmp_path / "d.csv")], "diskoffload")
     assert (args.prefetch, args.budget, args.io_bandwidth, args.kv_cache) == (bench.CPU_DEFAULT_PREFETCH, 0, None, True)
     args = _parse(["--device", "cpu", "--prefetch", "3", "--budget", "8Mi", "--io-bandwidth", "600M",
-                   "--no-kv-cache", "--out", str(tmp_path / "d.csv")], "diskoffload")
+                   "--no-kv-cache", "--cpu-read", "copy", "--out", str(tmp_path / "d.csv")], "diskoffload")
     assert (args.prefetch, args.budget, args.io_bandwidth, args.kv_cache) == (3, 8 * 2**20, 600_000_000, False)
+
+
+@pytest.mark.parametrize("variant, argv, cpu_read", [
+    ("kvcache", [], "map"), ("diskoffload", [], "map"), (None, [], "map"),  # eval_ppl patches too
+    ("kvcache", ["--cpu-read", "copy"], "copy"), ("diskoffload", ["--cpu-read", "map"], "map"),
+    ("baseline", [], None),  # nothing patched: no flag
+])
+def test_cpu_read_flag(variant, argv, cpu_read, tmp_path):
+    assert _parse([*argv, "--out", str(tmp_path / "x.csv")], variant).cpu_read == cpu_read
+
+
+def test_throttled_reads_need_the_copy_path_on_a_cpu(tmp_path):
+    argv = ["--device", "cpu", "--io-bandwidth", "600M", "--out", str(tmp_path / "d.csv")]
+    with pytest.raises(bench.UsageError, match="--io-bandwidth throttles layer reads.*add --cpu-read copy"):
+        _parse(argv, "diskoffload")
+    assert _parse([*argv, "--cpu-read", "copy"], "diskoffload").io_bandwidth == 600_000_000
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -74,6 +97,7 @@ def test_stream_flags(tmp_path):
     (["--prefetch", "-1"], "argument --prefetch: -1 is too small"),
     (["--repeats", "0"], "argument --repeats: 0 is too small"),
     (["--quant", "int3"], "argument --quant: invalid choice: 'int3'"),
+    (["--cpu-read", "mmap"], "argument --cpu-read: invalid choice: 'mmap'"),
 ])
 def test_parser_errors_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

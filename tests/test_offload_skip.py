@@ -342,8 +342,10 @@ def test_resident_bytes_drop_by_the_offloaded_layers(kind, tmp_path, prompt_ids)
 
 @pytest.mark.parametrize("prefetch", [0, 1, 2, 5])
 def test_stream_peak_counts_its_slots(prefetch, tmp_path, prompt_ids):
+    """The read path's slots (a CPU's mapped layers hold none: tests/test_cpu_map.py)."""
     model = make_model("llama-fp32", tmp_path)
-    ctl = patch_model(model, "2,4,5", tmp_path / "cache", mode="stream", prefetch=prefetch, progress=False)
+    ctl = patch_model(model, "2,4,5", tmp_path / "cache", mode="stream", prefetch=prefetch, cpu_read="copy",
+                      progress=False)
     standby = ctl.resident_bytes()
     _logits(model, prompt_ids)
     stats = ctl.stats()
@@ -361,7 +363,8 @@ def test_stream_peak_counts_its_slots(prefetch, tmp_path, prompt_ids):
 @pytest.mark.parametrize("layers, prefetch, slots", [("2,4", 2, 2), ("2,4", 1, 2), ("2,4", 0, 1), ("4", 3, 1)])
 def test_stream_never_holds_more_slots_than_streamed_layers(layers, prefetch, slots, tmp_path, prompt_ids):
     model = make_model("llama-fp32", tmp_path)
-    ctl = patch_model(model, layers, tmp_path / "cache", mode="stream", prefetch=prefetch, progress=False)
+    ctl = patch_model(model, layers, tmp_path / "cache", mode="stream", prefetch=prefetch, cpu_read="copy",
+                      progress=False)
     logits = _logits(model, prompt_ids)
     assert len(ctl._streamer.slots) == slots
     assert ctl.stats()["peak_resident_bytes"] - ctl._model_bytes == slots * max(ctl.layer_bytes.values())
@@ -388,7 +391,7 @@ def test_stream_is_bit_identical_for_any_prefetch_and_budget(kind, prefetch, bud
 
 def test_reader_error_reaches_the_caller(tmp_path, prompt_ids):
     model = make_model("llama-fp32", tmp_path)
-    ctl = patch_model(model, "2,4,5", tmp_path / "cache", mode="stream", prefetch=2, progress=False)
+    ctl = patch_model(model, "2,4,5", tmp_path / "cache", mode="stream", prefetch=2, cpu_read="copy", progress=False)
     _logits(model, prompt_ids)  # the reader is now ahead, at the next token's layers
     ctl.standby()
     path = ctl._store.path(5)
@@ -448,6 +451,7 @@ def test_tied_tensor_is_refused(tmp_path):
     (dict(layers=[2, 8]), "are not valid indices of a 8-layer model"),
     (dict(layers="every:0"), "every:N"),
     (dict(inject_distance=0), "inject_distance must be a whole number >= 1"),
+    (dict(cpu_read="mmap"), "cpu_read must be 'map' or 'copy'"),
 ])
 def test_patch_model_rejects(kwargs, message, tmp_path):
     model = make_model("llama-fp32", tmp_path)
@@ -604,11 +608,13 @@ def test_cold_reads_drop_the_page_cache_and_return_the_same_bytes(rows, tmp_path
     store.close()
 
 
+@pytest.mark.parametrize("cpu_read", ["map", "copy"])
 @pytest.mark.parametrize("prefetch", [0, 2])
-def test_cold_stream_is_bit_identical(prefetch, tmp_path, prompt_ids):
+def test_cold_stream_is_bit_identical(prefetch, cpu_read, tmp_path, prompt_ids):
     model = make_model("qwen2-bf16", tmp_path)
     logits = _logits(model, prompt_ids)
-    patch_model(model, "even", tmp_path / "cache", mode="stream", prefetch=prefetch, cold=True, progress=False)
+    patch_model(model, "even", tmp_path / "cache", mode="stream", prefetch=prefetch, cold=True, cpu_read=cpu_read,
+                progress=False)
     assert torch.equal(_logits(model, prompt_ids), logits)
 
 
@@ -625,7 +631,8 @@ def test_reads_without_preadv(prefetch, tmp_path, prompt_ids, monkeypatch):
     model = make_model("gemma3-bf16", tmp_path)
     logits = _logits(model, prompt_ids)
     monkeypatch.delattr(os, "preadv")
-    ctl = patch_model(model, "2,4", tmp_path / "cache", mode="stream", prefetch=prefetch, progress=False)
+    ctl = patch_model(model, "2,4", tmp_path / "cache", mode="stream", prefetch=prefetch, cpu_read="copy",
+                      progress=False)
     for _ in range(2):
         assert torch.equal(_logits(model, prompt_ids), logits)
     assert ctl._store._files  # the fallback ran

@@ -1,6 +1,7 @@
 """bench.results: the row dataclass, its CSV files and the printed summary."""
 import csv
 import dataclasses
+import os
 import re
 
 import pytest
@@ -67,6 +68,74 @@ def test_append_row_refuses_another_schema(tmp_path):
     reordered.write_text(",".join(reversed(bench.FIELDS)) + "\n")
     with pytest.raises(bench.UsageError, match="same columns in another order"):
         bench.check_csv(reordered)
+
+
+def test_a_cpu_row_says_how_its_layers_came_in():
+    assert "; layer files mapped, not copied" in bench.summary(_variant(cpu_read="map"))
+    assert "; layers read into buffers" in bench.summary(_variant(cpu_read="copy"))
+    assert "mapped" not in bench.summary(_variant()) and "buffers" not in bench.summary(_variant())
+    text = bench.summary(_variant(rss_bytes=3_000_000, rss_anon_bytes=2_000_000, rss_file_bytes=900_000,
+                                  baseline_rss_anon_bytes=2_500_000))
+    assert "idle RSS parts  anonymous 2.0 MB, file-backed 0.9 MB; unpatched model's anonymous 2.5 MB" in text
+
+
+# --------------------------------------------------------------------------- migrating a results file
+
+def _old_file(path, columns, rows):
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(rows)
+
+
+def test_migrate_csv_adds_the_missing_columns_empty_and_keeps_every_value(tmp_path):
+    new = ("cpu_read", "rss_anon_bytes", "rss_file_bytes", "baseline_rss_anon_bytes")
+    old_columns = [name for name in bench.FIELDS if name not in new]
+    rows = [[f"{name}-{k}" for name in old_columns] for k in range(3)]
+    rows[1][old_columns.index("command")] = 'python run_x.py --prompt "a, b"'  # quoting survives
+    path = tmp_path / "diskoffload.csv"
+    _old_file(path, old_columns, rows)
+    with pytest.raises(bench.UsageError, match="bring it to these columns with bench.migrate_csv"):
+        bench.append_row(path, _row())
+    assert bench.migrate_csv(path) is True
+    migrated = bench.read_rows(path)
+    assert tuple(migrated[0]) == bench.FIELDS and len(migrated) == 3
+    for k, row in enumerate(migrated):
+        assert all(row[name] == "" for name in new)
+        assert [row[name] for name in old_columns] == rows[k]
+    assert migrated[1]["command"] == 'python run_x.py --prompt "a, b"'
+    assert not [p for p in tmp_path.iterdir() if p != path]  # no temporary file left
+    before = path.read_bytes()
+    assert bench.migrate_csv(path) is False and path.read_bytes() == before  # already current: untouched
+    bench.append_row(path, _row())  # the schema check passes now
+    assert len(bench.read_rows(path)) == 4
+
+
+def test_migrate_csv_reorders_and_leaves_empty_files_alone(tmp_path):
+    path = tmp_path / "rows.csv"
+    _old_file(path, ["model", "variant"], [["m", "kvcache"]])
+    assert bench.migrate_csv(path) is True
+    row = bench.read_rows(path)[0]
+    assert (row["variant"], row["model"], row["ppl"]) == ("kvcache", "m", "")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert bench.migrate_csv(empty) is False and empty.read_text() == ""
+    with pytest.raises(bench.UsageError, match="missing.csv is not a file"):
+        bench.migrate_csv(tmp_path / "missing.csv")
+
+
+@pytest.mark.parametrize("columns, rows, message", [
+    (["variant", "model", "tok_s"], [["baseline", "m", "3"]], r"columns \['tok_s'\] are not Result columns"),
+    (["variant", "model", "variant"], [["a", "m", "b"]], r"columns \['variant'\] appear twice"),
+    (["variant", "model"], [["a", "m", "extra"]], "line 2 has 3 cells, the header 2 columns"),
+])
+def test_migrate_csv_refuses_what_it_would_lose(columns, rows, message, tmp_path):
+    path = tmp_path / "other.csv"
+    _old_file(path, columns, rows)
+    before = path.read_bytes()
+    with pytest.raises(bench.UsageError, match=re.escape(str(path)) + ": " + message):
+        bench.migrate_csv(path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["other.csv"]
 
 
 def test_environment_columns():

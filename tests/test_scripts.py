@@ -64,7 +64,7 @@ def results(setup):
         ("kvcache", run_kvcache, ()),
         ("diskoffload", run_diskoffload, ()),
         ("diskoffload", run_diskoffload, ("--no-kv-cache", "--prefetch", "0", "--budget", "1Ki",
-                                          "--io-bandwidth", "500M")),
+                                          "--io-bandwidth", "500M", "--cpu-read", "copy")),
         ("ppl", eval_ppl, ("--variant", "diskoffload", "--ppl-stride", "16")),
     ):
         argv = _argv(setup, out / f"{name}.csv", *extra)
@@ -109,6 +109,17 @@ def test_baseline_row(results):
     assert (row["ppl_ctx"], row["ppl_stride"], row["max_new_tokens"], row["repeats"]) == ("32", "32", "5", "2")
     assert row["ppl_dataset"].endswith("corpus.txt") and row["kv_cache"] == "True"
     assert row["torch"] and row["transformers"] and row["python"] and row["timestamp"]
+    assert row["cpu_read"] == "" and row["baseline_rss_anon_bytes"] == ""  # nothing patched
+
+
+def test_every_row_splits_its_rss(results):
+    """Anonymous and file-backed pages, read just after the RSS: about what it is made of."""
+    for row in (r for rows in results[1].values() for r in rows):
+        anon, file, rss = _n(row["rss_anon_bytes"]), _n(row["rss_file_bytes"]), _n(row["rss_bytes"])
+        assert re.fullmatch(r"\d+", row["rss_anon_bytes"]) and re.fullmatch(r"\d+", row["rss_file_bytes"])
+        assert anon > 0 and file > 0 and anon + file <= 1.1 * rss
+        if row["variant"] != "baseline":
+            assert _n(row["baseline_rss_anon_bytes"]) > 0
 
 
 def test_kvcache_row(results):
@@ -122,7 +133,7 @@ def test_kvcache_row(results):
     assert row["ppl"] == base["ppl"]  # alpha = 1: the same model, bit for bit
     assert _n(row["loads"]) == len(offloaded) and _n(row["loaded_bytes"]) > 0  # per run
     assert _n(row["decode_tok_s"]) > 0 and _n(row["generate_tok_s"]) > 0
-    assert row["prefetch"] == "" and row["budget_bytes"] == ""
+    assert row["prefetch"] == "" and row["budget_bytes"] == "" and row["cpu_read"] == "map"
     # the same-run baseline: the unpatched model of this process, measured inside ctl.unpatched() and timed interleaved
     assert row["baseline_standby_bytes"] == base["standby_bytes"] and _n(row["baseline_rss_bytes"]) > 0
     assert _n(row["decode_ratio"]) == pytest.approx(
@@ -170,6 +181,9 @@ def test_diskoffload_rows(results):
         str(bench.CPU_DEFAULT_PREFETCH), "0", "", "True")
     assert (slow["prefetch"], slow["budget_bytes"], slow["io_bandwidth"], slow["kv_cache"]) == (
         "0", "1024", "500000000", "False")
+    assert (default["cpu_read"], slow["cpu_read"]) == ("map", "copy")
+    assert "layer files mapped, not copied" in printed["diskoffload"][0]
+    assert "layers read into buffers" in printed["diskoffload"][1]
     # peak <= standby + (prefetch + 2) x the largest offloaded layer (issue 4)
     layer_bytes = (_n(base["standby_bytes"]) - _n(default["standby_bytes"])) / 2
     assert _n(default["peak_bytes"]) <= _n(default["standby_bytes"]) + (bench.CPU_DEFAULT_PREFETCH + 2) * layer_bytes * 1.1
@@ -182,6 +196,7 @@ def test_eval_ppl_row(results):
     assert (row["variant"], row["mode"], row["ppl_stride"]) == ("diskoffload", "stream", "16")
     assert 1 < _n(row["ppl"]) < math.inf and _n(row["ppl_tokens"]) == 199  # overlapping: all but the first
     assert row["decode_tok_s"] == row["max_new_tokens"] == row["kv_cache"] == "" and _n(row["peak_bytes"]) > 0
+    assert row["cpu_read"] == "map"
 
 
 def test_nf4_kvcache(setup, tmp_path, capsys):
@@ -246,6 +261,9 @@ def test_ppl_skipped_with_zero_tokens(setup, tmp_path):
     (run_baseline, ["--offload-embeddings"], "--offload-embeddings needs a patched variant (kvcache or diskoffload)"),
     (eval_ppl, ["--offload-embeddings"], "--offload-embeddings needs a patched variant"),
     (run_kvcache, ["--quant-head", "int3"], "argument --quant-head: invalid choice: 'int3'"),
+    (run_diskoffload, ["--cpu-read", "mmap"], "argument --cpu-read: invalid choice: 'mmap' (choose from"),
+    (run_baseline, ["--cpu-read", "copy"], "unrecognized arguments: --cpu-read copy"),
+    (run_diskoffload, ["--io-bandwidth", "500M"], "--io-bandwidth throttles layer reads"),
 ])
 def test_cli_errors(setup, tmp_path, capsys, module, extra, message):
     out = tmp_path / "x.csv"
@@ -392,6 +410,20 @@ def test_report_fills_every_named_section(results, tmp_path):
     assert "Qwen2.5-3B NF4, layers 2..32 even (16 x 39.8 MB" in text
     assert "| model | machine | prefetch | reads | budget MB |" in text
     assert "exactness" not in text.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
+
+
+@pytest.mark.parametrize("module, cpu_read", [(run_kvcache, "copy"), (run_diskoffload, "map"),
+                                              (run_diskoffload, "copy")])
+def test_the_row_says_which_cpu_read_ran(setup, tmp_path, module, cpu_read):
+    out = tmp_path / "rows.csv"
+    extra = ["--cpu-read", cpu_read] + (["--prefetch", "1"] if module is run_diskoffload else [])
+    argv = _argv(setup, out, *extra)
+    argv[argv.index("--ppl-max-tokens") + 1] = "0"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert module.main(argv) == 0
+    row = bench.read_rows(out)[0]
+    assert row["cpu_read"] == cpu_read and _n(row["loads"]) > 0
+    assert row["command"].endswith(" ".join(extra))
 
 
 @pytest.mark.parametrize("module, extra", [
