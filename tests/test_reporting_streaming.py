@@ -31,7 +31,7 @@ def test_batch_block_leaves_busy_rows_out_and_missing_files_name_their_command(t
     bench.append_row(tmp_path / "batch.csv", _row(**common, batch_size=16, decode_tok_s=28.5, repeats=5))
     bench.append_row(tmp_path / "batch.csv", _row(**common, batch_size=4, decode_tok_s=9.0, busy=True))
     text = streaming.sections(tmp_path)
-    assert "| CPU: x (" in text["batch"] and "| m | fp32 | diskoffload | stream p0 | 16 | 28.5 |" in text["batch"]
+    assert "| CPU: x (" in text["batch"] and "| m | fp32 | diskoffload | stream p0, copy | 16 | 28.5 |" in text["batch"]
     assert "| machine | model |" in text["batch"]  # a row names the machine kind it was measured on
     assert "| 4 |" not in text["batch"]
     assert text["cold"] == "No rows in results/cold.csv yet: run `python run_diskoffload.py --cold --out results/cold.csv`."
@@ -47,7 +47,7 @@ def test_answers_come_from_the_rows(tmp_path):
     for batch, ratio, ms in ((1, 0.9, 100.0), (16, 1.0, 400.0)):
         bench.append_row(tmp_path / "batch.csv", _row(**common, batch_size=batch, decode_ratio=ratio, decode_ms_per_tok=ms))
     assert streaming.batch_answers(tmp_path) == [
-        "**Stream against the resident model, same run**: batch 1 0.90x, batch 16 1.00x; a step grows from 100 ms "
+        "**Stream (copy) against the resident model, same run**: batch 1 0.90x, batch 16 1.00x; a step grows from 100 ms "
         "(batch 1) to 400 ms (batch 16), while the layer reads stay the same (26 per run at every batch size)."]
     assert streaming.cold_answers(tmp_path) == [] and streaming.profile_answers(tmp_path) == []
 
