@@ -64,7 +64,16 @@ BEYOND_REPEATS = 2
 # layers from the checkpoint one at a time (load_peak_bytes); the baseline loads everything.
 LOAD_MODEL = "qwen2.5-coder-1.5b"
 LOAD_SCRIPTS = ("run_baseline.py", "run_kvcache.py", "run_diskoffload.py")
-SUITES = ("alpha", "patterns", "importance", "planner", "distance", "context", "beyond", "load")
+# cpu_read: a streamed layer on a CPU as views of its mapped file against a copy into a slot
+# (--cpu-read map|copy), each timed against the resident model in its own run, interleaved; batch
+# 1 and 16, the read-ahead advice (prefetch 1), NF4 and bf16.
+CPU_READ_CASES = (  # (model, quant, batch size, prefetch)
+    ("smollm2-135m", "nf4", 1, 0), ("smollm2-135m", "bf16", 1, 0),
+    ("qwen2.5-coder-0.5b", "nf4", 1, 0), ("qwen2.5-coder-0.5b", "bf16", 1, 0),
+    ("smollm2-135m", "nf4", 16, 0), ("smollm2-135m", "nf4", 1, 1),
+)
+CPU_READ_REPEATS = 5
+SUITES = ("alpha", "patterns", "importance", "planner", "distance", "context", "beyond", "load", "cpu_read")
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,11 @@ def suite_cases(suite: str, out: Path, importances: dict | None = None) -> list[
         return [Case(suite, (script, "--model", LOAD_MODEL, "--quant", "nf4", "--max-new-tokens", "4",
                              "--warmup", "0", "--repeats", "1", "--ppl-max-tokens", "512", "--out", str(out)))
                 for script in LOAD_SCRIPTS]
+    if suite == "cpu_read":
+        return [Case(suite, ("run_diskoffload.py", "--model", model, "--quant", quant, "--batch-size", str(batch),
+                             "--prefetch", str(prefetch), "--cpu-read", way, "--max-new-tokens", "32",
+                             "--repeats", str(CPU_READ_REPEATS), "--ppl-max-tokens", "0", "--out", str(out)))
+                for model, quant, batch, prefetch in CPU_READ_CASES for way in ("copy", "map")]
     if suite == "beyond":
         return [Case(suite, (script, "--model", model, "--quant", "nf4", "--max-new-tokens", str(spec["new_tokens"]),
                              "--repeats", str(BEYOND_REPEATS), "--ppl-max-tokens", str(spec["tokens"]), *flags,

@@ -87,6 +87,14 @@ def peers(results: Path, link: str) -> str:
             + more(link, "the peers, cold reads, batches and a decode step op by op"))
 
 
+def cpu_read(results: Path, link: str) -> str:
+    """The map path's ratios beside the copy path's, one line per configuration measured both ways."""
+    answers = streaming.cpu_read_answers(results)
+    if not answers:
+        return "No pairs in results/cpu_read.csv yet: run `python sweep.py cpu_read`."
+    return "\n".join(f"- {a}" for a in answers) + "\n\n" + more(link, "every row, with RSS by kind")
+
+
 def study_answers(results: Path, links: dict[str, str], titles: dict[str, str]) -> str:
     """One line per suite: its question, its answer, a link."""
     found = study.answers(results)

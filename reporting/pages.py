@@ -39,6 +39,7 @@ SECTIONS = (
     ("streaming", 2, "Streaming: the bandwidth model"),
     ("peers", 2, "Streaming against its peers: accelerate disk offload and AirLLM"),
     ("cold", 2, "Cold reads: the bytes come from the disk"),
+    ("cpu-read", 2, "Mapped or copied: a streamed layer on a CPU"),
     ("batch", 2, "Batches: one read serves every sequence"),
     ("profile", 2, "A decode step, op by op"),
     ("load", 2, "Models larger than the device: the load peak"),
@@ -156,6 +157,13 @@ COLD = """\
 the bytes come from the disk. Each row measures its own storage read rate first; the prediction
 uses it."""
 
+CPU_READ = """\
+On a CPU the "device" is host memory and a layer file read from the page cache is a copy of
+bytes already in memory. With `--cpu-read map` (the default on a CPU) a streamed layer's tensors
+are views of a private mapping of its file instead: no copy, and the kernel pages the file in on
+first touch (`--prefetch N` advises it to read the next layers ahead). On CUDA nothing changes:
+a GPU needs the copy."""
+
 BATCH = """\
 `--batch-size N` decodes N left-padded prompts of unequal length: one read of a layer serves every
 sequence of the batch."""
@@ -217,6 +225,7 @@ def headline_blocks(results: Path) -> dict[str, str]:
         "headline-exactness": headline.exactness(exactness_rows(results), link("exactness")),
         "headline-streaming": headline.streaming_memory(rows, link("results")),
         "headline-peers": headline.peers(results, link("peers")),
+        "headline-cpu-read": headline.cpu_read(results, link("cpu-read")),
         "headline-study": headline.study_answers(results, {s: link(s) for s in suites}, TITLES),
         "headline-load": headline.load_peaks(results, link("load")),
         "headline-beyond": headline.beyond_levers(results, link("beyond")),
@@ -243,6 +252,7 @@ def results_page(results: Path) -> str:
                      + named["estimate-check"],
         "peers": PEERS + "\n\n" + _bullets(streaming.peers_answers(results)) + "\n\n" + named["peers"],
         "cold": COLD + "\n\n" + _bullets(streaming.cold_answers(results)) + "\n\n" + named["cold"],
+        "cpu-read": CPU_READ + "\n\n" + _bullets(streaming.cpu_read_answers(results)) + "\n\n" + named["cpu-read"],
         "batch": BATCH + "\n\n" + _bullets(streaming.batch_answers(results)) + "\n\n" + named["batch"],
         "profile": PROFILE + "\n\n" + _bullets(streaming.profile_answers(results)) + "\n\n" + named["profile"],
         "load": LOAD + "\n\n" + named["load"],

@@ -1,7 +1,7 @@
-"""Streaming against its peers, on cold storage and in batches: blocks and plots from
-results/peers.csv (run_peers.py), results/cold.csv (run_diskoffload.py --cold),
-results/batch.csv (--batch-size) and results/profile.csv (profile_step.py). Every number
-comes from a row."""
+"""Streaming against its peers, on cold storage, in batches, mapped or copied: blocks and plots
+from results/peers.csv (run_peers.py), results/cold.csv (run_diskoffload.py --cold),
+results/batch.csv (--batch-size), results/profile.csv (profile_step.py) and
+results/cpu_read.csv (sweep.py cpu_read). Every number comes from a row."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +10,7 @@ import bench
 import estimate
 from reporting.tables import commits, machine_kind, machines, markdown_table, mb, missing, num, save_figure
 
-FILES = ("peers.csv", "cold.csv", "batch.csv", "profile.csv")
+FILES = ("peers.csv", "cold.csv", "batch.csv", "profile.csv", "cpu_read.csv")
 PROFILE_OPS = 6  # per run: the ops whose time differs most between the two modes
 
 
@@ -57,7 +57,8 @@ def batch_section(results: Path) -> str:
     lines = []
     for row in rows:
         lines.append([machine_kind(row), row["model"], row["quant"], row["variant"],
-                      row["mode"] + (f" p{row['prefetch']}" if row["prefetch"] else ""),
+                      row["mode"] + (f" p{row['prefetch']}" if row["prefetch"] else "")
+                      + (f", {read_way(row)}" if row["mode"] == "stream" else ""),
                       row["batch_size"], num(row["decode_tok_s"], ".1f"), num(row["decode_ms_per_tok"], ".1f"),
                       num(row["baseline_decode_tok_s"], ".1f"), num(row["decode_ratio"], ".2f") + "x",
                       num(row["other_cpu_share"], ".2f"), row["repeats"]])
@@ -65,6 +66,57 @@ def batch_section(results: Path) -> str:
                "resident tok/s, same run", "vs resident", "other CPU share", "repeats"]
     return (f"From results/batch.csv (`--batch-size N`, left-padded prompts of unequal length, greedy; "
             f"commit {commits(rows)}).\n\n" + markdown_table(headers, lines))
+
+
+def read_way(row: dict) -> str:
+    """How a streamed CPU layer got its bytes: 'map' (views of the mapped file) or 'copy' (a read
+    into a slot). Rows from before --cpu-read existed copied; rows on CUDA always copy."""
+    return row.get("cpu_read") or "copy"
+
+
+def _cpu_read_rows(results: Path) -> list[dict]:
+    return [r for r in bench.read_rows(results / "cpu_read.csv") if r["busy"] != "True"]
+
+
+def _cpu_read_key(row: dict) -> tuple:
+    return machine_kind(row), row["model"], row["quant"], row["batch_size"], row["prefetch"]
+
+
+def cpu_read_section(results: Path) -> str:
+    rows = _cpu_read_rows(results)
+    if not rows:
+        return missing("cpu_read.csv", "python sweep.py cpu_read")
+    lines = [[machine_kind(r), r["model"], r["quant"], r["batch_size"], r["prefetch"], read_way(r),
+              num(r["decode_tok_s"], ".1f"), num(r["baseline_decode_tok_s"], ".1f"),
+              num(r["decode_ratio"], ".3f", "x"), mb(r.get("rss_anon_bytes")), mb(r.get("rss_file_bytes")),
+              mb(r["standby_bytes"]), mb(r["peak_bytes"]), r["repeats"]] for r in rows]
+    headers = ["machine", "model", "quant", "batch", "prefetch", "CPU read", "stream tok/s", "resident tok/s, same run",
+               "vs resident", "idle anon RSS MB", "idle file RSS MB", "standby MB", "peak MB", "repeats"]
+    return (f"From results/cpu_read.csv (`python sweep.py cpu_read`; commit {commits(rows)}). Each row times "
+            "stream residency and the resident model interleaved in one process; `map` binds a streamed layer's "
+            "tensors to a private mapping of its file, `copy` reads the file into a slot. Idle RSS is split into "
+            "anonymous memory (the process's own) and file-backed pages (the mapped files and libraries, which "
+            "the kernel may drop and read again).\n\n" + markdown_table(headers, lines))
+
+
+def cpu_read_answers(results: Path) -> list[str]:
+    """Per configuration with both ways measured: the copy path's ratio beside the map path's."""
+    rows = [r for r in _cpu_read_rows(results) if bench.number(r["decode_ratio"])]
+    out = []
+    for key in dict.fromkeys(_cpu_read_key(r) for r in rows):
+        ways = {read_way(r): r for r in rows if _cpu_read_key(r) == key}  # the newest row of each way
+        if not {"copy", "map"} <= set(ways):
+            continue
+        machine, model, quant, batch, prefetch = key
+        copy, mapped = ways["copy"], ways["map"]
+        text = (f"{model} {quant}, batch {batch}, prefetch {prefetch} ({machine}): stream decodes at "
+                f"{bench.number(copy['decode_ratio']):.2f}x the resident model when it copies, "
+                f"{bench.number(mapped['decode_ratio']):.2f}x when it maps")
+        anon = [bench.number(w.get("rss_anon_bytes")) for w in (copy, mapped)]
+        if None not in anon:
+            text += f"; idle anonymous RSS {anon[0] / 1e6:.1f} MB copying, {anon[1] / 1e6:.1f} MB mapping"
+        out.append(text + ".")
+    return out
 
 
 def profile_section(results: Path) -> str:
@@ -91,7 +143,7 @@ def profile_section(results: Path) -> str:
 
 def sections(results: Path) -> dict[str, str]:
     return {"peers": peers_section(results), "cold": cold_section(results), "batch": batch_section(results),
-            "profile": profile_section(results)}
+            "profile": profile_section(results), "cpu-read": cpu_read_section(results)}
 
 
 def plots(results: Path) -> list[Path]:
@@ -221,8 +273,11 @@ def batch_answers(results: Path) -> list[str]:
     if not rows:
         return []
     out = []
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        mine = [r for r in rows if r["mode"] == mode]
+    def how(row: dict) -> str:  # a stream row copied or mapped its layers: two different costs
+        return row["mode"] + (f" ({read_way(row)})" if row["mode"] == "stream" else "")
+
+    for mode in dict.fromkeys(how(r) for r in rows):
+        mine = [r for r in rows if how(r) == mode]
         sizes = sorted({int(r["batch_size"]) for r in mine})
         ratios = {b: [f"{bench.number(r['decode_ratio']):.2f}x" for r in mine if int(r["batch_size"]) == b] for b in sizes}
         text = (f"**{mode.capitalize()} against the resident model, same run**: "

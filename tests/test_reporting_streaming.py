@@ -31,7 +31,7 @@ def test_batch_block_leaves_busy_rows_out_and_missing_files_name_their_command(t
     bench.append_row(tmp_path / "batch.csv", _row(**common, batch_size=16, decode_tok_s=28.5, repeats=5))
     bench.append_row(tmp_path / "batch.csv", _row(**common, batch_size=4, decode_tok_s=9.0, busy=True))
     text = streaming.sections(tmp_path)
-    assert "| CPU: x (" in text["batch"] and "| m | fp32 | diskoffload | stream p0 | 16 | 28.5 |" in text["batch"]
+    assert "| CPU: x (" in text["batch"] and "| m | fp32 | diskoffload | stream p0, copy | 16 | 28.5 |" in text["batch"]
     assert "| machine | model |" in text["batch"]  # a row names the machine kind it was measured on
     assert "| 4 |" not in text["batch"]
     assert text["cold"] == "No rows in results/cold.csv yet: run `python run_diskoffload.py --cold --out results/cold.csv`."
@@ -47,6 +47,40 @@ def test_answers_come_from_the_rows(tmp_path):
     for batch, ratio, ms in ((1, 0.9, 100.0), (16, 1.0, 400.0)):
         bench.append_row(tmp_path / "batch.csv", _row(**common, batch_size=batch, decode_ratio=ratio, decode_ms_per_tok=ms))
     assert streaming.batch_answers(tmp_path) == [
-        "**Stream against the resident model, same run**: batch 1 0.90x, batch 16 1.00x; a step grows from 100 ms "
+        "**Stream (copy) against the resident model, same run**: batch 1 0.90x, batch 16 1.00x; a step grows from 100 ms "
         "(batch 1) to 400 ms (batch 16), while the layer reads stay the same (26 per run at every batch size)."]
     assert streaming.cold_answers(tmp_path) == [] and streaming.profile_answers(tmp_path) == []
+
+
+def _cpu_read_csv(path, rows):
+    import csv
+    fields = ["model", "quant", "device_name", "cpu_isa", "batch_size", "prefetch", "cpu_read", "decode_tok_s",
+              "baseline_decode_tok_s", "decode_ratio", "rss_anon_bytes", "rss_file_bytes", "standby_bytes",
+              "peak_bytes", "repeats", "busy", "commit"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**dict(model="m", quant="nf4", device_name="CPU: A", cpu_isa="avx2", batch_size=1,
+                                    prefetch=0, standby_bytes=1e6, peak_bytes=2e6, repeats=5, busy="False",
+                                    commit="abc"), **row})
+
+
+def test_cpu_read_block_sets_the_map_path_beside_the_copy_path(tmp_path):
+    _cpu_read_csv(tmp_path / "cpu_read.csv", [
+        dict(cpu_read="copy", decode_tok_s=8.3, baseline_decode_tok_s=10.0, decode_ratio=0.83, rss_anon_bytes=60e6),
+        dict(cpu_read="map", decode_tok_s=9.9, baseline_decode_tok_s=10.0, decode_ratio=0.99, rss_anon_bytes=50e6),
+        dict(cpu_read="map", batch_size=16, decode_tok_s=1.0, baseline_decode_tok_s=1.0, decode_ratio=1.0),  # no pair
+        dict(cpu_read="copy", decode_ratio=0.1, busy="True"),  # a busy row is left out
+    ])
+    assert streaming.cpu_read_answers(tmp_path) == [
+        "m nf4, batch 1, prefetch 0 (CPU: A (avx2)): stream decodes at 0.83x the resident model when it copies, "
+        "0.99x when it maps; idle anonymous RSS 60.0 MB copying, 50.0 MB mapping."]
+    table = streaming.cpu_read_section(tmp_path)
+    assert "| CPU: A (avx2) | m | nf4 | 1 | 0 | map | 9.9 | 10.0 | 0.990x | 50.0 |" in table
+    assert "0.100x" not in table
+
+
+def test_rows_from_before_the_flag_copied():
+    assert streaming.read_way({"cpu_read": ""}) == streaming.read_way({}) == "copy"
+    assert streaming.read_way({"cpu_read": "map"}) == "map"

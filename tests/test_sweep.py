@@ -116,6 +116,16 @@ def test_load_suite(tmp_path):
         f"python {script} {common} --out {out}" for script in ("run_baseline.py", "run_kvcache.py", "run_diskoffload.py")]
 
 
+def test_cpu_read_suite(tmp_path):
+    out = tmp_path / "cpu_read.csv"
+    commands = [c.command for c in sweep.suite_cases("cpu_read", out)]
+    assert len(commands) == 2 * len(sweep.CPU_READ_CASES)
+    tail = "--max-new-tokens 32 --repeats 5 --ppl-max-tokens 0"
+    assert commands[:2] == [
+        f"python run_diskoffload.py --model smollm2-135m --quant nf4 --batch-size 1 --prefetch 0 --cpu-read {way} "
+        f"{tail} --out {out}" for way in ("copy", "map")]  # each pair back to back: one machine state
+
+
 def test_alpha_suite(tmp_path):
     cases = sweep.suite_cases("alpha", tmp_path / "alpha.csv")
     got = [(_flags(c)["--model"], _without_common(_flags(c))) for c in cases]
@@ -421,6 +431,7 @@ def test_list(tmp_path, capsys):
         "context      30 cases,  30 pending",
         "beyond       20 cases,  20 pending",
         "load          3 cases,   3 pending",
+        "cpu_read     12 cases,  12 pending",
     ]
 
 
