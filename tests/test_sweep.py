@@ -215,7 +215,7 @@ def test_unknown_suite(tmp_path):
     with pytest.raises(bench.UsageError) as err:
         sweep.suite_cases("alphas", tmp_path / "x.csv")
     assert str(err.value) == ("unknown suite 'alphas'; choose from "
-                              "alpha, patterns, importance, planner, distance, context, beyond, load")
+                              "alpha, patterns, importance, planner, distance, context, beyond, load, cpu_read")
 
 
 # --------------------------------------------------------------------------- the planner
