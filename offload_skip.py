@@ -921,7 +921,10 @@ class LayerMaps:
     """A CPU's way to bring layers in without a copy: each layer's tensors are views of a
     private mapping of its file. On a CPU the "device" is host memory and a layer file in use
     sits in the page cache, so a read would copy bytes that are in memory already; a view
-    computes on the cached pages themselves (as llama.cpp does with its GGUF). The interface
+    computes on the cached pages themselves (as llama.cpp does with its GGUF). The controller
+    keeps a mapping from the layer's first use until standby(): unmapping it after each compute
+    and mapping it again at the next token faults every page in again, which costs about as
+    much as the copy. The interface
     is LayerStreamer's: acquire(i) -> the layer's data section as a flat uint8 tensor,
     release(i), close(), held_bytes; the caller binds the views and must unbind them before
     release(i) or close().
@@ -1043,8 +1046,9 @@ class OffloadController:
     Residency: layers in `keep` (all of them in ``session`` mode, those that fit
     `budget_bytes` in ``stream`` mode) get a buffer of their own when first used and keep
     it until ``standby()``; the others go through a LayerStreamer, `prefetch` layers ahead.
-    On a CPU with cpu_read="map" both are mappings of their files instead (LayerMaps): a kept
-    layer's lives until standby(), a streamed layer's for its compute.
+    On a CPU with cpu_read="map" both are mappings of their files instead (LayerMaps), each
+    living from the layer's first use until standby(): the process then holds no anonymous
+    memory for offloaded layers, only file-backed pages the kernel may drop and read again.
     """
 
     def __init__(self, model, layer_list, offloaded, store, alphas, mode, budget_bytes, device,
@@ -1423,15 +1427,14 @@ class OffloadController:
 
     def _done_with(self, i: int) -> None:
         """After layer i's compute: a streamed layer gives its slot back (staying bound to it:
-        if it gets the same slot again, the binding is skipped) or its mapping up (unbound
-        first, since a bound view keeps a mapping open)."""
-        if i in self._own or self._held(i):
+        if it gets the same slot again, the binding is skipped). A mapped layer stays mapped
+        until standby(), streamed or not: giving its pages up after each compute and faulting
+        them in again at the next token costs about what the copy it replaces costs (measured:
+        README, "Mapped or copied"), while pages kept mapped are file-backed, and the kernel
+        may still drop them under memory pressure."""
+        if i in self._own or self._held(i) or self._maps is not None:
             return
-        if self._maps is not None:
-            self._unbind(i)
-            self._maps.release(i)
-        else:
-            self._streamer.release(i)
+        self._streamer.release(i)
 
     def _read_kept(self, i: int, flat: torch.Tensor) -> float:
         """Read a layer into a buffer of its own. On CUDA the copies are queued on the current

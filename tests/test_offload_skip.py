@@ -426,7 +426,7 @@ def test_budget_keeps_the_first_layers_that_fit(budget_layers, kept, tmp_path, p
     model = make_model("llama-fp32", tmp_path)
     logits = _logits(model, prompt_ids)
     one = _layer_bytes(model, [2])
-    ctl = patch_model(model, "even", tmp_path / "cache", mode="stream", prefetch=0,
+    ctl = patch_model(model, "even", tmp_path / "cache", mode="stream", prefetch=0, cpu_read="copy",
                       budget_bytes=budget_layers * (one + 4096), progress=False)
     assert ctl.keep == kept
     assert torch.equal(_logits(model, prompt_ids), logits)
