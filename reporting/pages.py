@@ -130,9 +130,10 @@ after, so the peak stays at standby plus the layers in flight. On a GPU (and on 
 reading `prefetch` layers ahead in forward order, wrapping around to the next token's first
 layers; a failed read re-raises the named `CacheError` in the caller, and `standby()` waits for
 reads in flight. On a CPU by default (`--cpu-read map`) its tensors are views of a private
-mapping of its file: no copy, the pages arrive as page faults inside the forward, and
-`--prefetch N` passes the next N layers to the kernel as read-ahead advice instead of reading
-them. Layers that fit `--budget` stay resident (or mapped) instead. `--io-bandwidth` throttles
+mapping of its file, kept until `standby()`: no copy, the pages arrive as page faults inside the
+first forward, `--prefetch N` passes the next N layers to the kernel as read-ahead advice instead
+of reading them, and the mapped pages are file-backed, so the kernel may drop them under memory
+pressure (the counted peak still holds them). Layers that fit `--budget` stay resident (or mapped) instead. `--io-bandwidth` throttles
 reads to emulate slower storage (copy path only). `ctl.stats()` reports `loads`, `loaded_bytes`,
 `load_s` (reading, or mapping and binding), `wait_s` (compute stalled waiting for a layer),
 `forward_s` and `overlap` (the share of the smaller of read and compute time that was hidden).
@@ -164,9 +165,10 @@ uses it."""
 CPU_READ = """\
 On a CPU the "device" is host memory and a layer file read from the page cache is a copy of
 bytes already in memory. With `--cpu-read map` (the default on a CPU) a streamed layer's tensors
-are views of a private mapping of its file instead: no copy, and the kernel pages the file in on
-first touch (`--prefetch N` advises it to read the next layers ahead). On CUDA nothing changes:
-a GPU needs the copy."""
+are views of a private mapping of its file instead, kept until `standby()`: no copy, the kernel
+pages the file in on first touch (`--prefetch N` advises it to read the next layers ahead), and
+the process's anonymous memory does not grow while generating; the mapped pages are file-backed
+and counted in the peak. On CUDA nothing changes: a GPU needs the copy."""
 
 BATCH = """\
 `--batch-size N` decodes N left-padded prompts of unequal length: one read of a layer serves every
