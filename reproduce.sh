@@ -67,6 +67,12 @@ done
 python run_diskoffload.py $B --batch-size 16 --repeats 9 --prefetch 0
 for b in 1 16; do python profile_step.py --batch-size $b --prefetch 0 --max-new-tokens 8 --repeats 3; done
 
+# --- On a CPU, a streamed layer mapped or copied (results/README.md "Mapped or copied") -------
+python sweep.py cpu_read
+for r in copy map; do
+  python run_peers.py --model smollm2-135m --prefetch 0 --repeats 5 --max-new-tokens 32 --peers accelerate-disk --cpu-read $r
+done
+
 # --- Beyond the layers: embedding rows from disk, NF4 head (results/README.md "Beyond the layers") ---
 python sweep.py beyond
 

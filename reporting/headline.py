@@ -76,14 +76,17 @@ def peers(results: Path, link: str) -> str:
     rows = bench.read_rows(results / "peers.csv")
     if not rows:
         return "No rows in results/peers.csv yet: run `python run_peers.py`."
+    machine = machine_kind(max(rows, key=lambda r: r["timestamp"]))  # the newest kind only: a short block
     lines = []
-    for run in streaming.latest_peer_runs(rows):
+    for run in streaming.latest_peer_runs([r for r in rows if machine_kind(r) == machine]):
+        way = streaming.peer_read_way(run)
         for r in run:
             if bench.number(r["decode_tok_s"]):
-                lines.append([r["model"], r["quant"], r["system"], num(r["decode_tok_s"], ".2f"),
+                system = r["system"] + (f" ({'mapped' if way == 'map' else 'copied'})" if r["system"] == "stream" else "")
+                lines.append([r["model"], r["quant"], system, num(r["decode_tok_s"], ".2f"),
                               _ratio(r["ratio_to_resident"]), mb(r["idle_bytes"]), mb(r["peak_bytes"])])
     headers = ["model", "quant", "system", "decode tok/s", "vs resident, same run", "idle MB", "peak MB"]
-    return (f"{machines(rows)}.\n\n" + markdown_table(headers, lines) + "\n\n"
+    return (f"{machine}; each run times its systems in interleaved rounds.\n\n" + markdown_table(headers, lines) + "\n\n"
             + more(link, "the peers, cold reads, batches and a decode step op by op"))
 
 

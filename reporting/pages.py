@@ -124,16 +124,21 @@ quantisation. Each table's source line gives the tokens scored per model: small 
 a difference of a few percent as noise; the effects below are factors."""
 
 STREAMING = """\
-In `stream` mode an offloaded layer is read into a reusable slot just before it is computed and
-released right after, so the peak stays at standby plus `prefetch + 1` layers. A background
-thread reads `prefetch` layers ahead, in forward order and wrapping around to the next token's
-first layers; a failed read re-raises the named `CacheError` in the caller, and `standby()` waits
-for reads in flight. Layers that fit `--budget` stay resident instead. `--io-bandwidth` throttles
-reads to emulate slower storage. `ctl.stats()` reports `loads`, `loaded_bytes`, `load_s` (reader
-busy time), `wait_s` (compute stalled waiting for a layer), `forward_s` and `overlap` (the share
-of the smaller of read and compute time that was hidden). On a CPU a reader thread competes with
-torch's compute threads for the cores, so the CPU default is `--prefetch 0`; when storage is
-slow, read-ahead pays.
+In `stream` mode an offloaded layer is brought in just before it is computed and released right
+after, so the peak stays at standby plus the layers in flight. On a GPU (and on a CPU with
+`--cpu-read copy`) it is read into one of `prefetch + 1` reusable slots, a background thread
+reading `prefetch` layers ahead in forward order, wrapping around to the next token's first
+layers; a failed read re-raises the named `CacheError` in the caller, and `standby()` waits for
+reads in flight. On a CPU by default (`--cpu-read map`) its tensors are views of a private
+mapping of its file, kept until `standby()`: no copy, the pages arrive as page faults inside the
+first forward, `--prefetch N` passes the next N layers to the kernel as read-ahead advice instead
+of reading them, and the mapped pages are file-backed, so the kernel may drop them under memory
+pressure (the counted peak still holds them). Layers that fit `--budget` stay resident (or mapped) instead. `--io-bandwidth` throttles
+reads to emulate slower storage (copy path only). `ctl.stats()` reports `loads`, `loaded_bytes`,
+`load_s` (reading, or mapping and binding), `wait_s` (compute stalled waiting for a layer),
+`forward_s` and `overlap` (the share of the smaller of read and compute time that was hidden).
+On a CPU a reader thread competes with torch's compute threads for the cores, so the CPU default
+is `--prefetch 0`.
 
 The bandwidth model (`estimate.py`): batch-1 decoding reads every weight once per token; without
 read-ahead, streaming adds the read (and on a GPU the host-to-device copy) to the compute time;
@@ -160,9 +165,10 @@ uses it."""
 CPU_READ = """\
 On a CPU the "device" is host memory and a layer file read from the page cache is a copy of
 bytes already in memory. With `--cpu-read map` (the default on a CPU) a streamed layer's tensors
-are views of a private mapping of its file instead: no copy, and the kernel pages the file in on
-first touch (`--prefetch N` advises it to read the next layers ahead). On CUDA nothing changes:
-a GPU needs the copy."""
+are views of a private mapping of its file instead, kept until `standby()`: no copy, the kernel
+pages the file in on first touch (`--prefetch N` advises it to read the next layers ahead), and
+the process's anonymous memory does not grow while generating; the mapped pages are file-backed
+and counted in the peak. On CUDA nothing changes: a GPU needs the copy."""
 
 BATCH = """\
 `--batch-size N` decodes N left-padded prompts of unequal length: one read of a layer serves every

@@ -208,12 +208,20 @@ def plots(results: Path) -> list[Path]:
 # Sentences whose every number is computed here from the rows; a claim is stated only when
 # the rows bear it out.
 
+def peer_read_way(run: list[dict]) -> str:
+    """How the run's stream row got its layers on a CPU: its note says 'layers mapped' (--cpu-read
+    map) or 'layers read'; runs from before --cpu-read existed copied."""
+    notes = [r["note"] for r in run if r["system"] == "stream"]
+    return "map" if notes and "layers mapped" in notes[0] else "copy"
+
+
 def latest_peer_runs(rows: list[dict]) -> list[list[dict]]:
-    """The newest run (run_id) of each model and weight format, in file order."""
+    """The newest run (run_id) of each machine kind, model, weight format and CPU read way, in file order."""
+    runs = {run_id: [r for r in rows if r["run_id"] == run_id] for run_id in dict.fromkeys(r["run_id"] for r in rows)}
     latest = {}
-    for row in rows:
-        latest[(row["model"], row["quant"])] = row["run_id"]
-    return [[r for r in rows if r["run_id"] == run_id] for run_id in dict.fromkeys(latest.values())]
+    for run_id, run in runs.items():
+        latest[(machine_kind(run[0]), run[0]["model"], run[0]["quant"], peer_read_way(run))] = run_id
+    return [runs[run_id] for run_id in dict.fromkeys(latest.values())]
 
 
 def peers_answers(results: Path) -> list[str]:
@@ -223,7 +231,8 @@ def peers_answers(results: Path) -> list[str]:
         ours, peer, resident = by.get("stream"), by.get("accelerate-disk"), by.get("resident")
         if not ours or not bench.number(ours["decode_tok_s"]):
             continue
-        setup = f"{ours['model']} {ours['quant']}"
+        setup = (f"{ours['model']} {ours['quant']}, layers {'mapped' if peer_read_way(run) == 'map' else 'copied'} "
+                 f"({machine_kind(ours)})")
         tok_s = bench.number(ours["decode_tok_s"])
         if peer and bench.number(peer["decode_tok_s"]):
             peer_tok_s = bench.number(peer["decode_tok_s"])

@@ -84,3 +84,15 @@ def test_cpu_read_block_sets_the_map_path_beside_the_copy_path(tmp_path):
 def test_rows_from_before_the_flag_copied():
     assert streaming.read_way({"cpu_read": ""}) == streaming.read_way({}) == "copy"
     assert streaming.read_way({"cpu_read": "map"}) == "map"
+
+
+def test_peer_runs_are_told_apart_by_how_the_stream_read():
+    rows = [dict(run_id="a", model="m", quant="bf16", system="stream", note="offload-skip stream residency, prefetch 0",
+                 device_name="CPU: A", cpu_isa="avx2"),
+            dict(run_id="b", model="m", quant="bf16", system="stream", note="prefetch 0, layers read",
+                 device_name="CPU: A", cpu_isa="avx2"),
+            dict(run_id="c", model="m", quant="bf16", system="stream", note="prefetch 0, layers mapped",
+                 device_name="CPU: A", cpu_isa="avx2")]
+    # a run from before --cpu-read copied, so the newer copy run replaces it; the mapped run stands beside
+    assert [run[0]["run_id"] for run in streaming.latest_peer_runs(rows)] == ["b", "c"]
+    assert [streaming.peer_read_way([r]) for r in rows] == ["copy", "copy", "map"]
