@@ -58,7 +58,9 @@ def streaming_memory(rows: list[dict], link: str) -> str:
         lines.append([*key, f"{mb(first['baseline_standby_bytes'])} -> {mb(first['standby_bytes'])}",
                       mb(session["peak_bytes"]) if session else "", mb(stream["peak_bytes"]) if stream else "",
                       num(session["decode_ratio"], ".2f", "x") if session else "",
-                      num(stream["decode_ratio"], ".2f", "x") if stream else ""])
+                      num(stream["decode_ratio"], ".2f", "x")
+                      + (f" ({'mapped' if streaming.read_way(stream) == 'map' else 'copied'})"
+                         if stream and stream["device"] == "cpu" else "") if stream else ""])
     headers = ["model", "quant", "standby MB, unpatched -> offloaded", "peak MB, session", "peak MB, stream",
                "decode vs unpatched, session", "stream"]
     # A session computes exactly what the unpatched model computes (its layers are all loaded before

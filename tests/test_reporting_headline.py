@@ -26,7 +26,7 @@ def test_streaming_block_pairs_session_and_stream_of_a_model(tmp_path):
     from reporting import runs
     text = headline.streaming_memory(runs.load_rows(tmp_path), LINK)
     assert text.startswith("CPU: A (avx2);")
-    assert "| m | fp32 | 0.0 -> 0.0 | 0.0 | 0.0 | 0.90x | 1.10x |" in text
+    assert "| m | fp32 | 0.0 -> 0.0 | 0.0 | 0.0 | 0.90x | 1.10x (copied) |" in text  # a row from before --cpu-read
     # the noise band comes from the session rows only (the same computation as the unpatched model)
     assert "Session ratios, same computation as the unpatched model, spread from 0.90x to 0.90x" in text
 

@@ -11,7 +11,7 @@ def _peer(system, tok_s, run_id="r1", **changes):
                   batch_size=1, repeats=3, decode_tok_s=tok_s, resident_decode_tok_s=20.0,
                   ratio_to_resident=None if tok_s is None else tok_s / 20.0, idle_bytes=1_000_000,
                   peak_bytes=2_000_000, rss_delta_bytes=-5, note="", run_id=run_id, command="c",
-                  **bench.environment())
+                  **{**bench.environment(), "cpu_isa": "avx2"})  # a fixed machine kind, whichever runs the test
     values.update(changes)
     return run_peers.PeerRow(**values)
 
@@ -41,7 +41,8 @@ def test_answers_come_from_the_rows(tmp_path):
     for row in (_peer("resident", 20.0), _peer("stream", 15.0, peak_bytes=1_500_000), _peer("accelerate-disk", 5.0)):
         bench.append_row(tmp_path / "peers.csv", row)
     peers = streaming.peers_answers(tmp_path)
-    assert peers[0].startswith("**m bf16: ours is 3.00x accelerate's disk offload** (15.00 against 5.00 tok/s")
+    assert peers[0].startswith("**m bf16, layers copied (CPU: x (avx2)): ours is 3.00x accelerate's disk offload** "
+                               "(15.00 against 5.00 tok/s")
     assert "ours peaks lower (1.5 against 2.0 MB)" in peers[0] and "0.75x the resident model (20.00 tok/s)" in peers[0]
     common = dict(variant="diskoffload", mode="stream", prefetch=0, baseline_decode_tok_s=30.0, loads=26)
     for batch, ratio, ms in ((1, 0.9, 100.0), (16, 1.0, 400.0)):
