@@ -90,6 +90,18 @@ def make_model(kind: str, tmp_path):
     return tiny_model(arch, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
 
 
+def logits(model, ids):
+    with torch.no_grad():  # no KV cache: some tests re-run layers with the captured arguments
+        return model(ids, use_cache=False).logits
+
+
+def greedy(model, ids, n: int):
+    """n greedy tokens after `ids` (KV cache on), as model.generate makes them."""
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                              pad_token_id=0)
+
+
 @pytest.fixture(autouse=True)
 def hub_offline(monkeypatch):
     """No test asks the Hugging Face hub anything, not even whether it is reachable: a hub id

@@ -10,7 +10,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import ARCHS, NF4_KINDS, make_model
+from conftest import ARCHS, NF4_KINDS, greedy, logits as _logits, make_model
 
 import offload_skip as osk
 from offload_skip import CacheError, patch_model
@@ -22,15 +22,8 @@ CONFIGS = [("session", 0, 0), ("stream", 0, 0), ("stream", 1, 0), ("stream", 1, 
 linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self (Linux)")
 
 
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
 def _greedy(model, ids, n=6):
-    with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                              pad_token_id=0)
+    return greedy(model, ids, n)
 
 
 def _budget(model, kept: int) -> int:

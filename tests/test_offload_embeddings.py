@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ARCHS, NF4_KINDS, make_model
+from conftest import ARCHS, NF4_KINDS, greedy, logits as _logits, make_model
 from torch import nn
 
 import offload_skip as osk
@@ -15,15 +15,8 @@ KINDS = [f"{arch}-{dtype}" for arch in ARCHS for dtype in ("fp32", "bf16")] + li
 VOCAB = 96  # conftest's tiny vocabulary
 
 
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
 def _greedy(model, ids, n=4):
-    with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                              pad_token_id=0)
+    return greedy(model, ids, n)
 
 
 def _tie(model):

@@ -5,7 +5,8 @@ import threading
 
 import pytest
 import torch
-from conftest import ARCHS, N_LAYERS, NF4_KINDS, cpu_has_packed_nf4, make_model, tiny_model
+from conftest import (ARCHS, N_LAYERS, NF4_KINDS, cpu_has_packed_nf4, greedy, logits as _logits, make_model,
+                      tiny_model)
 from safetensors import safe_open
 from torch import nn
 
@@ -65,15 +66,8 @@ def test_select_layers_empty_band():
 
 # --------------------------------------------------------------------------- exactness
 
-def _logits(model, ids):
-    with torch.no_grad():  # no cache: hooks below re-run layers with the captured arguments
-        return model(ids, use_cache=False).logits
-
-
 def _greedy(model, ids, n=8):
-    with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                              pad_token_id=0)
+    return greedy(model, ids, n)
 
 
 @pytest.mark.parametrize("mode", ["session", "stream"])
