@@ -383,7 +383,7 @@ def alpha_answers(rows: list[dict]) -> tuple[str, list[str]] | None:
             removal.append(by_alpha[0.0] / ref)
     details = []
     all_exact = with_base and len(exact) == len(with_base)
-    details.append((f"**At alpha = 1, offloading is exact:** " if all_exact else "At alpha = 1, ")
+    details.append(("**At alpha = 1, offloading is exact:** " if all_exact else "At alpha = 1, ")
                    + f"with the even layers offloaded the perplexity equals the unpatched model's on {len(exact)} "
                    f"of {len(with_base)} models with an unpatched row" + (": the same computation, bit for bit." if all_exact else "."))
     no_base = [m for m in _models(rows) if not _has_baseline(rows, m)]

@@ -98,7 +98,7 @@ def test_beyond_suite(tmp_path):
     cases = sweep.suite_cases("beyond", out)
     assert len(cases) == len(sweep.BEYOND_MODELS) * len(sweep.BEYOND_STEPS) == 20
     first = [c.command for c in cases[:5]]
-    common = f"--model smollm2-135m --quant nf4 --max-new-tokens 16 --repeats 2 --ppl-max-tokens 1024"
+    common = "--model smollm2-135m --quant nf4 --max-new-tokens 16 --repeats 2 --ppl-max-tokens 1024"
     assert first == [
         f"python run_baseline.py {common} --out {out}",
         f"python run_kvcache.py {common} --out {out}",
