@@ -19,7 +19,7 @@ import offload_skip
 
 from .base import UsageError
 from .experiment import Run, inference
-from .hostmem import rss_split_bytes
+from .hostmem import AnonPeak, rss_split_bytes
 from .results import BUSY_OTHER_CPU_SHARE
 
 
@@ -188,6 +188,7 @@ class Speed:
     peak_bytes: int | None = None        # controller's peak over the repeats (None: baseline)
     cuda_max_allocated_bytes: int | None = None
     cuda_max_reserved_bytes: int | None = None  # what runs a small card out of memory: the cache too
+    peak_rss_anon_bytes: int | None = None  # host anonymous RSS, sampled over one more (untimed) decode
     stats: dict = field(default_factory=dict)  # _STAT_KEYS: mean per measured run; {} for the baseline
     baseline: Speed | None = None        # the unpatched model, timed interleaved in the same process
     cpu: CpuLoad | None = None           # what else ran meanwhile
@@ -245,7 +246,7 @@ def _interleaved(run: Run, ctl, generate_too: bool) -> Speed:
     resident = functools.partial(ctl.unpatched, release=False) if ctl is not None and unpatched_fits(run, ctl) else None
     # One bar over every timed and warm-up run, ticked between runs (never inside a timer):
     # on a slow CPU a single decode can take many seconds, and a user should see which one runs.
-    runs = (args.warmup + args.repeats) * (2 if resident else 1) * (2 if generate_too else 1)
+    runs = (args.warmup + args.repeats) * (2 if resident else 1) * (2 if generate_too else 1) + 1
     bar = tqdm(total=runs, desc=f"timing {run.variant}", unit="run", leave=False)
 
     def step(what: str, fn, *fn_args, **fn_kwargs):
@@ -284,12 +285,15 @@ def _interleaved(run: Run, ctl, generate_too: bool) -> Speed:
                                                 attention_mask=mask)[0])
             generate_s.append(step(f"generate(), {run.variant}", generate, model, ids, n, variant, mask)[0])
         generate_s, base_generate_s = generate_s[args.warmup:], base_generate_s[args.warmup:]
+    # Sampling /proc from a thread would take CPU from the timed runs: one more run, untimed.
+    with AnonPeak() as anon:
+        step(f"anonymous RSS, {run.variant}", decode, model, ids, n, args.kv_cache, variant, mask)
     bar.close()
     if resident and run.device.type == "cuda":
         cuda_reserved = _variant_reserved_peak(run, variant)
     baseline = _speed(base_timings, base_generate_s, n) if base_timings else None
     return _speed(timings, generate_s, n, peak_bytes=peak, cuda_max_allocated_bytes=cuda_max,
-                  cuda_max_reserved_bytes=cuda_reserved,
+                  cuda_max_reserved_bytes=cuda_reserved, peak_rss_anon_bytes=anon.bytes,
                   stats=_mean_stats(per_run) if per_run else {}, baseline=baseline)
 
 

@@ -93,6 +93,9 @@ COLUMNS = {
     "rss_file_bytes": "of rss_bytes: file-backed pages (RssFile): shared libraries and any file still mapped (idle, "
                       "the layer files are unmapped); clean pages the kernel may drop and read again; Linux only. "
                       "rss_bytes is about these two plus shared memory (RssShmem)",
+    "peak_rss_anon_bytes": "the most anonymous resident bytes (RssAnon) of the process while it decodes: sampled "
+                           "every 2 ms over one untimed decode after the timed ones (a copied layer's slot shows "
+                           "here, a mapped layer's file-backed pages do not); Linux only",
     "cuda_allocated_bytes": "CUDA only: torch.cuda.memory_allocated while idle",
     "cuda_max_allocated_bytes": "CUDA only: torch.cuda.max_memory_allocated over the measured runs "
                                 "(weights, activations, KV cache)",
@@ -217,6 +220,7 @@ class Result:
     rss_bytes: int | None
     rss_anon_bytes: int | None
     rss_file_bytes: int | None
+    peak_rss_anon_bytes: int | None
     cuda_allocated_bytes: int | None
     cuda_max_allocated_bytes: int | None
     cuda_reserved_bytes: int | None
@@ -504,7 +508,9 @@ def summary(row: Result, baseline: dict | None = None) -> str:
     if row.rss_anon_bytes is not None:
         lines.append(f"  {'idle RSS parts':<15} anonymous {_mb(row.rss_anon_bytes)}, file-backed "
                      f"{_mb(row.rss_file_bytes)}" + (f"; unpatched model's anonymous {_mb(row.baseline_rss_anon_bytes)}"
-                                                     if row.baseline_rss_anon_bytes is not None else ""))
+                                                     if row.baseline_rss_anon_bytes is not None else "")
+                     + (f"; anonymous while decoding (peak) {_mb(row.peak_rss_anon_bytes)}"
+                        if row.peak_rss_anon_bytes is not None else ""))
     if row.embedding_bytes is not None:
         lines.append(f"  {'standby parts':<15} embedding {_mb(row.embedding_bytes)}, head {_mb(row.head_bytes)}, "
                      f"resident layers {_mb(row.resident_layers_bytes)}, other {_mb(row.other_bytes)}; "

@@ -76,6 +76,7 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         rss_bytes=memory.rss_bytes,
         rss_anon_bytes=memory.rss_anon_bytes,
         rss_file_bytes=memory.rss_file_bytes,
+        peak_rss_anon_bytes=speed.peak_rss_anon_bytes if timed else None,
         cuda_allocated_bytes=memory.cuda_allocated_bytes,
         cuda_max_allocated_bytes=speed.cuda_max_allocated_bytes if timed else None,
         cuda_reserved_bytes=memory.cuda_reserved_bytes,

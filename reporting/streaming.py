@@ -88,10 +88,11 @@ def cpu_read_section(results: Path) -> str:
         return missing("cpu_read.csv", "python sweep.py cpu_read")
     lines = [[machine_kind(r), r["model"], r["quant"], r["batch_size"], r["prefetch"], read_way(r),
               num(r["decode_tok_s"], ".1f"), num(r["baseline_decode_tok_s"], ".1f"),
-              num(r["decode_ratio"], ".3f", "x"), mb(r.get("rss_anon_bytes")), mb(r.get("rss_file_bytes")),
-              mb(r["standby_bytes"]), mb(r["peak_bytes"]), r["repeats"]] for r in rows]
+              num(r["decode_ratio"], ".3f", "x"), mb(r.get("rss_anon_bytes")), mb(r.get("peak_rss_anon_bytes")),
+              mb(r.get("rss_file_bytes")), mb(r["standby_bytes"]), mb(r["peak_bytes"]), r["repeats"]] for r in rows]
     headers = ["machine", "model", "quant", "batch", "prefetch", "CPU read", "stream tok/s", "resident tok/s, same run",
-               "vs resident", "idle anon RSS MB", "idle file RSS MB", "standby MB", "peak MB", "repeats"]
+               "vs resident", "idle anon RSS MB", "decoding anon RSS MB, peak", "idle file RSS MB", "standby MB",
+               "peak MB", "repeats"]
     return (f"From results/cpu_read.csv (`python sweep.py cpu_read`; commit {commits(rows)}). Each row times "
             "stream residency and the resident model interleaved in one process; `map` binds a streamed layer's "
             "tensors to a private mapping of its file, `copy` reads the file into a slot. Idle RSS is split into "
@@ -115,6 +116,9 @@ def cpu_read_answers(results: Path) -> list[str]:
         anon = [bench.number(w.get("rss_anon_bytes")) for w in (copy, mapped)]
         if None not in anon:
             text += f"; idle anonymous RSS {anon[0] / 1e6:.1f} MB copying, {anon[1] / 1e6:.1f} MB mapping"
+        peaks = [bench.number(w.get("peak_rss_anon_bytes")) for w in (copy, mapped)]
+        if None not in peaks:
+            text += f", while decoding at most {peaks[0] / 1e6:.1f} and {peaks[1] / 1e6:.1f} MB"
         out.append(text + ".")
     return out
 
