@@ -285,7 +285,13 @@ def _interleaved(run: Run, ctl, generate_too: bool) -> Speed:
                                                 attention_mask=mask)[0])
             generate_s.append(step(f"generate(), {run.variant}", generate, model, ids, n, variant, mask)[0])
         generate_s, base_generate_s = generate_s[args.warmup:], base_generate_s[args.warmup:]
-    # Sampling /proc from a thread would take CPU from the timed runs: one more run, untimed.
+    # Sampling /proc from a thread would take CPU from the timed runs: one more run, untimed, from
+    # the idle state (standby, freed heap handed back): otherwise the heap the interleaved unpatched
+    # runs freed, which glibc keeps, would count as this run's.
+    if ctl is not None:
+        ctl.standby()
+    gc.collect()
+    offload_skip.trim_host_memory()
     with AnonPeak() as anon:
         step(f"anonymous RSS, {run.variant}", decode, model, ids, n, args.kv_cache, variant, mask)
     bar.close()
