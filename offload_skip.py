@@ -924,10 +924,9 @@ class LayerMaps:
     computes on the cached pages themselves (as llama.cpp does with its GGUF). The controller
     keeps a mapping from the layer's first use until standby(): unmapping it after each compute
     and mapping it again at the next token faults every page in again, which costs about as
-    much as the copy. The interface
-    is LayerStreamer's: acquire(i) -> the layer's data section as a flat uint8 tensor,
-    release(i), close(), held_bytes; the caller binds the views and must unbind them before
-    release(i) or close().
+    much as the copy. So, unlike LayerStreamer, it has no per-layer release: acquire(i) -> the
+    layer's data section as a flat uint8 tensor, close() at standby, held_bytes; the caller
+    binds the views and must unbind them before close().
 
     The mapping is private and writable (mmap's ACCESS_COPY: MAP_PRIVATE, PROT_READ |
     PROT_WRITE on POSIX): torch.frombuffer wants a writable buffer, and should anything write
@@ -951,9 +950,10 @@ class LayerMaps:
 
     Read-ahead (`depth` > 0): acquiring a streamed layer (one in `order`) advises the kernel
     (posix_fadvise WILLNEED) to read the next `depth` of `order` into the page cache in the
-    background; nothing is copied or held. A cold store drops a file's pages before each use,
-    before the advice when there is one, else when it is mapped, so the pages still come from
-    the storage device, now at the first touch inside the forward.
+    background; nothing is copied or held. A cold store drops a file's pages before each
+    mapping (once per layer between two standby() calls), before the advice when there is one,
+    else when it is mapped, so the pages still come from the storage device, now at the first
+    touch inside the forward.
     """
 
     def __init__(self, store: LayerStore, order: list[int], depth: int):
@@ -984,9 +984,6 @@ class LayerMaps:
         if i in self.position:
             self._read_ahead(i)
         return flat
-
-    def release(self, i: int) -> None:
-        self._unmap(i, self._live.pop(i)[0])
 
     def close(self) -> None:
         live, self._live = self._live, {}

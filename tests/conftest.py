@@ -46,13 +46,18 @@ def cpu_has_packed_nf4() -> bool:
     return bool(has_avx512bf16())
 
 
+def skip_without_packed_nf4() -> None:
+    if not cpu_has_packed_nf4():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes' packed NF4 kernel cannot run here")
+
+
 def use_nf4_path(model, path: str):
     """Make every bitsandbytes 4-bit layer of `model` compute the `path` way ('dequant' or 'packed')."""
     from bitsandbytes.nn import Linear4bit
     if path not in ("dequant", "packed"):
         raise ValueError(path)
-    if path == "packed" and not cpu_has_packed_nf4():
-        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes' packed NF4 kernel cannot run here")
+    if path == "packed":
+        skip_without_packed_nf4()
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = path == "packed"
@@ -66,8 +71,8 @@ def force_nf4_path(quant: str, monkeypatch) -> str:
     if not quant.startswith("nf4-"):
         return quant
     import bitsandbytes.nn.modules
-    if quant == "nf4-packed" and not cpu_has_packed_nf4():
-        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes' packed NF4 kernel cannot run here")
+    if quant == "nf4-packed":
+        skip_without_packed_nf4()
     if quant == "nf4-dequant":  # Linear4bit.__init__ asks this once, per layer
         monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False)
     return "nf4"
