@@ -286,12 +286,9 @@ def _interleaved(run: Run, ctl, generate_too: bool) -> Speed:
             generate_s.append(step(f"generate(), {run.variant}", generate, model, ids, n, variant, mask)[0])
         generate_s, base_generate_s = generate_s[args.warmup:], base_generate_s[args.warmup:]
     # Sampling /proc from a thread would take CPU from the timed runs: one more run, untimed, from
-    # the idle state (standby, freed heap handed back): otherwise the heap the interleaved unpatched
-    # runs freed, which glibc keeps, would count as this run's.
-    if ctl is not None:
-        ctl.standby()
-    gc.collect()
-    offload_skip.trim_host_memory()
+    # the idle state: otherwise the heap the interleaved unpatched runs freed, which glibc keeps,
+    # would count as this run's.
+    settle(run, ctl)
     with AnonPeak() as anon:
         step(f"anonymous RSS, {run.variant}", decode, model, ids, n, args.kv_cache, variant, mask)
     bar.close()
@@ -386,18 +383,24 @@ def measure_unpatched(run: Run, ctl) -> Memory | None:
         return measure_memory(run)
 
 
-def measure_memory(run: Run, ctl=None) -> Memory:
-    """The idle state: standby() (the pinned staging released too, mapped layer files
-    unmapped), freed pages handed back, then weights, process RSS (on CUDA: host memory, the
-    CUDA context's host side) split into anonymous and file-backed pages, and CUDA allocated /
-    reserved."""
+def settle(run: Run, ctl=None) -> None:
+    """Bring the process to its idle state: standby() (the pinned staging released, mapped
+    layer files unmapped), garbage collected, the CUDA allocator's cache and the freed heap
+    handed back."""
     if ctl is not None:
         ctl.standby()
     gc.collect()
-    cuda = run.device.type == "cuda"
-    if cuda:
+    if run.device.type == "cuda":
         torch.cuda.empty_cache()
     offload_skip.trim_host_memory()
+
+
+def measure_memory(run: Run, ctl=None) -> Memory:
+    """The idle state (settle), then weights, process RSS (on CUDA: host memory, the
+    CUDA context's host side) split into anonymous and file-backed pages, and CUDA allocated /
+    reserved."""
+    settle(run, ctl)
+    cuda = run.device.type == "cuda"
     try:
         import psutil
     except ImportError:
