@@ -72,7 +72,7 @@ CPU_READ_CASES = (  # (model, quant, batch size, prefetch)
     ("qwen2.5-coder-0.5b", "nf4", 1, 0), ("qwen2.5-coder-0.5b", "bf16", 1, 0),
     ("smollm2-135m", "nf4", 16, 0), ("smollm2-135m", "nf4", 1, 1),
 )
-CPU_READ_REPEATS = 5
+CPU_READ_REPEATS = 11  # batch-1 ratios moved by up to 0.1 between 5-repeat runs of one design
 SUITES = ("alpha", "patterns", "importance", "planner", "distance", "context", "beyond", "load", "cpu_read")
 
 

@@ -120,7 +120,7 @@ def test_cpu_read_suite(tmp_path):
     out = tmp_path / "cpu_read.csv"
     commands = [c.command for c in sweep.suite_cases("cpu_read", out)]
     assert len(commands) == 2 * len(sweep.CPU_READ_CASES)
-    tail = "--max-new-tokens 32 --repeats 5 --ppl-max-tokens 0"
+    tail = "--max-new-tokens 32 --repeats 11 --ppl-max-tokens 0"
     assert commands[:2] == [
         f"python run_diskoffload.py --model smollm2-135m --quant nf4 --batch-size 1 --prefetch 0 --cpu-read {way} "
         f"{tail} --out {out}" for way in ("copy", "map")]  # each pair back to back: one machine state
