@@ -6,8 +6,8 @@ run_*.py, check_exact.py <- report.py. One module per concern, in layers, lowest
 module imports only the modules before it, not even a type checker's import of a later one
 (tests/test_bench_imports.py checks it):
 
-    base < hostmem < fetch < layer_loading < models < corpus < workload < results < cli
-    < experiment < measure < rows < importance
+    base < hostmem < fetch < layer_loading < models < corpus < prompts < workload < results
+    < cli < experiment < measure < rows < importance
 
 - base: the one-line ``UsageError``, repo and cache locations
 - hostmem: the process's anonymous resident memory and its sampled peak; resident memory by kind of page
@@ -15,6 +15,7 @@ module imports only the modules before it, not even a type checker's import of a
 - layer_loading: loading with the offloaded layers left in the checkpoint, made real one at a time
 - models: embedded aliases and GGUF conversion, loading in a weight format
 - corpus: perplexity corpora
+- prompts: a speculative-decoding benchmark's prompt sets, HumanEval code and Wikipedia openings
 - workload: the variants and their residency modes, the prompts decoded
 - results: the CSV row (``Result``) and its columns, CSV files, the printed summary, the environment
 - cli: the shared command line
@@ -33,6 +34,7 @@ from .experiment import Run, inference, open_run, patch, prompt_batch, select
 from .measure import (DecodeTiming, Memory, Speed, cold_read_bytes_s, decode, generate, measure_memory, measure_speed,
                       measure_unpatched, synchronize, unpatched_fits, weight_bytes)
 from .models import DEFAULT_MODEL, EMBEDDED_GGUFS, EMBEDDED_MODELS, QUANTS, load_model, model_kind, resolve_model
+from .prompts import PROMPT_KINDS, Prompt, load_prompts
 from .results import (BUSY_OTHER_CPU_SHARE, COLUMNS, ENVIRONMENT_FIELDS, FIELDS, Result, append_row, check_csv, cpu_name,
                       csv_row, device_name, environment, git_commit, latest_baseline, migrate_csv, number, read_rows,
                       summary)
