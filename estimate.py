@@ -14,8 +14,16 @@ S = bytes streamed per token (offloaded layers that do not fit the residency bud
 t_compute is measured (the resident model's decode time per token): batch-1 NF4 kernels
 are far from the device's memory bandwidth, so bytes / bandwidth would flatter them.
 
+Speculative decoding reads S once per verify forward, which emits accepted_per_verify tokens:
+
+    t = (drafted_per_verify x t_draft + t_verify) / accepted_per_verify
+
+with t_verify one stream-residency forward and the acceptance measured (results/speculative.csv);
+its assumptions are listed in one place, the section "speculative decoding".
+
     python estimate.py                      # Qwen2.5-3B NF4, even layers 2..32, RTX 4050 laptop
     python estimate.py --check results      # predictions next to this machine's measurements
+    python estimate.py --speculative results  # + speculative: 3B reference, 7B and 14B on a 6 GB card
 
 report.py puts both tables into results/README.md.
 """
@@ -81,16 +89,24 @@ def qwen_layer_nf4_bytes(hidden: int, intermediate: int, n_heads: int, n_kv_head
     return sum(nf4_linear_bytes(a, b) for a, b in linears) + 2 * (hidden + 2 * kv) + 2 * 2 * hidden
 
 
-# The original experiment (REFERENCES.md): Qwen2.5-3B NF4 on an RTX 4050 laptop GPU.
-QWEN25_3B = dict(hidden=2048, intermediate=11008, n_heads=16, n_kv_heads=2, n_layers=36)
+# The original experiment (REFERENCES.md): Qwen2.5-3B NF4 on an RTX 4050 laptop GPU. vocab and
+# tied_head (one matrix for input embedding and output head) from the models' config.json on the Hub.
+QWEN25_3B = dict(hidden=2048, intermediate=11008, n_heads=16, n_kv_heads=2, n_layers=36, vocab=151936, tied_head=True)
+QWEN25_7B = dict(hidden=3584, intermediate=18944, n_heads=28, n_kv_heads=4, n_layers=28, vocab=152064, tied_head=False)
+QWEN25_14B = dict(hidden=5120, intermediate=13824, n_heads=40, n_kv_heads=8, n_layers=48, vocab=152064, tied_head=False)
 ORIGINAL = {"standby_GB": (1.92, 1.34), "resident_tok_s": 16.6, "generate_tok_s": 13.6,
             "disk_no_kv_tok_s": 1.5}
 RTX4050 = {"h2d_Bps": 12 * GB, "vram_Bps": 192 * GB}
 STORAGE = {"file in RAM (page cache)": None, "NVMe PCIe 4.0 (7 GB/s)": 7 * GB, "NVMe PCIe 3.0 (3.5 GB/s)": 3.5 * GB}
 
 
+def layer_nf4_bytes(model: dict) -> int:
+    """One decoder layer of `model` (a QWEN25_* dict) in NF4."""
+    return qwen_layer_nf4_bytes(model["hidden"], model["intermediate"], model["n_heads"], model["n_kv_heads"])
+
+
 def reference_table() -> str:
-    layer = qwen_layer_nf4_bytes(**{k: v for k, v in QWEN25_3B.items() if k != "n_layers"})
+    layer = layer_nf4_bytes(QWEN25_3B)
     offloaded = select_layers(QWEN25_3B["n_layers"], "even")
     layer_bytes = {i: layer for i in offloaded}
     # measured compute input: the original's own decode loop with every layer loaded
@@ -153,12 +169,281 @@ def check_table(results: Path, csv_name: str = "diskoffload.csv") -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- speculative decoding
+#
+# Greedy speculative decoding over stream residency: a draft proposes tokens, the target checks
+# them in one forward and emits the accepted ones plus its own next token, so the streamed layers
+# are read once per verify forward instead of once per token:
+#
+#     t per token = (drafted_per_verify x t_draft + t_verify) / accepted_per_verify
+#     t_verify    = the stream model above with one forward's streamed bytes and compute
+#
+# accepted_per_verify and drafted_per_verify are measured (results/speculative.csv). Everything
+# else is an assumption, and all of them are here:
+
+# A verify forward of k+1 tokens costs one token's compute: batch-1 decoding is bound by reading
+# the weights and k+1 tokens read them once. Not measured: bitsandbytes takes its dequantise-then-
+# matmul path for more than one token, which may cost more than its one-token kernel.
+VERIFY_COMPUTE_FACTOR = 1.0
+# Compute time is proportional to the weight bytes a forward reads, at the rate the 3B reference
+# computes (its measured 16.6 tok/s over weights_read_bytes(QWEN25_3B)): used for the 7B and 14B
+# targets and for drafts. For drafts this is optimistic: a small model's per-layer kernel launches
+# are not in its bytes.
+# A sibling draft (another model) reads all of its resident bytes as measured per drafted token
+# (its embedding table counted, although a token reads one row: pessimistic); a self draft reads
+# the target's resident part plus its low-bit substitutes of the streamed layers; prompt lookup
+# matches n-grams of the context on the host and costs nothing.
+# The draft does not overlap the verify's reads (it runs between verify forwards).
+# Acceptance measured on one target and draft pair here carries over to the predicted targets.
+# A self draft's substitutes take the bytes per parameter they took in the measured row.
+#
+# "A 6 GB card": the RTX 4050 laptop's 6 GiB, its PCIe and VRAM rates (RTX4050), NVMe storage.
+CARD_VRAM_BYTES = 6 * 2**30
+# CUDA context and cuBLAS workspace, bitsandbytes' bf16 copy of one linear for multi-token
+# forwards (prefill, verify: 0.14 GB for the 14B's MLP), activations, allocator slack. Not measured.
+VRAM_RESERVE_BYTES = 2**30
+CONTEXT_TOKENS = 4096       # the KV cache (bf16) is held for this many tokens
+STREAM_SLOTS = 2            # device buffers for streamed layers: the one computing and the one being copied
+# The input embedding stays on the card (bnb's layout). --offload-embeddings would free an untied one:
+# 1.09 GB on the 7B, enough to keep all its layers.
+OFFLOAD_INPUT_EMBEDDING = False
+NVME = "NVMe PCIe 4.0 (7 GB/s)"  # the storage of the NVMe columns (a STORAGE key)
+BYTES_PER_PARAM = {"nf4": nf4_linear_bytes(2048, 11008) / (2048 * 11008), "bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def head_bytes(model: dict) -> int:
+    """The bf16 output head (bitsandbytes leaves it unquantised)."""
+    return model["vocab"] * model["hidden"] * 2
+
+
+def weights_read_bytes(model: dict) -> int:
+    """Weight bytes one forward reads: every decoder layer (NF4), the final norm and the head;
+    of the input embedding only a forward's rows, left out."""
+    return model["n_layers"] * layer_nf4_bytes(model) + 2 * model["hidden"] + head_bytes(model)
+
+
+# bytes per second at which the 3B reference computes (see the assumptions above)
+COMPUTE_Bps = weights_read_bytes(QWEN25_3B) * ORIGINAL["resident_tok_s"]
+
+
+def compute_s(model: dict) -> float:
+    """Compute time per one-token forward of `model`, every layer resident: its weight bytes at
+    the 3B reference's measured rate (COMPUTE_Bps)."""
+    return weights_read_bytes(model) / COMPUTE_Bps
+
+
+def kv_cache_bytes(model: dict, tokens: int) -> int:
+    """bf16 keys and values of every layer for `tokens` tokens."""
+    head_dim = model["hidden"] // model["n_heads"]
+    return 2 * model["n_layers"] * model["n_kv_heads"] * head_dim * 2 * tokens
+
+
+@dataclass(frozen=True)
+class Draft:
+    name: str                              # as in the CSV: none, lookup, self:<format>, or a model
+    nbytes: float = 0.0                    # a sibling draft's resident bytes, as measured
+    substitute_ratio: float | None = 0.0   # a self draft's substitute bytes per streamed NF4 byte
+
+    @property
+    def kind(self) -> str:
+        if self.name in ("none", "lookup"):
+            return self.name
+        return "self" if self.name.startswith("self:") else "model"
+
+    def card_bytes(self, streamed_bytes: float) -> float:
+        """Bytes the draft adds on the device when `streamed_bytes` of the target are streamed."""
+        if self.kind == "model":
+            return self.nbytes
+        return (self.substitute_ratio or 0.0) * streamed_bytes if self.kind == "self" else 0.0
+
+    def read_bytes(self, model: dict, streamed_bytes: float) -> float:
+        """Weight bytes read per drafted token."""
+        if self.kind == "self":
+            return weights_read_bytes(model) - streamed_bytes + self.card_bytes(streamed_bytes)
+        return self.card_bytes(streamed_bytes)
+
+
+PLAIN = Draft("none")
+
+
+def substitute_ratio(draft_bytes: float | None, plain_read_bytes: float | None, quant: str) -> float | None:
+    """A self draft's substitute bytes per byte of NF4 streamed layers: the measured row's
+    substitute bytes per parameter of its streamed layers (plain_read_bytes of the row's `quant`)
+    over NF4's bytes per parameter. None when the row does not tell."""
+    bpp = BYTES_PER_PARAM.get(quant)
+    if not (draft_bytes and plain_read_bytes and bpp):
+        return None
+    return draft_bytes / (plain_read_bytes / bpp) / BYTES_PER_PARAM["nf4"]
+
+
+def speculative_s_per_token(drafted_per_verify: float, accepted_per_verify: float,
+                            t_draft_s: float, t_verify_s: float) -> float:
+    """Time per emitted token: the drafting and the one verify forward, shared by the tokens it emits."""
+    return (drafted_per_verify * t_draft_s + t_verify_s) / accepted_per_verify
+
+
+@dataclass(frozen=True)
+class SpeculativePrediction:
+    streamed_bytes: int       # read per verify forward
+    draft_s: float            # per drafted token
+    verify_serial_s: float    # prefetch 0
+    verify_prefetch_s: float  # prefetch >= 1
+    serial_s: float           # per emitted token, prefetch 0
+    prefetch_s: float         # per emitted token, prefetch >= 1
+
+
+def predict_speculative(model: dict, streamed: list[int], storage_Bps: float | None, h2d_Bps: float | None,
+                        accepted_per_verify: float, drafted_per_verify: float, draft: Draft = PLAIN) -> SpeculativePrediction:
+    """`model` (a QWEN25_* dict, NF4) with the layers `streamed` read per verify forward; the
+    verify's compute is VERIFY_COMPUTE_FACTOR one-token forwards, a drafted token costs the
+    draft's read bytes at COMPUTE_Bps. With draft PLAIN, accepted 1 and drafted 0 this is predict's
+    stream residency."""
+    layer = layer_nf4_bytes(model)
+    # with nothing drafted the verify is a one-token forward, whatever VERIFY_COMPUTE_FACTOR says
+    factor = VERIFY_COMPUTE_FACTOR if drafted_per_verify else 1.0
+    verify = predict({i: layer for i in streamed}, 0, factor * compute_s(model), storage_Bps, h2d_Bps)
+    t_draft = draft.read_bytes(model, verify.streamed_bytes) / COMPUTE_Bps
+    return SpeculativePrediction(
+        streamed_bytes=verify.streamed_bytes,
+        draft_s=t_draft,
+        verify_serial_s=verify.stream_serial_s,
+        verify_prefetch_s=verify.stream_prefetch_s,
+        serial_s=speculative_s_per_token(drafted_per_verify, accepted_per_verify, t_draft, verify.stream_serial_s),
+        prefetch_s=speculative_s_per_token(drafted_per_verify, accepted_per_verify, t_draft, verify.stream_prefetch_s),
+    )
+
+
+def card_bytes(model: dict, n_streamed: int, draft: Draft = PLAIN) -> float:
+    """Device bytes with the last `n_streamed` layers streamed: the reserve, the KV cache, the
+    head (and the input embedding unless offloaded or tied), the resident layers, the stream slots
+    and what the draft adds."""
+    layer = layer_nf4_bytes(model)
+    embedding = 0 if OFFLOAD_INPUT_EMBEDDING or model["tied_head"] else head_bytes(model)
+    slots = STREAM_SLOTS * layer if n_streamed else 0
+    return (VRAM_RESERVE_BYTES + kv_cache_bytes(model, CONTEXT_TOKENS) + head_bytes(model) + embedding
+            + 2 * model["hidden"] + (model["n_layers"] - n_streamed) * layer + slots
+            + draft.card_bytes(n_streamed * layer))
+
+
+def card_streamed_layers(model: dict, vram_bytes: int = CARD_VRAM_BYTES, draft: Draft = PLAIN) -> list[int] | None:
+    """The fewest layers to stream so that card_bytes fits `vram_bytes`: the last ones (the stream
+    model keeps the first that fit, as offload_skip.fit_budget does; equal layers, so which ones
+    does not change the time). None if nothing fits."""
+    n = model["n_layers"]
+    for n_streamed in range(n + 1):
+        if card_bytes(model, n_streamed, draft) <= vram_bytes:
+            return list(range(n - n_streamed, n))
+    return None
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    model: str                   # the target it was measured on
+    quant: str
+    prompt_kind: str
+    draft: Draft
+    accepted_per_verify: float   # pooled over the rows' verify forwards
+    drafted_per_verify: float
+    rows: int
+
+
+_KIND_ORDER = {"code": 0, "wiki": 1}  # code prompts are the headline
+
+
+def measured_acceptance(rows: list[dict]) -> list[Acceptance]:
+    """Per (model, quant, draft, prompt_kind): the non-busy rows with a draft, their
+    accepted_per_verify and drafted_per_verify averaged weighted by verify_forwards (cold_reads and
+    prefetch change the time, not the greedy tokens), code prompts first."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row.get("busy") == "True" or row.get("draft", "none") == "none" or not bench.number(row.get("accepted_per_verify")):
+            continue
+        groups.setdefault((row["model"], row["quant"], row["draft"], row["prompt_kind"]), []).append(row)
+    out = []
+    for (model, quant, name, kind), group in groups.items():
+        weights = [bench.number(r.get("verify_forwards")) or 1.0 for r in group]
+
+        def pooled(column: str) -> float:
+            return sum(w * (bench.number(r.get(column)) or 0.0) for w, r in zip(weights, group)) / sum(weights)
+
+        draft_bytes = pooled("draft_bytes")
+        draft = Draft(name, draft_bytes, substitute_ratio(draft_bytes, pooled("plain_read_bytes_per_token"), quant)
+                      if name.startswith("self:") else 0.0)
+        out.append(Acceptance(model, quant, kind, draft, pooled("accepted_per_verify"), pooled("drafted_per_verify"), len(group)))
+    return sorted(out, key=lambda a: (_KIND_ORDER.get(a.prompt_kind, 2), a.prompt_kind, a.model, a.draft.name))
+
+
+def speculative_table(results_dir: Path, csv_name: str = "speculative.csv") -> str:
+    """Predicted tok/s, plain stream against speculative, for each draft measured in
+    results_dir/csv_name: the 3B reference (the original's even layers 2..32 streamed) from the
+    page cache and from NVMe, the 7B and 14B NF4 on a 6 GB card from NVMe; read-ahead on."""
+    path = Path(results_dir) / csv_name
+    measured = measured_acceptance(bench.read_rows(path))
+    if not measured:
+        return f"No speculative predictions: {path} {'has no non-busy rows with a draft' if path.is_file() else 'is missing'}."
+    reference = select_layers(QWEN25_3B["n_layers"], "even")
+    setups = [  # (column, model, storage, fixed streamed layers or None: fit the 6 GB card)
+        (f"3B ref, page cache -> PCIe {RTX4050['h2d_Bps'] / GB:.0f} GB/s", QWEN25_3B, None, reference),
+        (f"3B ref, NVMe {STORAGE[NVME] / GB:g} GB/s", QWEN25_3B, STORAGE[NVME], reference),
+        (f"7B, 6 GB card, NVMe {STORAGE[NVME] / GB:g} GB/s", QWEN25_7B, STORAGE[NVME], None),
+        (f"14B, 6 GB card, NVMe {STORAGE[NVME] / GB:g} GB/s", QWEN25_14B, STORAGE[NVME], None),
+    ]
+
+    def tok_s(model, storage_Bps, fixed, accepted, drafted, draft) -> tuple[float | None, list[int] | None]:
+        streamed = fixed if fixed is not None else card_streamed_layers(model, draft=draft)
+        if streamed is None or (draft.kind == "self" and draft.substitute_ratio is None):
+            return None, streamed
+        p = predict_speculative(model, streamed, storage_Bps, RTX4050["h2d_Bps"], accepted, drafted, draft)
+        return 1 / p.prefetch_s, streamed
+
+    plain = [tok_s(model, storage, fixed, 1, 0, PLAIN) for _, model, storage, fixed in setups]
+    layer_7b, layer_14b = layer_nf4_bytes(QWEN25_7B), layer_nf4_bytes(QWEN25_14B)
+    lines = [
+        f"Predicted tok/s with read-ahead (x: against the plain stream on the same setup). Acceptance: {path.name}'s "
+        f"non-busy rows with a draft, pooled over their verify forwards per target, draft and prompt kind. 3B reference: "
+        f"Qwen2.5-3B NF4, even layers {reference[0]}..{reference[-1]} streamed, RTX 4050 laptop. 6 GB card: the same "
+        f"card, {CARD_VRAM_BYTES / 2**30:.0f} GiB less {VRAM_RESERVE_BYTES / 2**30:g} GiB reserve, the KV cache of "
+        f"{CONTEXT_TOKENS} tokens and {STREAM_SLOTS} stream slots; as few of the last layers streamed as fit (7B layer "
+        f"{layer_7b / 1e6:.0f} MB, 14B {layer_14b / 1e6:.0f} MB). Compute: weight bytes at the 3B's measured "
+        f"{ORIGINAL['resident_tok_s']} tok/s ({COMPUTE_Bps / GB:.1f} GB/s), drafts too; a verify forward costs "
+        f"{VERIFY_COMPUTE_FACTOR:g} token's compute. The assumptions: estimate.py, section speculative decoding.",
+        "",
+        "| draft | prompts | measured on (rows) | accepted / drafted per verify | " + " | ".join(c for c, *_ in setups) + " |",
+        "|---|---|---|---|" + "---|" * len(setups),
+        "| none (plain stream) | - | - | 1 / 0 | " + " | ".join(
+            _cell(t, None, streamed, fixed, model) for (t, streamed), (_, model, _, fixed) in zip(plain, setups)) + " |",
+    ]
+    for a in measured:
+        cells = []
+        for (base, _), (_, model, storage, fixed) in zip(plain, setups):
+            t, streamed = tok_s(model, storage, fixed, a.accepted_per_verify, a.drafted_per_verify, a.draft)
+            cells.append(_cell(t, base, streamed, fixed, model))
+        lines.append(f"| {a.draft.name} | {a.prompt_kind} | {a.model} {a.quant} ({a.rows}) | "
+                     f"{a.accepted_per_verify:.2f} / {a.drafted_per_verify:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(tok_s: float | None, plain_tok_s: float | None, streamed: list[int] | None, fixed, model: dict) -> str:
+    if streamed is None:
+        return "does not fit"
+    if tok_s is None:
+        return "-"
+    text = f"{tok_s:.1f}" + (f" ({tok_s / plain_tok_s:.2f}x)" if plain_tok_s else "")
+    # on the 6 GB card a draft's bytes may push more layers out: say how many are streamed
+    return text if fixed is not None else f"{text}, {len(streamed)}/{model['n_layers']} streamed"
+
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", type=Path, metavar="RESULTS_DIR",
                         help="also compare predictions with the rows in RESULTS_DIR/diskoffload.csv")
+    parser.add_argument("--speculative", type=Path, metavar="RESULTS_DIR",
+                        help="also predict speculative decoding with the acceptance in RESULTS_DIR/speculative.csv")
     args = parser.parse_args(argv)
     print(reference_table())
+    if args.speculative:
+        print("\nSpeculative decoding over stream residency, predicted:\n" + speculative_table(args.speculative))
     if args.check:
         print("\nThis machine, measured vs predicted (decode time per token):\n" + check_table(args.check))
 

@@ -47,3 +47,140 @@ def test_qwen25_3b_layer_bytes():
     linears = [(2048, 2048), (2048, 256), (2048, 256), (2048, 2048), (2048, 11008), (2048, 11008), (11008, 2048)]
     expected = sum(estimate.nf4_linear_bytes(a, b) for a, b in linears) + 2 * (2048 + 512) + 4 * 2048
     assert estimate.qwen_layer_nf4_bytes(hidden=2048, intermediate=11008, n_heads=16, n_kv_heads=2) == expected
+
+
+# ---------------------------------------------------------------------------- speculative decoding
+
+@pytest.mark.parametrize("drafted, accepted, t_draft, t_verify, expected", [
+    (0, 1, 0.0, 0.1, 0.1),          # nothing drafted, one token per forward: the plain stream
+    (0, 1, 5.0, 0.1, 0.1),          # an unused draft costs nothing
+    (4, 3, 0.01, 0.2, 0.08),        # (4 x 0.01 + 0.2) / 3
+    (2, 2, 0.05, 0.1, 0.1),         # two tokens per forward, paid for by the drafting: no gain
+    (3, 2.5, 0.0, 0.5, 0.2),        # a free draft (lookup): the verify shared by 2.5 tokens
+])
+def test_speculative_s_per_token(drafted, accepted, t_draft, t_verify, expected):
+    assert estimate.speculative_s_per_token(drafted, accepted, t_draft, t_verify) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("drafted, t_draft, t_verify", [(0, 0.0, 0.1), (4, 0.01, 0.2), (8, 0.05, 1.0)])
+def test_speculative_more_accepted_is_faster_more_drafted_is_slower(drafted, t_draft, t_verify):
+    times = [estimate.speculative_s_per_token(drafted, a, t_draft, t_verify) for a in (1, 1.5, 2, 3, 5)]
+    assert times == sorted(times, reverse=True) and len(set(times)) == len(times)
+    if t_draft:
+        assert estimate.speculative_s_per_token(drafted + 1, 2, t_draft, t_verify) > times[2]
+
+
+REFERENCE = estimate.select_layers(36, "even")
+
+
+@pytest.mark.parametrize("model, streamed, storage", [
+    (estimate.QWEN25_3B, REFERENCE, None), (estimate.QWEN25_3B, REFERENCE, 7e9),
+    (estimate.QWEN25_7B, list(range(22, 28)), 3.5e9), (estimate.QWEN25_14B, [], 7e9),
+])
+def test_predict_speculative_without_a_draft_is_the_stream_model(model, streamed, storage):
+    p = estimate.predict_speculative(model, streamed, storage, 12e9, 1, 0, estimate.PLAIN)
+    layer = estimate.layer_nf4_bytes(model)
+    q = predict({i: layer for i in streamed}, 0, estimate.compute_s(model), storage, 12e9)
+    assert (p.serial_s, p.prefetch_s, p.streamed_bytes) == (q.stream_serial_s, q.stream_prefetch_s, q.streamed_bytes)
+
+
+def test_compute_is_the_3b_reference_measured_rate():
+    assert estimate.compute_s(estimate.QWEN25_3B) == pytest.approx(1 / estimate.ORIGINAL["resident_tok_s"])
+    # larger models read more bytes per token, so take longer
+    assert (estimate.compute_s(estimate.QWEN25_3B) < estimate.compute_s(estimate.QWEN25_7B)
+            < estimate.compute_s(estimate.QWEN25_14B))
+
+
+M7 = estimate.QWEN25_7B
+W7 = estimate.weights_read_bytes(M7)
+
+
+@pytest.mark.parametrize("draft, streamed, card, read", [
+    (estimate.PLAIN, 100, 0, 0),
+    (estimate.Draft("lookup"), 100, 0, 0),
+    (estimate.Draft("qwen2.5-coder-0.5b", 7e8), 100, 7e8, 7e8),          # a sibling: its own bytes
+    (estimate.Draft("self:hqq3", 5e7, 0.5), 100, 50, W7 - 100 + 50),   # resident part + substitutes
+])
+def test_draft_bytes(draft, streamed, card, read):
+    assert draft.card_bytes(streamed) == pytest.approx(card)
+    assert draft.read_bytes(M7, streamed) == pytest.approx(read)
+
+
+@pytest.mark.parametrize("draft_bytes, plain_read, quant, expected", [
+    (70, 100, "nf4", 0.7),
+    (50, 200, "bf16", 50 / 100 / estimate.BYTES_PER_PARAM["nf4"]),  # 100 params at 0.5 B each: NF4 size
+    (0, 100, "nf4", None), (70, None, "nf4", None), (70, 100, "int3", None),
+])
+def test_substitute_ratio(draft_bytes, plain_read, quant, expected):
+    got = estimate.substitute_ratio(draft_bytes, plain_read, quant)
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
+@pytest.mark.parametrize("model", [estimate.QWEN25_7B, estimate.QWEN25_14B])
+@pytest.mark.parametrize("draft", [estimate.PLAIN, estimate.Draft("qwen2.5-coder-0.5b", 7e8),
+                                   estimate.Draft("self:hqq3", 0, 0.1)])
+def test_6gb_card_streams_the_fewest_last_layers_that_fit(model, draft):
+    streamed = estimate.card_streamed_layers(model, draft=draft)
+    n = model["n_layers"]
+    assert streamed == list(range(n - len(streamed), n))
+    assert estimate.card_bytes(model, len(streamed), draft) <= estimate.CARD_VRAM_BYTES
+    if streamed:  # streaming one layer fewer would not fit
+        assert estimate.card_bytes(model, len(streamed) - 1, draft) > estimate.CARD_VRAM_BYTES
+
+
+def test_6gb_card_too_small():
+    # substitutes as large as the layers they stand for save nothing; a 1 GB card holds nothing
+    assert estimate.card_streamed_layers(estimate.QWEN25_14B, draft=estimate.Draft("self:nf4", 0, 1.0)) is None
+    assert estimate.card_streamed_layers(estimate.QWEN25_7B, vram_bytes=2**30) is None
+
+
+SPEC_COLUMNS = ("model,quant,draft,draft_bytes,prompt_kind,cold_reads,prefetch,busy,verify_forwards,new_tokens,"
+                "accepted_per_verify,drafted_per_verify,plain_read_bytes_per_token,tokens_equal").split(",")
+
+
+def write_spec_csv(path, rows):
+    path.write_text("\n".join([",".join(SPEC_COLUMNS)] + [",".join(map(str, r)) for r in rows]) + "\n")
+
+
+SPEC_ROWS = [
+    ("m", "nf4", "lookup", 0, "wiki", False, 0, False, 10, 12, 1.2, 2, 1000, True),
+    ("m", "nf4", "lookup", 0, "code", False, 0, False, 10, 20, 2.0, 3, 1000, True),
+    ("m", "nf4", "lookup", 0, "code", True, 1, False, 30, 120, 4.0, 5, 1000, True),
+    ("m", "nf4", "lookup", 0, "code", False, 0, True, 1000, 9000, 9.0, 9, 1000, True),   # busy: left out
+    ("m", "nf4", "self:hqq3", 700, "code", False, 0, False, 10, 25, 2.5, 4, 1000, True),
+]
+
+
+def test_measured_acceptance_pools_non_busy_rows_code_first(tmp_path):
+    write_spec_csv(tmp_path / "speculative.csv", SPEC_ROWS)
+    got = estimate.measured_acceptance(estimate.bench.read_rows(tmp_path / "speculative.csv"))
+    assert [(a.draft.name, a.prompt_kind, a.rows) for a in got] == [
+        ("lookup", "code", 2), ("self:hqq3", "code", 1), ("lookup", "wiki", 1)]
+    # weighted by verify forwards: (10 x 2 + 30 x 4) / 40, (10 x 3 + 30 x 5) / 40
+    assert (got[0].accepted_per_verify, got[0].drafted_per_verify) == (pytest.approx(3.5), pytest.approx(4.5))
+    assert got[1].draft.substitute_ratio == pytest.approx(0.7)
+
+
+def test_speculative_table(tmp_path):
+    write_spec_csv(tmp_path / "speculative.csv", SPEC_ROWS)
+    lines = estimate.speculative_table(tmp_path).splitlines()
+    rows = [line for line in lines if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0:2] for r in rows[1:]] == [
+        ["| none (plain stream)", "-"], ["| lookup", "code"], ["| self:hqq3", "code"], ["| lookup", "wiki"]]
+    assert all(r.count(" | ") == 7 for r in rows)
+    # a free draft with a verify as costly as a token: x = accepted per verify on every setup
+    assert rows[2].count("(3.50x)") == 4 and rows[4].count("(1.20x)") == 4
+
+
+@pytest.mark.parametrize("rows, says", [(None, "is missing"), ([], "no non-busy rows"), (SPEC_ROWS[3:4], "no non-busy rows")])
+def test_speculative_table_without_measurements_is_one_line(tmp_path, rows, says):
+    if rows is not None:
+        write_spec_csv(tmp_path / "speculative.csv", rows)
+    text = estimate.speculative_table(tmp_path)
+    assert "\n" not in text and says in text
+
+
+def test_cli_prints_the_speculative_table_after_the_reference(tmp_path, capsys):
+    estimate.main(["--speculative", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.index("| storage |") < out.index("No speculative predictions")
