@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import ctypes
 import functools
 import hashlib
@@ -483,6 +484,20 @@ class LayerStore:
         if self.written or not manifest:
             _atomic_write(self.manifest_path, [json.dumps(
                 {"identity": self.identity, "layers": entries}, indent=1, sort_keys=True).encode()])
+
+    def open_existing(self, keys) -> bool:
+        """Adopt the stored files for `keys` without the tensors that made them (what they hold is
+        pinned by the identity): True if the manifest has this identity and every one of them,
+        each checked against its size and sha256 (a bad one is a CacheError naming it); False
+        if any is not listed, so the caller writes them with sync()."""
+        entries = self._read_manifest().get("layers", {})
+        if any(str(key) not in entries for key in keys):
+            return False
+        for key in keys:
+            path = self.path(key)
+            self._verify(path, entries[str(key)])
+            self.layouts[key] = read_layout(path)
+        return True
 
     @staticmethod
     def _verify(path: Path, entry: dict) -> None:
@@ -1192,6 +1207,33 @@ class OffloadController:
     def store(self) -> LayerStore:
         """The layer files (for measurements such as a storage read rate)."""
         return self._store
+
+    def layer_copy(self, i: int, tensors: bool = True) -> nn.Module:
+        """Offloaded layer i as a module of its own, outside the controller: its stored tensors
+        read from its file into fresh memory on the device (tensors=False: placeholders, the
+        structure only). What a draft builds a resident substitute from."""
+        layer = self._layers[i]
+        bound = {name: ref.get() for name, ref in self._refs[i].items()}
+        for ref in self._refs[i].values():  # copy the structure, never a bound layer's bytes
+            ref.set(_placeholder(ref.get().dtype, self.device))
+        try:
+            module = copy.deepcopy(layer)
+        finally:
+            for name, ref in self._refs[i].items():
+                ref.set(bound[name])
+        if tensors:
+            flat = torch.empty(self.layer_bytes[i], dtype=torch.uint8)
+            self._store.read_into(i, flat)
+            refs = layer_tensor_refs(module)
+            for name, view in self._store.layouts[i].views(flat).items():
+                refs[name].set(view.to(self.device, copy=self.device.type == "cpu"))
+        return module
+
+    def layer_dtype(self) -> torch.dtype:
+        """The dtype of the offloaded layers' largest tensor: their weights' (torch.uint8 for
+        bitsandbytes NF4 codes, which compute in the layer's compute dtype)."""
+        entries = [e for i in self.offloaded_layers for e in self._store.layouts[i].entries.values()]
+        return max(entries, key=lambda e: e.end - e.start).dtype
 
     def read_bytes_per_forward(self) -> int:
         """Bytes of layer files one forward reads in stream mode: the computed layers not kept

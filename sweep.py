@@ -73,7 +73,19 @@ CPU_READ_CASES = (  # (model, quant, batch size, prefetch)
     ("smollm2-135m", "nf4", 16, 0), ("smollm2-135m", "nf4", 1, 1),
 )
 CPU_READ_REPEATS = 11  # batch-1 ratios moved by up to 0.1 between 5-repeat runs of one design
-SUITES = ("alpha", "patterns", "importance", "planner", "distance", "context", "beyond", "load", "cpu_read")
+# speculative: Qwen2.5-Coder-1.5B with its even layers streamed, decoding speculatively with each
+# draft (the 0.5B sibling, self substitutes, prompt lookup) against plain stream decoding and the
+# resident model; code (HumanEval) and wiki prompts; from the page cache, then cold: every read
+# from the device (a copy per read: mapped pages would stay in memory for the whole decode),
+# without and with read-ahead, which keeps reading while the draft proposes.
+SPECULATIVE_MODEL = "qwen2.5-coder-1.5b"
+SPECULATIVE_DRAFTS = {"bf16": ("qwen2.5-coder-0.5b", "self:nf4", "lookup"), "nf4": ("qwen2.5-coder-0.5b", "lookup")}
+SPECULATIVE_READS = {"page cache": ("--prefetch", "0"), "cold": ("--cold", "--cpu-read", "copy", "--prefetch", "0"),
+                     "cold, read-ahead": ("--cold", "--cpu-read", "copy", "--prefetch", "2")}
+SPECULATIVE_COLD = {"bf16": ("qwen2.5-coder-0.5b", "self:nf4", "lookup"), "nf4": ("qwen2.5-coder-0.5b",)}
+SPECULATIVE_PROMPTS = 3
+SPECULATIVE_TOKENS = 32
+SUITES = ("alpha", "patterns", "importance", "planner", "distance", "context", "beyond", "load", "cpu_read", "speculative")
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,18 @@ def suite_cases(suite: str, out: Path, importances: dict | None = None) -> list[
                              "--prefetch", str(prefetch), "--cpu-read", way, "--max-new-tokens", "32",
                              "--repeats", str(CPU_READ_REPEATS), "--ppl-max-tokens", "0", "--out", str(out)))
                 for model, quant, batch, prefetch in CPU_READ_CASES for way in ("copy", "map")]
+    if suite == "speculative":
+        def spec(quant, draft, reads, kind):
+            return Case(suite, ("run_diskoffload.py", "--model", SPECULATIVE_MODEL, "--quant", quant, "--draft", draft,
+                                "--prompts", kind, "--prompt-count", str(SPECULATIVE_PROMPTS), "--max-new-tokens",
+                                str(SPECULATIVE_TOKENS), "--repeats", "1", "--ppl-max-tokens", "0",
+                                *SPECULATIVE_READS[reads], "--out", str(out)))
+        cases = [spec(quant, draft, "page cache", kind) for quant, drafts in SPECULATIVE_DRAFTS.items()
+                 for draft in drafts for kind in ("code", "wiki")]
+        cases += [spec(quant, draft, reads, "code") for reads in ("cold", "cold, read-ahead")
+                  for quant, drafts in SPECULATIVE_COLD.items() for draft in drafts
+                  if reads == "cold" or draft != "lookup"]
+        return cases
     if suite == "beyond":
         return [Case(suite, (script, "--model", model, "--quant", "nf4", "--max-new-tokens", str(spec["new_tokens"]),
                              "--repeats", str(BEYOND_REPEATS), "--ppl-max-tokens", str(spec["tokens"]), *flags,

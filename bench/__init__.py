@@ -7,7 +7,7 @@ module imports only the modules before it, not even a type checker's import of a
 (tests/test_bench_imports.py checks it):
 
     base < hostmem < fetch < layer_loading < models < corpus < prompts < workload < results
-    < cli < experiment < measure < rows < importance
+    < cli < experiment < measure < rows < drafting < importance
 
 - base: the one-line ``UsageError``, repo and cache locations
 - hostmem: the process's anonymous resident memory and its sampled peak; resident memory by kind of page
@@ -22,6 +22,7 @@ module imports only the modules before it, not even a type checker's import of a
 - experiment: one invocation (``Run``, ``open_run``) and the variant's residency (``patch``)
 - measure: the decode loop, timers, memory
 - rows: a run's ``Result`` (``make_result``), appended and summarised (``finish``)
+- drafting: speculative decoding over stream residency (--draft), timed against plain stream decoding
 - importance: Block Influence, rank correlation, the planner's skip orders
 
 The names below are the harness's public surface; scripts use them as ``bench.<name>``.
@@ -30,6 +31,8 @@ from .base import REPO_DIR, RESULTS_DIR, UsageError, default_cache_dir, first_li
 from .cli import (CPU_DEFAULT_PREFETCH, CUDA_DEFAULT_PREFETCH, SIZE_HELP, build_parser, default_ppl_dataset, finish_args,
                   main, new_parser, parse_size)
 from .corpus import CORPORA, SHORT_TEXTS, load_corpus, parse_wiki_docs
+from . import drafting
+from .drafting import SpeculativeRow, run_drafts
 from .experiment import Run, inference, open_run, patch, prompt_batch, select
 from .measure import (DecodeTiming, Memory, Speed, cold_read_bytes_s, decode, generate, measure_memory, measure_speed,
                       measure_unpatched, synchronize, unpatched_fits, weight_bytes)

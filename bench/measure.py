@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 import offload_skip
+from speculative import cache_keyword, last_logits_only
 
 from .base import UsageError
 from .experiment import Run, inference
@@ -34,19 +35,6 @@ class DecodeTiming:
     prefill_s: float  # start of the inference (session entry included) to the first new token
     decode_s: float   # the remaining new tokens
     tokens: torch.Tensor  # the new token ids, [1, max_new_tokens]
-
-
-def _last_logits_only(model) -> dict:
-    # lm_head over every prompt position is wasted work for decoding; generate() skips it too.
-    import inspect
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-
-
-def _cache_name(model) -> str:
-    # transformers renamed the KV cache `past_key_values` -> `cache` (forward keyword and output
-    # field alike) and warns on the old name; older 5.x releases know only the old one.
-    import inspect
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _padding(mask: torch.Tensor | None) -> dict:
@@ -72,8 +60,8 @@ def decode(model, input_ids: torch.Tensor, max_new_tokens: int, kv_cache: bool =
     marks the real tokens (None: no padding).
     """
     device = input_ids.device
-    keep = _last_logits_only(model)
-    cache = _cache_name(model)
+    keep = last_logits_only(model)
+    cache = cache_keyword(model)
     with torch.no_grad():
         synchronize(device)
         start = time.perf_counter()

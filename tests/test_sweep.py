@@ -85,7 +85,10 @@ SCRIPTS = {"eval_ppl.py": eval_ppl, "run_baseline.py": run_baseline, "run_kvcach
 @pytest.mark.parametrize("suite", sweep.SUITES)
 def test_every_case_parses_with_its_scripts_command_line(tmp_path, monkeypatch, suite):
     parsed = []
-    monkeypatch.setattr(bench, "main", lambda run, parser, argv: parsed.append(parser.parse_args(argv)) or 0)
+    def main(run, parser, argv, finish=bench.finish_args):  # parse and check, run nothing
+        parsed.append(finish(parser.parse_args(argv)))
+        return 0
+    monkeypatch.setattr(bench, "main", main)
     cases = sweep.suite_cases(suite, tmp_path / f"{suite}.csv", _importances())
     for case in cases:
         assert SCRIPTS[case.argv[0]].main(list(case.argv[1:])) == 0
@@ -215,7 +218,7 @@ def test_unknown_suite(tmp_path):
     with pytest.raises(bench.UsageError) as err:
         sweep.suite_cases("alphas", tmp_path / "x.csv")
     assert str(err.value) == ("unknown suite 'alphas'; choose from "
-                              "alpha, patterns, importance, planner, distance, context, beyond, load, cpu_read")
+                              "alpha, patterns, importance, planner, distance, context, beyond, load, cpu_read, speculative")
 
 
 # --------------------------------------------------------------------------- the planner
@@ -432,6 +435,7 @@ def test_list(tmp_path, capsys):
         "beyond       20 cases,  20 pending",
         "load          3 cases,   3 pending",
         "cpu_read     12 cases,  12 pending",
+        "speculative  17 cases,  17 pending",
     ]
 
 
@@ -452,3 +456,18 @@ def test_results_outside_the_repo_given_relative(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     given = tmp_path.joinpath("out").relative_to(tmp_path)
     assert (bench.REPO_DIR / sweep._relative(given)).resolve() == (tmp_path / "out").resolve()
+
+
+def test_speculative_suite(tmp_path):
+    out = tmp_path / "speculative.csv"
+    commands = [c.command for c in sweep.suite_cases("speculative", out)]
+    common = "--prompt-count 3 --max-new-tokens 32 --repeats 1 --ppl-max-tokens 0"
+    assert commands[0] == (f"python run_diskoffload.py --model qwen2.5-coder-1.5b --quant bf16 --draft qwen2.5-coder-0.5b "
+                           f"--prompts code {common} --prefetch 0 --out {out}")
+    # every draft on both prompt kinds from the page cache; code prompts cold, and cold with read-ahead
+    page_cache = [c for c in commands if "--cold" not in c]
+    assert len(page_cache) == 2 * sum(len(d) for d in sweep.SPECULATIVE_DRAFTS.values())
+    cold = [c for c in commands if "--cold --cpu-read copy --prefetch 0" in c]
+    assert len(cold) == sum(len(d) for d in sweep.SPECULATIVE_COLD.values())
+    assert all("--prompts code" in c for c in commands if "--cold" in c)
+    assert len(set(commands)) == len(commands)

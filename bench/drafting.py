@@ -1,0 +1,266 @@
+"""Speculative decoding over stream residency, measured: run_diskoffload.py --draft KIND.
+
+The draft (--draft) is built here from the run (a sibling model, the target's own substitutes,
+or prompt lookup); then, over a prompt set (--prompts), the patched target is timed three
+ways, interleaved prompt by prompt in one process: plain stream decoding, speculative
+decoding over the same stream, and the unpatched (resident) model. Exactness is checked
+against plain stream decoding's tokens (one token per forward); where they differ, the
+target's top-2 logit gap at that position is measured, so a flipped near-tie is shown as one.
+One row per run: ``SpeculativeRow``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+import speculative
+
+from .base import UsageError
+from .experiment import Run, inference, prompt_batch
+from .measure import decode, settle, synchronize, unpatched_fits, watch_cpu
+from .models import QUANTS, load_model, model_kind
+from .prompts import PROMPT_KINDS, load_prompts
+from .results import append_row, csv_row, device_name, environment
+
+SELF_DRAFTS = tuple(f"self:{kind}" for kind in speculative.SUBSTITUTE_KINDS)
+DRAFT_HELP = (f"speculative decoding: none, lookup (prompt lookup), {', '.join(SELF_DRAFTS)} (the target with a "
+              "resident low-bit substitute for each streamed layer; self = self:nf4), or a model with the target's "
+              "tokenizer (embedded alias, directory, hub id) kept resident in --draft-quant")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("speculative decoding (diskoffload --draft)")
+    group.add_argument("--draft", default="none", metavar="KIND", help=DRAFT_HELP)
+    group.add_argument("--draft-quant", choices=QUANTS, default=None,
+                       help="weight format of a --draft model (default: --quant)")
+    group.add_argument("--draft-tokens", type=int, default=None, metavar="N",
+                       help=f"most tokens drafted per verify (default: transformers' schedule, up to "
+                            f"{speculative.DEFAULT_DRAFT_TOKENS}, stopping where the draft's top probability "
+                            f"< {speculative.DEFAULT_CONFIDENCE}; lookup: {speculative.LOOKUP_TOKENS})")
+    group.add_argument("--prompts", choices=PROMPT_KINDS, default=None,
+                       help="decode a prompt set instead of --prompt: code (HumanEval) or wiki (Wikipedia openings)")
+    group.add_argument("--prompt-count", type=int, default=8, metavar="N", help="prompts of --prompts decoded")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The --draft flags' own checks (argparse cannot make them): one-line UsageErrors."""
+    draft = args.draft = "self:nf4" if args.draft == "self" else args.draft
+    if args.draft_tokens is not None and args.draft_tokens < 1:
+        raise UsageError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
+    if args.prompt_count < 1:
+        raise UsageError(f"--prompt-count must be >= 1, got {args.prompt_count}")
+    if draft == "none":
+        return
+    if args.batch_size != 1:
+        raise UsageError("--draft decodes one sequence at a time: drop --batch-size")
+    if not args.kv_cache:
+        raise UsageError("--draft verifies from the KV cache: drop --no-kv-cache")
+    if draft.startswith("self:") and draft not in SELF_DRAFTS:
+        raise UsageError(f"--draft {draft}: unknown substitute; choose from {', '.join(SELF_DRAFTS)}")
+    if draft not in ("lookup", *SELF_DRAFTS):
+        model_kind(draft)  # an unknown alias fails now, with the aliases named
+    if args.draft_quant is None:
+        args.draft_quant = args.quant
+
+
+def make_drafter(run: Run, ctl) -> speculative.Drafter:
+    args = run.args
+    if args.draft == "lookup":
+        return speculative.LookupDrafter(max_tokens=args.draft_tokens or speculative.LOOKUP_TOKENS)
+    if args.draft in SELF_DRAFTS:
+        try:
+            substitutes = speculative.build_substitutes(ctl, args.draft.split(":")[1], args.cache_dir / "drafts")
+        except ValueError as err:
+            raise UsageError(f"--draft {args.draft}: {err}") from None
+        return speculative.SelfDrafter(run.model, substitutes, ctl.offloaded_layers, name=args.draft)
+    model, tokenizer, _ = load_model(args.draft, args.draft_quant, args.device, args.cache_dir)
+    if tokenizer.get_vocab() != run.tokenizer.get_vocab():
+        raise UsageError(f"--draft {args.draft}: its tokenizer is not the target's ({args.model}); "
+                         "a draft must propose the target's token ids")
+    return speculative.ModelDrafter(model, name=args.draft)
+
+
+@csv_row
+class SpeculativeRow:
+    """One --draft run over one prompt set: speculative decoding against plain stream decoding
+    and the resident model, timed interleaved in one process."""
+    model: str
+    quant: str
+    device: str
+    device_name: str
+    layers_offloaded: str
+    draft: str                   # lookup, self:<kind>, or the draft model's name
+    draft_quant: str | None      # a draft model's weight format
+    draft_layers: str            # self drafts: the streamed layers with a substitute
+    draft_tokens: str            # the cap per verify, or "auto" (transformers' schedule)
+    prompt_kind: str             # code, wiki, or "prompt" (--prompt alone)
+    prompts: int
+    max_new_tokens: int
+    repeats: int
+    cpu_read: str | None
+    prefetch: int
+    cold_reads: bool
+    draft_bytes: int             # resident bytes the draft adds (its KV cache apart)
+    substituted_bytes: int | None  # self drafts: stored bytes of the layers it substitutes
+    streamed_bytes_per_forward: int
+    verify_forwards: int         # target forwards of one pass over the prompts, prefill included
+    new_tokens: int
+    accepted_per_verify: float   # tokens emitted per target forward
+    drafted_per_verify: float    # draft tokens proposed per verify forward
+    acceptance: float | None     # accepted / drafted
+    draft_ms_per_verify: float | None
+    verify_ms: float | None      # per verify forward
+    read_bytes_per_token: float  # streamed-layer bytes per generated token: each target forward reads them once
+    plain_read_bytes_per_token: float
+    decode_tok_s: float          # new tokens after the first, over the time after the prompt's forward
+    plain_decode_tok_s: float
+    vs_plain: float
+    resident_decode_tok_s: float | None
+    vs_resident: float | None
+    tokens_equal: bool           # every prompt's tokens equal plain stream decoding's
+    prompts_differing: int
+    first_diff: str              # prompt@position of each difference
+    max_diff_gap: float | None   # largest top-2 logit gap of the target where a token differs
+    other_cpu_share: float | None
+    busy: bool | None
+    run_id: str
+    command: str
+
+
+def _prompts(run: Run) -> tuple[str, list[tuple[str, torch.Tensor]]]:
+    args = run.args
+    if args.prompts is None:
+        return "prompt", [("prompt", run.input_ids)]
+    chosen = load_prompts(args.prompts, args.prompt_count, args.cache_dir)
+    return args.prompts, [(p.name, prompt_batch(run.tokenizer, p.text)[0].to(run.device)) for p in chosen]
+
+
+def _timed_speculative(run: Run, ctl, drafter, ids: torch.Tensor):
+    """(decode seconds after the prompt's forward, Decoded), inside the variant's inference
+    block like decode() times it (entered inside the timer, left outside)."""
+    synchronize(run.device)
+    start = time.perf_counter()
+    with inference(ctl)():
+        out = speculative.speculative_decode(run.model, ids, run.args.max_new_tokens, drafter,
+                                             run.args.draft_tokens or speculative.DEFAULT_DRAFT_TOKENS)
+        synchronize(run.device)
+        total_s = time.perf_counter() - start
+    return total_s - out.prefill_s, out
+
+
+def measure_drafts(run: Run, ctl, drafter) -> SpeculativeRow:
+    args, model, n = run.args, run.model, run.args.max_new_tokens
+    kind, prompts = _prompts(run)
+    resident = unpatched_fits(run, ctl)
+    plain_s, spec_s, resident_s, outs, plain_tokens = ({name: [] for name, _ in prompts} for _ in range(5))
+    bar = tqdm(total=(args.warmup + args.repeats * len(prompts)) * (3 if resident else 2), unit="run",
+               desc=f"timing draft {drafter.name}", leave=False)
+
+    def step(what, fn, *fn_args):
+        bar.set_postfix_str(what, refresh=True)
+        result = fn(*fn_args)
+        bar.update()
+        return result
+
+    def one_round(name, ids, record):
+        if resident:
+            with ctl.unpatched(release=False):
+                unpatched = step(f"{name}, unpatched", decode, model, ids, n)
+        plain = step(f"{name}, plain stream", decode, model, ids, n, True, inference(ctl))
+        seconds, out = step(f"{name}, draft {drafter.name}", _timed_speculative, run, ctl, drafter, ids)
+        if record:
+            spec_s[name].append(seconds)
+            outs[name].append(out)
+            plain_s[name].append(plain.decode_s)
+            plain_tokens[name].append(plain.tokens)
+            if resident:
+                resident_s[name].append(unpatched.decode_s)
+
+    for _ in range(args.warmup):
+        one_round(*prompts[0], record=False)
+    with watch_cpu() as cpu:
+        for _ in range(args.repeats):
+            for name, ids in prompts:
+                one_round(name, ids, record=True)
+    bar.close()
+    settle(run, ctl)
+
+    def tok_s(seconds: dict) -> float | None:  # the prompts' median decode times summed
+        total = sum(statistics.median(s) for s in seconds.values() if s)
+        return (n - 1) * len(seconds) / total if total else None
+
+    first = {name: runs[0] for name, runs in outs.items()}
+    forwards = sum(o.target_forwards for o in first.values())
+    verifies = forwards - len(first)
+    drafted = sum(o.drafted for o in first.values())
+    differing = []
+    for name, ids in prompts:
+        position = speculative.first_difference(first[name].tokens, plain_tokens[name][0])
+        if position is not None:  # how near a tie the target's choice was there, decoding plainly (untimed)
+            with inference(ctl)():
+                _, gaps = speculative.greedy_reference(model, ids, position + 1)
+            differing.append((name, position, gaps[position]))
+    streamed = ctl.read_bytes_per_forward()
+    new_tokens = n * len(first)
+    speed, plain, res = tok_s(spec_s), tok_s(plain_s), tok_s(resident_s) if resident else None
+    layers = getattr(drafter, "substitutes", None)
+    return SpeculativeRow(
+        model=run.info["model"], quant=run.info["quant"], device=run.device.type, device_name=device_name(run.device),
+        layers_offloaded=" ".join(map(str, ctl.offloaded_layers)), draft=drafter.name,
+        draft_quant=args.draft_quant if drafter.name not in ("lookup", *SELF_DRAFTS) else None,
+        draft_layers=" ".join(map(str, sorted(layers))) if layers is not None else "",
+        draft_tokens=str(args.draft_tokens) if args.draft_tokens else "auto", prompt_kind=kind, prompts=len(prompts),
+        max_new_tokens=n, repeats=args.repeats, cpu_read=ctl.cpu_read, prefetch=ctl.prefetch, cold_reads=bool(args.cold),
+        draft_bytes=drafter.resident_bytes,
+        substituted_bytes=sum(ctl.layer_bytes[i] for i in layers) if layers is not None else None,
+        streamed_bytes_per_forward=streamed, verify_forwards=forwards, new_tokens=new_tokens,
+        accepted_per_verify=new_tokens / forwards, drafted_per_verify=drafted / verifies if verifies else 0.0,
+        acceptance=sum(o.accepted for o in first.values()) / drafted if drafted else None,
+        draft_ms_per_verify=1e3 * sum(o.draft_s for o in first.values()) / verifies if verifies else None,
+        verify_ms=1e3 * sum(o.verify_s for o in first.values()) / verifies if verifies else None,
+        read_bytes_per_token=streamed * forwards / new_tokens, plain_read_bytes_per_token=float(streamed),
+        decode_tok_s=speed, plain_decode_tok_s=plain, vs_plain=speed / plain,
+        resident_decode_tok_s=res, vs_resident=speed / res if res else None,
+        tokens_equal=not differing, prompts_differing=len(differing),
+        first_diff=" ".join(f"{name}@{position}" for name, position, _ in differing),
+        max_diff_gap=max((gap for *_, gap in differing), default=None),
+        other_cpu_share=cpu[0].other_cpu_share, busy=cpu[0].busy, run_id=run.run_id,
+        command=getattr(args, "command", ""), **environment())
+
+
+def summary(row: SpeculativeRow) -> str:
+    cpu = f" ({row.device_name})" if row.device == "cpu" else ""
+    reads = "cold reads" if row.cold_reads else "page cache"
+    lines = [
+        f"draft {row.draft}: {row.model} {row.quant} on {row.device}{cpu}, {len(row.layers_offloaded.split())} layers "
+        f"streamed ({reads}, prefetch {row.prefetch}), {row.prompts} {row.prompt_kind} prompt(s) x {row.max_new_tokens} "
+        f"tokens",
+        f"  decode            {row.decode_tok_s:.3g} tok/s  ({row.vs_plain:.2f}x plain stream decoding's "
+        f"{row.plain_decode_tok_s:.3g} tok/s, same run"
+        + (f"; {row.vs_resident:.2f}x the resident model's {row.resident_decode_tok_s:.3g})" if row.vs_resident else ")"),
+        f"  per verify        {row.accepted_per_verify:.2f} tokens emitted, {row.drafted_per_verify:.2f} drafted"
+        + (f", {row.acceptance:.0%} of drafted accepted" if row.acceptance is not None else ""),
+        f"  streamed bytes    {row.read_bytes_per_token / 1e6:.1f} MB per token "
+        f"({row.read_bytes_per_token / row.plain_read_bytes_per_token:.2f}x plain's); draft adds "
+        f"{row.draft_bytes / 1e6:.1f} MB resident",
+        "  tokens            " + ("equal to plain stream decoding on every prompt" if row.tokens_equal else
+                                  f"differ on {row.prompts_differing} prompt(s) ({row.first_diff}), the target's "
+                                  f"top-2 gap there at most {row.max_diff_gap:.3g}"),
+    ]
+    if row.busy:
+        lines.append(f"  warning: other processes used {row.other_cpu_share:.0%} of the CPU meanwhile")
+    return "\n".join(lines)
+
+
+def run_drafts(run: Run, ctl) -> SpeculativeRow:
+    drafter = make_drafter(run, ctl)
+    row = measure_drafts(run, ctl, drafter)
+    append_row(run.args.out, row)
+    print(summary(row))
+    print(f"  row appended to {run.args.out}")
+    return row

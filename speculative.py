@@ -1,0 +1,381 @@
+"""Greedy speculative decoding, written for a target whose layers stream from disk.
+
+Stream residency reads every streamed layer once per target forward. Plain decoding runs one
+forward per generated token; here a cheap draft proposes up to k tokens, the target verifies
+them all in one forward (its greedy token at each position), keeps the longest agreeing prefix
+and adds its own token after it. So one read of the streamed layers serves every accepted
+token, and the output is the target's greedy output: up to rounding, because a verify forward
+over k + 1 positions sums in another order than k + 1 one-token forwards (fp32: tiny; bf16 and
+NF4: a flip is possible where the target's top two logits nearly tie; `greedy_reference` gives
+those gaps so a difference can be shown, never hidden).
+
+Drafts (each only proposes; none ever touches a streamed layer or its file while decoding):
+- ``ModelDrafter``: any causal LM with the target's tokenizer, resident, its own KV cache;
+- ``SelfDrafter`` (SubSpec's idea, arXiv 2509.18344): the target itself, its resident modules
+  shared (the same objects), each streamed layer replaced by a resident low-bit substitute
+  (``build_substitutes``, stored and validated like the layer files) or skipped;
+- ``LookupDrafter``: prompt lookup, the tokens that followed the last n-gram's previous
+  occurrence; no weights.
+
+The default schedule is transformers' own for assisted decoding: up to 20 draft tokens per
+verify, the draft stopping early once its top token's probability falls below 0.4.
+
+    ctl = offload_skip.patch_model(target, "even", "cache", mode="stream")
+    drafter = SelfDrafter(target, build_substitutes(ctl, "nf4", "cache"))
+    out = speculative_decode(target, input_ids, 64, drafter)   # out.tokens, out.target_forwards
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import inspect
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import offload_skip
+from offload_skip import LayerStore, find_decoder_layers, layer_tensor_refs, tensor_bytes
+
+DEFAULT_DRAFT_TOKENS = 20   # transformers' num_assistant_tokens
+DEFAULT_CONFIDENCE = 0.4    # transformers' assistant_confidence_threshold
+LOOKUP_NGRAM = 2            # transformers' max_matching_ngram_size
+LOOKUP_TOKENS = 10          # the prompt_lookup_num_tokens transformers' docs use
+
+
+# --------------------------------------------------------------------------- model calls
+
+def cache_keyword(model) -> str:
+    """The KV cache's forward keyword: transformers renamed `past_key_values` to `cache` (with a
+    deprecation warning for the old name); older 5.x releases know only the old one."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def last_logits_only(model) -> dict:
+    """lm_head over every prompt position is wasted work when only the next token matters."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def _forward(model, ids: torch.Tensor, cache, last_only: bool):
+    keyword = cache_keyword(model)
+    kwargs = last_logits_only(model) if last_only else {}
+    out = model(input_ids=ids, **({keyword: cache} if cache is not None else {}), use_cache=True, **kwargs)
+    new_cache = getattr(out, keyword)
+    if cache is None and hasattr(new_cache, "activate_past_recording"):
+        # a sliding-window layer otherwise forgets what falls out of its window at once, and a
+        # rejected draft could not be rolled back (transformers' assisted decoding does the same,
+        # after the prefill: the prompt's own states are not recorded twice)
+        new_cache.activate_past_recording()
+    return out.logits, new_cache
+
+
+def _crop(cache, tokens: int) -> None:
+    """Drop the last `tokens` positions; also with 0, which lets a recording sliding-window
+    layer trim itself back to its window."""
+    cache.crop(-tokens)
+
+
+# --------------------------------------------------------------------------- drafts
+
+class Drafter:
+    """Proposes continuations of a sequence. resident_bytes: memory the draft adds to the
+    target's (its weights; its KV cache apart)."""
+    name = "none"
+    resident_bytes = 0
+
+    def start(self) -> None:
+        """A new sequence begins: forget what the previous one cached."""
+
+    def propose(self, sequence: torch.Tensor, max_tokens: int) -> list[int]:
+        """Up to max_tokens token ids to follow `sequence` ([1, n]); none here: plain decoding."""
+        return []
+
+
+class LookupDrafter(Drafter):
+    """Prompt lookup (transformers' prompt_lookup_num_tokens): find the latest earlier
+    occurrence of the sequence's last n tokens (n from `ngram` down to 1) and propose what
+    followed it. Free to run; proposes nothing where nothing repeats."""
+    name = "lookup"
+
+    def __init__(self, ngram: int = LOOKUP_NGRAM, max_tokens: int = LOOKUP_TOKENS):
+        self.ngram, self.max_tokens = ngram, max_tokens
+
+    def propose(self, sequence: torch.Tensor, max_tokens: int) -> list[int]:
+        ids = sequence[0]
+        n_ids = len(ids)
+        limit = min(max_tokens, self.max_tokens)
+        for n in range(min(self.ngram, n_ids - 1), 0, -1):
+            windows = ids.unfold(0, n, 1)[:-1]  # every earlier n-gram (not the last one itself)
+            hits = (windows == ids[-n:]).all(dim=1).nonzero().flatten()
+            for start in reversed(hits.tolist()):
+                follow = ids[start + n:start + n + limit]
+                if len(follow):
+                    return follow.tolist()
+        return []
+
+
+class ModelDrafter(Drafter):
+    """A causal LM that drafts greedily from its own KV cache. Between proposals it keeps what
+    it cached of the sequence up to the first token that differs (a rejected draft token), so
+    each proposal feeds it only the new tokens."""
+
+    def __init__(self, model: nn.Module, name: str = "model", confidence: float | None = DEFAULT_CONFIDENCE):
+        self.model, self.name, self.confidence = model, name, confidence
+        self.resident_bytes = tensor_bytes(offload_skip.module_tensors(model))
+        self.start()
+
+    def start(self) -> None:
+        self._cache, self._fed = None, torch.empty(0, dtype=torch.long)
+
+    def _context(self):
+        return contextlib.nullcontext()
+
+    def propose(self, sequence: torch.Tensor, max_tokens: int) -> list[int]:
+        ids = sequence[0].cpu()
+        fed = self._fed
+        n = min(len(fed), len(ids) - 1)  # the last token is always fed: its logits are the first draft
+        differ = (fed[:n] != ids[:n]).nonzero()
+        keep = int(differ[0]) if len(differ) else n
+        if self._cache is not None:
+            _crop(self._cache, len(fed) - keep)
+        feed = sequence[:, keep:]
+        self._fed = ids[:keep]
+        proposal = []
+        with torch.no_grad(), self._context():
+            for _ in range(max_tokens):
+                logits, self._cache = _forward(self.model, feed, self._cache, last_only=True)
+                self._fed = torch.cat([self._fed, feed[0].cpu()])
+                last = logits[0, -1]
+                token = int(last.argmax())
+                proposal.append(token)
+                if self.confidence and float(torch.softmax(last.float(), -1)[token]) < self.confidence:
+                    break
+                feed = sequence.new_tensor([[token]])
+        return proposal
+
+
+class SkippedLayer(nn.Module):
+    """A decoder layer left out of the draft: its output is its input."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class SelfDrafter(ModelDrafter):
+    """The target drafting for itself: while it drafts, each offloaded layer in the target's
+    layer list is replaced by its resident substitute (or skipped where it has none), so the
+    draft shares every resident module (same objects) and never reaches a layer file.
+    resident_bytes counts the substitutes only: the rest is the target's."""
+
+    def __init__(self, target: nn.Module, substitutes: dict[int, nn.Module], offloaded: list[int],
+                 name: str = "self", confidence: float | None = DEFAULT_CONFIDENCE):
+        self.model, self.name, self.confidence = target, name, confidence
+        self.substitutes = substitutes
+        self._draft_layers = {i: substitutes.get(i) or SkippedLayer() for i in offloaded}
+        self._layer_list = find_decoder_layers(target)
+        self.resident_bytes = substitute_bytes(substitutes)
+        self.start()
+
+    @contextlib.contextmanager
+    def _context(self):
+        originals = {i: self._layer_list[i] for i in self._draft_layers}
+        for i, module in self._draft_layers.items():
+            self._layer_list[i] = module
+        try:
+            yield
+        finally:
+            for i, module in originals.items():
+                self._layer_list[i] = module
+
+
+# --------------------------------------------------------------------------- decoding
+
+@dataclass(frozen=True)
+class Decoded:
+    tokens: torch.Tensor   # [1, max_new_tokens] new token ids
+    target_forwards: int   # prefill included: each reads every streamed layer once
+    drafted: int           # draft tokens proposed
+    accepted: int          # of those, kept
+    prefill_s: float       # the prompt's forward, which gives the first token
+    draft_s: float         # time spent proposing
+    verify_s: float        # time in the verify forwards (prefill apart)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens.shape[1] / self.target_forwards
+
+
+def speculative_decode(target: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, drafter: Drafter,
+                       draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> Decoded:
+    """Exactly max_new_tokens greedy tokens of `target` (EOS ignored, like the plain decode loop),
+    verified from `drafter`'s proposals, at most `draft_tokens` per verify. Batch 1."""
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"speculative decoding here is for one sequence, got a batch of {input_ids.shape[0]}")
+    if draft_tokens < 0:
+        raise ValueError(f"draft_tokens must be >= 0, got {draft_tokens}")
+    drafter.start()
+    device = input_ids.device
+    draft_s = verify_s = 0.0
+    drafted = accepted = 0
+    with torch.no_grad():
+        start = time.perf_counter()
+        logits, cache = _forward(target, input_ids, None, last_only=True)
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        if device.type == "cuda":  # the timer covers the prompt's forward, not its queueing
+            torch.cuda.synchronize(device)
+        prefill_s = time.perf_counter() - start
+        forwards, new, sequence = 1, [token], torch.cat([input_ids, token], dim=1)
+        while len(new) < max_new_tokens:
+            start = time.perf_counter()
+            room = max_new_tokens - len(new) - 1  # a verify also emits the target's own next token
+            proposal = drafter.propose(sequence, min(draft_tokens, room)) if room and draft_tokens else []
+            draft_s += time.perf_counter() - start
+            start = time.perf_counter()
+            block = torch.tensor([[int(sequence[0, -1])] + proposal], dtype=input_ids.dtype, device=device)
+            logits, cache = _forward(target, block, cache, last_only=False)
+            greedy = logits[0].argmax(-1).tolist()
+            verify_s += time.perf_counter() - start
+            kept = 0
+            while kept < len(proposal) and proposal[kept] == greedy[kept]:
+                kept += 1
+            _crop(cache, len(proposal) - kept)  # the cache holds last + proposal: keep last + the agreed ones
+            emitted = torch.tensor([proposal[:kept] + [greedy[kept]]], dtype=input_ids.dtype, device=device)
+            forwards, drafted, accepted = forwards + 1, drafted + len(proposal), accepted + kept
+            new += list(emitted.split(1, dim=1))
+            sequence = torch.cat([sequence, emitted], dim=1)
+    return Decoded(torch.cat(new, dim=1)[:, :max_new_tokens], forwards, drafted, accepted, prefill_s, draft_s,
+                   verify_s)
+
+
+def greedy_reference(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, list[float]]:
+    """(tokens [1, n], top-2 logit gap at each position) of plain greedy decoding, one token per
+    forward: what speculative output is compared with, and how near a tie each choice was."""
+    gaps, new = [], []
+    with torch.no_grad():
+        logits, cache = _forward(model, input_ids, None, last_only=True)
+        for step in range(max_new_tokens):
+            top2 = logits[0, -1].float().topk(2).values
+            gaps.append(float(top2[0] - top2[1]))
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            new.append(token)
+            if step + 1 < max_new_tokens:
+                logits, cache = _forward(model, token, cache, last_only=True)
+    return torch.cat(new, dim=1), gaps
+
+
+def first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    """The first position where two [1, n] token tensors differ, or None."""
+    differ = (a[0] != b[0]).nonzero()
+    return int(differ[0]) if len(differ) else None
+
+
+# --------------------------------------------------------------------------- substitutes
+
+SUBSTITUTE_KINDS = ("nf4",)
+
+
+def substitute_bytes(substitutes: dict[int, nn.Module]) -> int:
+    seen: set = set()
+    return sum(tensor_bytes(offload_skip.module_tensors(m), seen=seen) for m in substitutes.values())
+
+
+def _linear_names(module: nn.Module) -> list[str]:
+    return [name for name, mod in module.named_modules() if type(mod) is nn.Linear]
+
+
+def _set_submodule(module: nn.Module, name: str, child: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(module.get_submodule(parent) if parent else module, attr, child)
+
+
+def _quantize_nf4(layer: nn.Module, compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of `layer` with every nn.Linear in bitsandbytes NF4 (block 64, nested
+    statistics: the repo's NF4 settings), as bitsandbytes' own state_dict names them, before any
+    CPU repacking (that is done after loading, for this machine)."""
+    from bitsandbytes.nn import Linear4bit, Params4bit
+
+    for name in _linear_names(layer):
+        linear = layer.get_submodule(name)
+        q = Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                       compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta")
+        weight = linear.weight.data
+        q.weight = Params4bit(weight.contiguous(), requires_grad=False, blocksize=64, compress_statistics=True,
+                              quant_type="nf4", module=q)._quantize(weight.device)
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        _set_submodule(layer, name, q)
+    return {k: v.contiguous() for k, v in layer.state_dict().items()}
+
+
+def _nf4_module(skeleton: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device,
+                compute_dtype: torch.dtype) -> nn.Module:
+    """A substitute made from its stored tensors: each nn.Linear of the skeleton that has a
+    stored NF4 weight becomes a Linear4bit over it, every other tensor is bound as stored."""
+    from bitsandbytes.nn import Linear4bit, Params4bit
+
+    tensors = dict(tensors)
+    for name in _linear_names(skeleton):
+        linear = skeleton.get_submodule(name)
+        prefix = f"{name}.weight."
+        stats = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+        q = Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                       compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta")
+        q.weight = Params4bit.from_prequantized(tensors.pop(f"{name}.weight").to(device), stats,
+                                                device=device, module=q)
+        if linear.bias is not None:
+            q.bias = nn.Parameter(tensors.pop(f"{name}.bias").to(device), requires_grad=False)
+        _set_submodule(skeleton, name, q)
+    refs = layer_tensor_refs(skeleton)
+    for name, tensor in tensors.items():
+        refs[name].set(tensor.to(device))
+    if device.type == "cpu":
+        offload_skip.prepack_nf4_for_cpu(skeleton)
+    return skeleton
+
+
+def substitute_store(ctl, kind: str, cache_dir: str | Path) -> LayerStore:
+    """Where `kind` substitutes of ctl's layers live: their own fingerprint, made of the target
+    layer files' sha256s (a changed layer file means new substitutes) and the method."""
+    import bitsandbytes
+
+    source = ctl.store._read_manifest()
+    identity = {"substitute": kind, "bitsandbytes": bitsandbytes.__version__,
+                "source": ctl.store.identity, "source_sha256": {str(i): source["layers"][str(i)]["sha256"]
+                                                                 for i in ctl.offloaded_layers}}
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return LayerStore(Path(cache_dir), f"draft-{kind}-{fingerprint}", identity)
+
+
+def build_substitutes(ctl, kind: str, cache_dir: str | Path, layers: list[int] | None = None,
+                      progress: bool = True) -> dict[int, nn.Module]:
+    """A resident low-bit copy of each of `layers` (default: every layer ctl streams), built
+    from the layer files one at a time and stored like them (safetensors, sha256 manifest,
+    atomic); stored ones are reused after their checks. The target stays as it is."""
+    if kind not in SUBSTITUTE_KINDS:
+        raise ValueError(f"unknown substitute kind {kind!r}; choose from {', '.join(SUBSTITUTE_KINDS)}")
+    layers = [i for i in ctl.computed_layers if i not in ctl.keep] if layers is None else list(layers)
+    stray = sorted(set(layers) - set(ctl.offloaded_layers))
+    if stray:
+        raise ValueError(f"layers {stray} are not offloaded: only an offloaded layer gets a substitute")
+    dtype = ctl.layer_dtype()
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"an nf4 substitute needs a bf16/fp16/fp32 target, this one computes in {dtype}: "
+                         "NF4 would save nothing over an NF4 layer")
+    store = substitute_store(ctl, kind, cache_dir)
+    if not store.open_existing(layers):
+        def quantized():
+            for i in layers:
+                yield i, _quantize_nf4(ctl.layer_copy(i), dtype)
+        store.sync(quantized(), total=len(layers), progress=progress)
+    substitutes = {}
+    for i in layers:
+        flat = torch.empty(store.layouts[i].data_bytes, dtype=torch.uint8)
+        store.read_into(i, flat)
+        tensors = {k: v.clone() for k, v in store.layouts[i].views(flat).items()}
+        substitutes[i] = _nf4_module(ctl.layer_copy(i, tensors=False), tensors, ctl.device, dtype)
+    store.close()
+    return substitutes
