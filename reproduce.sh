@@ -73,6 +73,10 @@ for r in copy map; do
   python run_peers.py --model smollm2-135m --prefetch 0 --repeats 5 --max-new-tokens 32 --peers accelerate-disk --cpu-read $r
 done
 
+# --- Speculative decoding over stream residency (results/README.md "Speculative decoding") -----
+# Qwen2.5-Coder-1.5B bf16 and NF4, drafts: the 0.5B sibling, self substitutes (NF4, HQQ 3/2-bit), prompt lookup
+python sweep.py speculative
+
 # --- Beyond the layers: embedding rows from disk, NF4 head (results/README.md "Beyond the layers") ---
 python sweep.py beyond
 

@@ -275,12 +275,23 @@ def first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:
 
 # --------------------------------------------------------------------------- substitutes
 
-SUBSTITUTE_KINDS = ("nf4",)
+# nf4: bitsandbytes (the repo's NF4: block 64, nested statistics), for a bf16/fp16/fp32 target.
+# hqq3, hqq2: HQQ (Half-Quadratic Quantization, mobiusml/hqq), 3 and 2 bits in groups of 64, its
+# scales and zeros in the compute dtype: calibration-free like NF4, maintained, and it goes below
+# 4 bits, which an NF4 target needs for a substitute to save anything. On a CPU it computes
+# through its PyTorch backend (the weight dequantised at every forward).
+SUBSTITUTE_KINDS = ("nf4", "hqq3", "hqq2")
+HQQ_GROUP_SIZE = 64
 
 
 def substitute_bytes(substitutes: dict[int, nn.Module]) -> int:
+    """Bytes the substitutes hold, each storage once; HQQ keeps its scales and zeros in a dict."""
+    def tensors(module):
+        yield from offload_skip.module_tensors(module)
+        for mod in module.modules():
+            yield from (v for v in (getattr(mod, "meta", None) or {}).values() if isinstance(v, torch.Tensor))
     seen: set = set()
-    return sum(tensor_bytes(offload_skip.module_tensors(m), seen=seen) for m in substitutes.values())
+    return sum(tensor_bytes(tensors(m), seen=seen) for m in substitutes.values())
 
 
 def _linear_names(module: nn.Module) -> list[str]:
@@ -337,13 +348,111 @@ def _nf4_module(skeleton: nn.Module, tensors: dict[str, torch.Tensor], device: t
     return skeleton
 
 
+def _compute_dtype(ctl) -> torch.dtype:
+    """What the offloaded layers compute in: their weights' dtype, or an NF4 layer's compute dtype."""
+    stored = ctl.layer_dtype()
+    if stored.is_floating_point:
+        return stored
+    layer = ctl.layer_copy(ctl.offloaded_layers[0], tensors=False)
+    return next((m.compute_dtype for m in layer.modules() if getattr(m, "compute_dtype", None) is not None),
+                torch.bfloat16)
+
+
+def _dequantized(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`layer` with every bitsandbytes 4-bit linear replaced by a plain nn.Linear of its
+    dequantised weight (a skeleton's placeholders stay placeholders): what a lower width is made
+    from, and the structure a stored substitute is bound to."""
+    from bitsandbytes.nn import Linear4bit
+
+    for name, mod in list(layer.named_modules()):
+        if not isinstance(mod, Linear4bit):
+            continue
+        linear = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta", dtype=dtype)
+        weight, state = mod.weight.data, mod.weight.quant_state
+        if weight.numel() and state is not None:
+            import bitsandbytes.functional as F
+            if getattr(state, "packing_format_for_cpu", False):
+                weight, state = F._convert_weight_packed_for_cpu_inverse(weight, state)
+            linear.weight = nn.Parameter(F.dequantize_4bit(weight, state).to(dtype), requires_grad=False)
+        else:
+            linear.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=weight.device), requires_grad=False)
+        if mod.bias is not None:
+            linear.bias = nn.Parameter(mod.bias.data, requires_grad=False)
+        _set_submodule(layer, name, linear)
+    return layer
+
+
+def _hqq_config(bits: int) -> dict:
+    from hqq.core.quantize import BaseQuantizeConfig
+    return BaseQuantizeConfig(nbits=bits, group_size=HQQ_GROUP_SIZE, offload_meta=False)
+
+
+def _quantize_hqq(bits: int):
+    def quantize(layer: nn.Module, compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The tensors of `layer` with every nn.Linear in HQQ at `bits`, as HQQ's state_dict names
+        them (its scalar settings encoded as small tensors)."""
+        from hqq.core.quantize import HQQLinear
+
+        for name in _linear_names(layer):
+            linear = layer.get_submodule(name)
+            q = HQQLinear(linear, _hqq_config(bits), compute_dtype=compute_dtype, device=str(linear.weight.device))
+            _set_submodule(layer, name, q)
+        return {k: v.contiguous() for k, v in layer.state_dict().items()}
+    return quantize
+
+
+# HQQ's own loader turns stored strings into dtypes with eval(); a stored file is data, never
+# code: here the dtypes come from this table, everything else from the tensors' values.
+_HQQ_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int8,
+                                   torch.int32)}
+
+
+def _hqq_value(name: str, tensor: torch.Tensor):
+    from hqq.core.quantize import _META_TYPE
+
+    kind = {**_META_TYPE, "stores_quant_config": bool, "offload_meta": bool}.get(name, torch.Tensor)
+    if kind is torch.Tensor:
+        return tensor
+    if kind in (str, torch.dtype):
+        text = "".join(map(chr, tensor.tolist()))
+        if kind is str:
+            return text
+        if text not in _HQQ_DTYPES:
+            raise ValueError(f"stored HQQ dtype {text!r} is not one this repo writes")
+        return _HQQ_DTYPES[text]
+    return torch.Size(tensor.tolist()) if kind is torch.Size else kind(tensor.item())
+
+
+def _hqq_module(skeleton: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device,
+                compute_dtype: torch.dtype) -> nn.Module:
+    """A substitute made from its stored tensors: each nn.Linear of the skeleton becomes an
+    HQQLinear loaded from its entries, every other tensor is bound as stored."""
+    from hqq.core.quantize import HQQLinear
+
+    tensors = dict(tensors)
+    for name in _linear_names(skeleton):
+        prefix = f"{name}."
+        state = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+        state.pop("encoded_state_dict", None)
+        state = {k: v.to(device) if k in ("W_q", "bias", "scale", "zero") else _hqq_value(k, v)
+                 for k, v in state.items()}
+        q = HQQLinear(None, None, compute_dtype=compute_dtype, device=str(device), initialize=False)
+        q.load_state_dict(state)
+        _set_submodule(skeleton, name, q)
+    refs = layer_tensor_refs(skeleton)
+    for name, tensor in tensors.items():
+        refs[name].set(tensor.to(device))
+    return skeleton
+
+
 def substitute_store(ctl, kind: str, cache_dir: str | Path) -> LayerStore:
     """Where `kind` substitutes of ctl's layers live: their own fingerprint, made of the target
     layer files' sha256s (a changed layer file means new substitutes) and the method."""
-    import bitsandbytes
+    import importlib.metadata
 
     source = ctl.store._read_manifest()
-    identity = {"substitute": kind, "bitsandbytes": bitsandbytes.__version__,
+    library = "bitsandbytes" if kind == "nf4" else "hqq"
+    identity = {"substitute": kind, library: importlib.metadata.version(library),
                 "source": ctl.store.identity, "source_sha256": {str(i): source["layers"][str(i)]["sha256"]
                                                                  for i in ctl.offloaded_layers}}
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -361,21 +470,23 @@ def build_substitutes(ctl, kind: str, cache_dir: str | Path, layers: list[int] |
     stray = sorted(set(layers) - set(ctl.offloaded_layers))
     if stray:
         raise ValueError(f"layers {stray} are not offloaded: only an offloaded layer gets a substitute")
-    dtype = ctl.layer_dtype()
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"an nf4 substitute needs a bf16/fp16/fp32 target, this one computes in {dtype}: "
-                         "NF4 would save nothing over an NF4 layer")
+    dtype = _compute_dtype(ctl)
+    if kind == "nf4" and ctl.layer_dtype() not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"an nf4 substitute needs a bf16/fp16/fp32 target, this one stores {ctl.layer_dtype()}: "
+                         "NF4 would save nothing over an NF4 layer; use hqq3 or hqq2")
+    quantize, module = {"nf4": (_quantize_nf4, _nf4_module), "hqq3": (_quantize_hqq(3), _hqq_module),
+                        "hqq2": (_quantize_hqq(2), _hqq_module)}[kind]
     store = substitute_store(ctl, kind, cache_dir)
     if not store.open_existing(layers):
         def quantized():
             for i in layers:
-                yield i, _quantize_nf4(ctl.layer_copy(i), dtype)
+                yield i, quantize(_dequantized(ctl.layer_copy(i), dtype), dtype)
         store.sync(quantized(), total=len(layers), progress=progress)
     substitutes = {}
     for i in layers:
         flat = torch.empty(store.layouts[i].data_bytes, dtype=torch.uint8)
         store.read_into(i, flat)
         tensors = {k: v.clone() for k, v in store.layouts[i].views(flat).items()}
-        substitutes[i] = _nf4_module(ctl.layer_copy(i, tensors=False), tensors, ctl.device, dtype)
+        substitutes[i] = module(_dequantized(ctl.layer_copy(i, tensors=False), dtype), tensors, ctl.device, dtype)
     store.close()
     return substitutes

@@ -83,6 +83,8 @@ SPECULATIVE_DRAFTS = {"bf16": ("qwen2.5-coder-0.5b", "self:nf4", "lookup"), "nf4
 SPECULATIVE_READS = {"page cache": ("--prefetch", "0"), "cold": ("--cold", "--cpu-read", "copy", "--prefetch", "0"),
                      "cold, read-ahead": ("--cold", "--cpu-read", "copy", "--prefetch", "2")}
 SPECULATIVE_COLD = {"bf16": ("qwen2.5-coder-0.5b", "self:nf4", "lookup"), "nf4": ("qwen2.5-coder-0.5b",)}
+# self drafts below 4 bits (HQQ): the second width for the bf16 target, the only ones for NF4; code prompts
+SPECULATIVE_LOW_BITS = {"bf16": ("self:hqq2",), "nf4": ("self:hqq3", "self:hqq2")}
 SPECULATIVE_PROMPTS = 3
 SPECULATIVE_TOKENS = 32
 SUITES = ("alpha", "patterns", "importance", "planner", "distance", "context", "beyond", "load", "cpu_read", "speculative")
@@ -139,6 +141,8 @@ def suite_cases(suite: str, out: Path, importances: dict | None = None) -> list[
         cases += [spec(quant, draft, reads, "code") for reads in ("cold", "cold, read-ahead")
                   for quant, drafts in SPECULATIVE_COLD.items() for draft in drafts
                   if reads == "cold" or draft != "lookup"]
+        cases += [spec(quant, draft, "page cache", "code") for quant, drafts in SPECULATIVE_LOW_BITS.items()
+                  for draft in drafts]
         return cases
     if suite == "beyond":
         return [Case(suite, (script, "--model", model, "--quant", "nf4", "--max-new-tokens", str(spec["new_tokens"]),

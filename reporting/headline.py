@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import bench
-from reporting import beyond, load, runs, streaming, study
+from reporting import beyond, load, runs, speculative, streaming, study
 from reporting.tables import by_machine, machine_kind, machines, markdown_table, mb, num, suite_rows, unpatched_row
 
 
@@ -98,6 +98,15 @@ def cpu_read(results: Path, link: str) -> str:
     if not answers:
         return "No pairs in results/cpu_read.csv yet: run `python sweep.py cpu_read`."
     return "\n".join(f"- {a}" for a in answers) + "\n\n" + more(link, "every row, with RSS by kind")
+
+
+def speculative_decoding(results: Path, link: str) -> str:
+    """The best draft per target, from the page cache and cold, on code prompts (a code model: its
+    headline); the exactness."""
+    answers = speculative.answers(results, ("code",), ("page cache", "cold"))
+    if not answers:
+        return "No rows in results/speculative.csv yet: run `python sweep.py speculative`."
+    return "\n".join(f"- {a}" for a in answers) + "\n\n" + more(link, "every draft, the plot and the GPU prediction")
 
 
 def study_answers(results: Path, links: dict[str, str], titles: dict[str, str]) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import bench
 import estimate
-from reporting import beyond, headline, load, runs, streaming, study
+from reporting import beyond, headline, load, runs, speculative, streaming, study
 from reporting.tables import anchor, marker, replace_block
 
 USAGE = """Render results/*.csv: results/README.md (every table, generated whole), README.md's
@@ -41,6 +41,7 @@ SECTIONS = (
     ("cold", 2, "Cold reads: the bytes come from the disk"),
     ("cpu-read", 2, "Mapped or copied: a streamed layer on a CPU"),
     ("batch", 2, "Batches: one read serves every sequence"),
+    ("speculative", 2, "Speculative decoding: one read of the streamed layers for several tokens"),
     ("profile", 2, "A decode step, op by op"),
     ("load", 2, "Models larger than the device: the load peak"),
     ("beyond", 2, "Beyond the layers: embedding rows from disk, an NF4 head"),
@@ -174,6 +175,26 @@ BATCH = """\
 `--batch-size N` decodes N left-padded prompts of unequal length: one read of a layer serves every
 sequence of the batch."""
 
+SPECULATIVE = """\
+Stream residency reads every streamed layer once per target forward; plain decoding runs one
+forward per token. `run_diskoffload.py --draft KIND` (speculative.py) lets a draft propose up to
+20 tokens (transformers' schedule: it stops early where its top probability falls below 0.4; `--draft-tokens N` caps it), the
+target verifies them in one forward and keeps the agreeing prefix plus its own next token, so one
+read serves every accepted token and the output is the target's greedy output. Drafts: a sibling
+model with the same tokenizer, resident; `self:nf4`, the target itself with a resident NF4
+substitute for each streamed layer (built once from the layer files and stored like them), sharing
+every resident module (SubSpec's idea, arXiv 2509.18344); `lookup`, prompt lookup. No draft reads
+a streamed layer. Exactness: a verify forward over several positions sums in another order than
+one-token forwards, so in bf16/NF4 a token may flip where the target's top two logits nearly tie;
+every row says whether its tokens equal plain stream decoding's, and where not, how near the tie
+was. Cold rows read with `--cpu-read copy`: every forward's reads come from the disk (a mapping
+would keep the pages for the whole decode); with read-ahead the reader keeps fetching the next
+verify's first layers while the draft proposes."""
+
+SPECULATIVE_ESTIMATE = """What the acceptance measured here predicts on a GPU (`python estimate.py --speculative results`):
+time per token = (drafted tokens x t_draft + t_verify) / tokens per verify, the streamed bytes read
+once per verify; every assumption is named in estimate.py."""
+
 PROFILE = """\
 What a decode step spends, op by op, resident against stream (`profile_step.py`: torch.profiler
 over alternating decodes)."""
@@ -196,7 +217,8 @@ head; all of it streamed."""
 
 PLOTS = {"results": ("memory.png", "speed.png"), "alpha": ("study_alpha.png",), "importance": ("study_importance.png",),
          "planner": ("study_planner.png",), "patterns": ("study_patterns.png",), "context": ("study_context.png",),
-         "peers": ("peers.png",), "cold": ("cold.png",), "batch": ("batch.png",), "beyond": ("beyond.png",)}
+         "peers": ("peers.png",), "cold": ("cold.png",), "batch": ("batch.png",), "speculative": ("speculative.png",),
+         "beyond": ("beyond.png",)}
 
 
 # --------------------------------------------------------------------------- blocks
@@ -211,6 +233,8 @@ def blocks(results: Path) -> dict[str, str]:
         "exactness": runs.exactness_section(exactness_rows(results), results.name),
         "estimate-reference": estimate.reference_table(),
         "estimate-check": estimate.check_table(results),
+        "speculative": speculative.section(results),
+        "estimate-speculative": estimate.speculative_table(results),
         **study.sections(results),
         **streaming.sections(results),
         **beyond.sections(results),
@@ -232,6 +256,7 @@ def headline_blocks(results: Path) -> dict[str, str]:
         "headline-streaming": headline.streaming_memory(rows, link("results")),
         "headline-peers": headline.peers(results, link("peers")),
         "headline-cpu-read": headline.cpu_read(results, link("cpu-read")),
+        "headline-speculative": headline.speculative_decoding(results, link("speculative")),
         "headline-study": headline.study_answers(results, {s: link(s) for s in suites}, TITLES),
         "headline-load": headline.load_peaks(results, link("load")),
         "headline-beyond": headline.beyond_levers(results, link("beyond")),
@@ -260,6 +285,8 @@ def results_page(results: Path) -> str:
         "cold": COLD + "\n\n" + _bullets(streaming.cold_answers(results)) + "\n\n" + named["cold"],
         "cpu-read": CPU_READ + "\n\n" + _bullets(streaming.cpu_read_answers(results)) + "\n\n" + named["cpu-read"],
         "batch": BATCH + "\n\n" + _bullets(streaming.batch_answers(results)) + "\n\n" + named["batch"],
+        "speculative": SPECULATIVE + "\n\n" + _bullets(speculative.answers(results)) + "\n\n" + named["speculative"]
+                       + "\n\n" + SPECULATIVE_ESTIMATE + "\n\n" + named["estimate-speculative"],
         "profile": PROFILE + "\n\n" + _bullets(streaming.profile_answers(results)) + "\n\n" + named["profile"],
         "load": LOAD + "\n\n" + named["load"],
         "beyond": BEYOND + "\n\n" + named["beyond"],
@@ -343,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     results = args.results
     if not args.no_plots:  # first, so that the results page links the figures it finds
         for path in (runs.plot(runs.load_rows(results), results) + study.plots(results) + streaming.plots(results)
-                     + beyond.plots(results)):
+                     + beyond.plots(results) + speculative.plot(results)):
             print(f"wrote {path}")
     page = args.results_readme or results / "README.md"
     print(f"{page}: " + ("written" if write_if_changed(page, results_page(results)) else "unchanged"))

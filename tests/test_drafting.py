@@ -86,7 +86,7 @@ def run_diskoffload_parser():
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--draft", "self:int3"], "--draft self:int3: unknown substitute; choose from self:nf4"),
+    (["--draft", "self:int3"], "--draft self:int3: unknown substitute; choose from self:nf4, self:hqq3, self:hqq2"),
     (["--draft", "lookup", "--draft-tokens", "0"], "--draft-tokens must be >= 1, got 0"),
     (["--draft", "lookup", "--batch-size", "2"], "--draft decodes one sequence at a time: drop --batch-size"),
     (["--draft", "lookup", "--no-kv-cache"], "--draft verifies from the KV cache: drop --no-kv-cache"),

@@ -194,3 +194,34 @@ def test_an_nf4_target_gets_no_nf4_substitutes(tmp_path):
     ctl = _stream(make_model("nf4-dequant", tmp_path), tmp_path)
     with pytest.raises(ValueError, match="NF4 would save nothing"):
         sp.build_substitutes(ctl, "nf4", tmp_path / "drafts", progress=False)
+
+
+# ---------------------------------------------------------------- below 4 bits: HQQ substitutes
+
+@pytest.mark.parametrize("target", ["bf16", "nf4-dequant"])
+@pytest.mark.parametrize("kind", ["hqq3", "hqq2"])
+def test_hqq_substitutes_draft_for_any_target_and_are_stored(target, kind, tmp_path, monkeypatch):
+    pytest.importorskip("hqq")
+    model = tiny_model("qwen2", torch.bfloat16) if target == "bf16" else make_model(target, tmp_path)
+    prompt = _prompt()
+    reference, gaps = sp.greedy_reference(model, prompt, N_NEW)
+    ctl = _stream(model, tmp_path, "map")
+    substitutes = sp.build_substitutes(ctl, kind, tmp_path / "drafts", progress=False)
+    assert sp.substitute_bytes(substitutes) < sum(ctl.layer_bytes[i] for i in substitutes)
+    out = sp.speculative_decode(model, prompt, N_NEW, sp.SelfDrafter(model, substitutes, ctl.offloaded_layers))
+    diff = sp.first_difference(out.tokens, reference)
+    assert diff is None or gaps[diff] < 0.25, (diff, gaps)
+    monkeypatch.setattr(sp, "_quantize_hqq", lambda bits: pytest.fail("stored substitutes were quantised again"))
+    again = sp.build_substitutes(ctl, kind, tmp_path / "drafts", progress=False)
+    layer = again[2].get_submodule("mlp.down_proj")
+    assert torch.equal(layer.W_q, substitutes[2].get_submodule("mlp.down_proj").W_q)
+    assert layer.meta["nbits"] == int(kind[-1])
+
+
+def test_a_stored_hqq_dtype_is_looked_up_never_evaluated():
+    pytest.importorskip("hqq")
+    name = torch.tensor([ord(c) for c in "torch.bfloat16"], dtype=torch.uint8)
+    assert sp._hqq_value("compute_dtype", name) is torch.bfloat16
+    code = torch.tensor([ord(c) for c in "__import__('os')"], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="stored HQQ dtype \"__import__\\('os'\\)\" is not one this repo writes"):
+        sp._hqq_value("compute_dtype", code)
