@@ -349,13 +349,16 @@ def _nf4_module(skeleton: nn.Module, tensors: dict[str, torch.Tensor], device: t
 
 
 def _compute_dtype(ctl) -> torch.dtype:
-    """What the offloaded layers compute in: their weights' dtype, or an NF4 layer's compute dtype."""
+    """What the offloaded layers compute in: their weights' dtype; for 4-bit layers, the dtype of
+    their other floating tensors (norms), which is what the hidden states carry."""
     stored = ctl.layer_dtype()
     if stored.is_floating_point:
         return stored
-    layer = ctl.layer_copy(ctl.offloaded_layers[0], tensors=False)
-    return next((m.compute_dtype for m in layer.modules() if getattr(m, "compute_dtype", None) is not None),
-                torch.bfloat16)
+    from bitsandbytes.nn import Linear4bit
+
+    layer = ctl.layer_copy(ctl.offloaded_layers[0], tensors=False)  # placeholders keep the dtypes
+    return next((p.dtype for m in layer.modules() if not isinstance(m, Linear4bit)
+                 for p in m.parameters(recurse=False) if p.dtype.is_floating_point), torch.bfloat16)
 
 
 def _dequantized(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -474,11 +477,11 @@ def build_substitutes(ctl, kind: str, cache_dir: str | Path, layers: list[int] |
     if kind == "nf4" and ctl.layer_dtype() not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"an nf4 substitute needs a bf16/fp16/fp32 target, this one stores {ctl.layer_dtype()}: "
                          "NF4 would save nothing over an NF4 layer; use hqq3 or hqq2")
-    quantize, module = {"nf4": (_quantize_nf4, _nf4_module), "hqq3": (_quantize_hqq(3), _hqq_module),
-                        "hqq2": (_quantize_hqq(2), _hqq_module)}[kind]
+    module = _nf4_module if kind == "nf4" else _hqq_module
     store = substitute_store(ctl, kind, cache_dir)
     if not store.open_existing(layers):
         def quantized():
+            quantize = _quantize_nf4 if kind == "nf4" else _quantize_hqq(int(kind[-1]))
             for i in layers:
                 yield i, quantize(_dequantized(ctl.layer_copy(i), dtype), dtype)
         store.sync(quantized(), total=len(layers), progress=progress)
