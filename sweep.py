@@ -85,6 +85,8 @@ SPECULATIVE_READS = {"page cache": ("--prefetch", "0"), "cold": ("--cold", "--cp
 SPECULATIVE_COLD = {"bf16": ("qwen2.5-coder-0.5b", "self:nf4", "lookup"), "nf4": ("qwen2.5-coder-0.5b",)}
 # self drafts below 4 bits (HQQ): the second width for the bf16 target, the only ones for NF4; code prompts
 SPECULATIVE_LOW_BITS = {"bf16": ("self:hqq2",), "nf4": ("self:hqq3", "self:hqq2")}
+# fp32, where a verify forward's rounding is too fine to flip a token: the sibling draft, code prompts
+SPECULATIVE_FP32 = ("qwen2.5-coder-0.5b",)
 SPECULATIVE_PROMPTS = 3
 SPECULATIVE_TOKENS = 32
 SUITES = ("alpha", "patterns", "importance", "planner", "distance", "context", "beyond", "load", "cpu_read", "speculative")
@@ -143,6 +145,7 @@ def suite_cases(suite: str, out: Path, importances: dict | None = None) -> list[
                   if reads == "cold" or draft != "lookup"]
         cases += [spec(quant, draft, "page cache", "code") for quant, drafts in SPECULATIVE_LOW_BITS.items()
                   for draft in drafts]
+        cases += [spec("fp32", draft, "page cache", "code") for draft in SPECULATIVE_FP32]
         return cases
     if suite == "beyond":
         return [Case(suite, (script, "--model", model, "--quant", "nf4", "--max-new-tokens", str(spec["new_tokens"]),

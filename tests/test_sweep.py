@@ -435,7 +435,7 @@ def test_list(tmp_path, capsys):
         "beyond       20 cases,  20 pending",
         "load          3 cases,   3 pending",
         "cpu_read     12 cases,  12 pending",
-        "speculative  20 cases,  20 pending",
+        "speculative  21 cases,  21 pending",
     ]
 
 
@@ -467,7 +467,7 @@ def test_speculative_suite(tmp_path):
     # every draft on both prompt kinds from the page cache; code prompts cold, and cold with read-ahead
     page_cache = [c for c in commands if "--cold" not in c]
     assert len(page_cache) == (2 * sum(len(d) for d in sweep.SPECULATIVE_DRAFTS.values())
-                               + sum(len(d) for d in sweep.SPECULATIVE_LOW_BITS.values()))
+                               + sum(len(d) for d in sweep.SPECULATIVE_LOW_BITS.values()) + len(sweep.SPECULATIVE_FP32))
     assert sum("self:hqq" in c for c in commands) == 3
     cold = [c for c in commands if "--cold --cpu-read copy --prefetch 0" in c]
     assert len(cold) == sum(len(d) for d in sweep.SPECULATIVE_COLD.values())
