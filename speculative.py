@@ -21,7 +21,7 @@ The default schedule is transformers' own for assisted decoding: up to 20 draft 
 verify, the draft stopping early once its top token's probability falls below 0.4.
 
     ctl = offload_skip.patch_model(target, "even", "cache", mode="stream")
-    drafter = SelfDrafter(target, build_substitutes(ctl, "nf4", "cache"))
+    drafter = SelfDrafter(target, build_substitutes(ctl, "nf4", "cache"), ctl.offloaded_layers)
     out = speculative_decode(target, input_ids, 64, drafter)   # out.tokens, out.target_forwards
 """
 from __future__ import annotations
