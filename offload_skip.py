@@ -1226,7 +1226,7 @@ class OffloadController:
             self._store.read_into(i, flat)
             refs = layer_tensor_refs(module)
             for name, view in self._store.layouts[i].views(flat).items():
-                refs[name].set(view.to(self.device, copy=self.device.type == "cpu"))
+                refs[name].set(view.to(self.device))  # on a CPU: views of `flat`, the copy's own buffer
         return module
 
     def layer_dtype(self) -> torch.dtype:

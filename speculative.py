@@ -27,7 +27,7 @@ verify, the draft stopping early once its top token's probability falls below 0.
 from __future__ import annotations
 
 import contextlib
-import copy
+import functools
 import hashlib
 import inspect
 import json
@@ -49,15 +49,21 @@ LOOKUP_TOKENS = 10          # the prompt_lookup_num_tokens transformers' docs us
 
 # --------------------------------------------------------------------------- model calls
 
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(model_class: type) -> frozenset[str]:
+    # once per class: a draft calls forward once per token, and inspect.signature is not free
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
 def cache_keyword(model) -> str:
     """The KV cache's forward keyword: transformers renamed `past_key_values` to `cache` (with a
     deprecation warning for the old name); older 5.x releases know only the old one."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in _forward_parameters(type(model)) else "past_key_values"
 
 
 def last_logits_only(model) -> dict:
     """lm_head over every prompt position is wasted work when only the next token matters."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(type(model)) else {}
 
 
 def _forward(model, ids: torch.Tensor, cache, last_only: bool):
@@ -203,10 +209,6 @@ class Decoded:
     prefill_s: float       # the prompt's forward, which gives the first token
     draft_s: float         # time spent proposing
     verify_s: float        # time in the verify forwards (prefill apart)
-
-    @property
-    def tokens_per_forward(self) -> float:
-        return self.tokens.shape[1] / self.target_forwards
 
 
 def speculative_decode(target: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, drafter: Drafter,

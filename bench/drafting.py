@@ -11,7 +11,6 @@ One row per run: ``SpeculativeRow``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 
