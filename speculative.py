@@ -17,8 +17,12 @@ Drafts (each only proposes; none ever touches a streamed layer or its file while
 - ``LookupDrafter``: prompt lookup, the tokens that followed the last n-gram's previous
   occurrence; no weights.
 
-The default schedule is transformers' own for assisted decoding: up to 20 draft tokens per
-verify, the draft stopping early once its top token's probability falls below 0.4.
+How many tokens a verify asks for is a schedule's choice. ``ConstantSchedule`` is transformers'
+own for assisted decoding: up to 20 draft tokens per verify, a model draft stopping early once
+its top token's probability falls below 0.4. ``AdaptiveSchedule`` asks the draft only while
+drafting pays, judged from the run's own timings: on a CPU the draft computes on the target's
+cores, and a draft whose tokens cost more than its accepted tokens save makes decoding slower
+than plain; this schedule then decodes plainly (its rows count those verifies).
 
     ctl = offload_skip.patch_model(target, "even", "cache", mode="stream")
     drafter = SelfDrafter(target, build_substitutes(ctl, "nf4", "cache"), ctl.offloaded_layers)
@@ -96,6 +100,15 @@ class Drafter:
     def start(self) -> None:
         """A new sequence begins: forget what the previous one cached."""
 
+    def unread(self, sequence: torch.Tensor) -> int:
+        """Tokens of `sequence` ([1, n]) before its last that the draft has not read: none here."""
+        return 0
+
+    def catch_up(self, sequence: torch.Tensor) -> int:
+        """Read what the draft has not yet read of `sequence` but its last token, apart from a
+        proposal, so that a proposal's time is the cost of drafting alone; returns how many."""
+        return 0
+
     def propose(self, sequence: torch.Tensor, max_tokens: int) -> list[int]:
         """Up to max_tokens token ids to follow `sequence` ([1, n]); none here: plain decoding."""
         return []
@@ -140,16 +153,37 @@ class ModelDrafter(Drafter):
     def _context(self):
         return contextlib.nullcontext()
 
+    def _agree(self, ids: torch.Tensor) -> int:
+        """Crop the draft's cache to what it read that `ids` still holds (never the last token:
+        its logits are the first draft); returns that length."""
+        keep = len(ids) - 1 - self.unread(ids[None])
+        if self._cache is not None:
+            _crop(self._cache, len(self._fed) - keep)
+        self._fed = ids[:keep]
+        return keep
+
+    def unread(self, sequence: torch.Tensor) -> int:
+        ids, fed = sequence[0].cpu(), self._fed
+        n = min(len(fed), len(ids) - 1)
+        differ = (fed[:n] != ids[:n]).nonzero()
+        return len(ids) - 1 - (int(differ[0]) if len(differ) else n)
+
+    def catch_up(self, sequence: torch.Tensor) -> int:
+        # the prompt, or tokens decoded while the draft was not asked; a single unread token
+        # rides with the proposal's first forward instead, as it would in any case
+        ids = sequence[0].cpu()
+        keep = self._agree(ids)
+        if len(ids) - 1 - keep <= 1:
+            return 0
+        with torch.no_grad(), self._context():
+            _, self._cache = _forward(self.model, sequence[:, keep:-1], self._cache, last_only=True)
+        self._fed = ids[:-1]
+        return len(ids) - 1 - keep
+
     def propose(self, sequence: torch.Tensor, max_tokens: int) -> list[int]:
         ids = sequence[0].cpu()
-        fed = self._fed
-        n = min(len(fed), len(ids) - 1)  # the last token is always fed: its logits are the first draft
-        differ = (fed[:n] != ids[:n]).nonzero()
-        keep = int(differ[0]) if len(differ) else n
-        if self._cache is not None:
-            _crop(self._cache, len(fed) - keep)
+        keep = self._agree(ids)
         feed = sequence[:, keep:]
-        self._fed = ids[:keep]
         proposal = []
         with torch.no_grad(), self._context():
             for _ in range(max_tokens):
@@ -198,6 +232,120 @@ class SelfDrafter(ModelDrafter):
                 self._layer_list[i] = module
 
 
+# --------------------------------------------------------------------------- schedules
+
+@dataclass(frozen=True)
+class Cycle:
+    """What one verify cycle did, as a schedule sees it."""
+    asked: int             # tokens asked of the draft (0: a plain step)
+    proposed: int
+    emitted: int           # tokens the verify emitted: the accepted ones and the target's own
+    catch_up_tokens: int   # tokens the draft read before proposing (the prompt; tokens decoded without it)
+    catch_up_s: float
+    proposal_s: float
+    verify_s: float
+
+
+class ConstantSchedule:
+    """transformers' schedule: ask the draft for up to `max_tokens` at every verify (a model draft
+    still stops early below its confidence threshold)."""
+    name = "constant"
+
+    def __init__(self, max_tokens: int = DEFAULT_DRAFT_TOKENS):
+        if max_tokens < 0:
+            raise ValueError(f"draft_tokens must be >= 0, got {max_tokens}")
+        self.max_tokens = max_tokens
+
+    def tokens(self, room: int, unread: int) -> int:
+        """How many tokens to ask the draft for before the next verify (0: a plain step), with
+        `room` tokens left to decode after it and `unread` tokens the draft would first read."""
+        return self.max_tokens
+
+    def record(self, cycle: Cycle) -> None:
+        """What the last verify cycle did."""
+
+
+class AdaptiveSchedule(ConstantSchedule):
+    """Asks the draft only while drafting pays, judged from the owner's own cycles (kept across
+    prompts for as long as the owner keeps the schedule: one schedule per workload).
+
+    - A plain step's time: the fastest of the latest `PLAIN_WINDOW` one-token verifies (the
+      first cycle is one). The fastest, because a verify right after the draft ran is slower
+      than plain decoding's back-to-back steps (seen here on a CPU: 115 ms against 96 ms), and
+      drafting must beat the latter.
+    - A draft whose proposed token takes at least a plain step can never pay (a verify emits at
+      most proposed + 1 tokens and takes at least a plain step): it is not asked again.
+    - After each drafting cycle the draft's rate (tokens emitted over proposal + verify seconds,
+      older cycles weighted by `memory` per cycle) is set against a plain step's. If plain is
+      faster, the next `retry` cycles are plain steps and the draft is then judged afresh; the
+      wait doubles each time the draft loses in a row.
+    - The tokens asked start at 2 and double with each winning cycle up to `max_tokens`; they
+      start at 2 again after a wait, so trying a slow draft costs little.
+    - Before the draft must catch up with more than a plain step's worth of reading (a new
+      prompt), it is asked only if, at its rate so far, the tokens left repay that reading.
+    """
+    name = "adaptive"
+    FIRST_TOKENS = 2
+    PLAIN_WINDOW = 8
+
+    def __init__(self, max_tokens: int = DEFAULT_DRAFT_TOKENS, memory: float = 0.7, retry: int = 4):
+        super().__init__(max_tokens)
+        self.memory, self.first_retry = memory, retry
+        self.plain_s: float | None = None           # a plain step: the fastest of the latest one-token verifies
+        self._plain_steps_s: list[float] = []
+        self.draft_token_s: float | None = None     # proposal seconds per proposed token, decayed
+        self.catch_up_token_s: float | None = None  # the draft's reading, seconds per token, decayed
+        self.hopeless = False
+        self._proposed = (0.0, 0.0)                 # decayed (tokens proposed, proposal seconds)
+        self._caught_up = (0.0, 0.0)                # decayed (tokens read, seconds)
+        self._judged = (0.0, 0.0)                   # decayed (tokens emitted, seconds) since the last wait
+        self._overall = (0.0, 0.0)                  # the same, never reset: the draft's rate so far
+        self.cap, self.retry, self._wait = self.FIRST_TOKENS, retry, 0
+
+    def _decayed(self, pair: tuple[float, float], count: float, seconds: float) -> tuple[float, float]:
+        return self.memory * pair[0] + count, self.memory * pair[1] + seconds
+
+    def _repays(self, room: int, unread: int) -> bool:
+        if self.catch_up_token_s is None or self._overall[1] == 0:
+            return True  # nothing known yet: find out
+        reading_s = unread * self.catch_up_token_s
+        if reading_s <= self.plain_s:
+            return True
+        saved_s = (room + 1) * (self.plain_s - self._overall[1] / self._overall[0])
+        return saved_s > reading_s
+
+    def tokens(self, room: int, unread: int) -> int:
+        if self.max_tokens == 0 or self.hopeless or self.plain_s is None:
+            return 0
+        if self._wait:
+            self._wait -= 1
+            return 0
+        return min(self.cap, self.max_tokens) if self._repays(room, unread) else 0
+
+    def record(self, cycle: Cycle) -> None:
+        if cycle.proposed == 0:  # a one-token verify is a plain step, whoever chose it
+            self._plain_steps_s = (self._plain_steps_s + [cycle.verify_s])[-self.PLAIN_WINDOW:]
+            self.plain_s = min(self._plain_steps_s)
+        if cycle.catch_up_tokens:
+            self._caught_up = self._decayed(self._caught_up, cycle.catch_up_tokens, cycle.catch_up_s)
+            self.catch_up_token_s = self._caught_up[1] / self._caught_up[0]
+        if cycle.asked == 0 or cycle.proposed == 0:  # nothing drafted (lookup without a match): nothing to judge
+            return
+        self._proposed = self._decayed(self._proposed, cycle.proposed, cycle.proposal_s)
+        self.draft_token_s = self._proposed[1] / self._proposed[0]
+        if self.draft_token_s >= self.plain_s:
+            self.hopeless = True
+            return
+        seconds = cycle.proposal_s + cycle.verify_s
+        self._judged = self._decayed(self._judged, cycle.emitted, seconds)
+        self._overall = self._decayed(self._overall, cycle.emitted, seconds)
+        if self._judged[0] / self._judged[1] < 1 / self.plain_s:
+            self._wait, self.retry, self.cap = self.retry, 2 * self.retry, self.FIRST_TOKENS
+            self._judged = (0.0, 0.0)
+        else:
+            self.cap, self.retry = min(2 * self.cap, self.max_tokens), self.first_retry
+
+
 # --------------------------------------------------------------------------- decoding
 
 @dataclass(frozen=True)
@@ -207,22 +355,22 @@ class Decoded:
     drafted: int           # draft tokens proposed
     accepted: int          # of those, kept
     prefill_s: float       # the prompt's forward, which gives the first token
-    draft_s: float         # time spent proposing
+    draft_s: float         # time spent proposing, the draft's catching up with the sequence included
     verify_s: float        # time in the verify forwards (prefill apart)
+    plain_steps: int       # verifies the schedule ran without asking the draft (it judged drafting slower)
 
 
 def speculative_decode(target: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, drafter: Drafter,
-                       draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> Decoded:
+                       draft_tokens: int = DEFAULT_DRAFT_TOKENS, schedule: ConstantSchedule | None = None) -> Decoded:
     """Exactly max_new_tokens greedy tokens of `target` (EOS ignored, like the plain decode loop),
-    verified from `drafter`'s proposals, at most `draft_tokens` per verify. Batch 1."""
+    verified from `drafter`'s proposals, as many per verify as `schedule` asks (default: a
+    ConstantSchedule of `draft_tokens`). Batch 1."""
     if input_ids.shape[0] != 1:
         raise ValueError(f"speculative decoding here is for one sequence, got a batch of {input_ids.shape[0]}")
-    if draft_tokens < 0:
-        raise ValueError(f"draft_tokens must be >= 0, got {draft_tokens}")
+    schedule = ConstantSchedule(draft_tokens) if schedule is None else schedule
     drafter.start()
     device = input_ids.device
-    draft_s = verify_s = 0.0
-    drafted = accepted = 0
+    drafted = accepted = plain_steps = 0
     with torch.no_grad():
         start = time.perf_counter()
         logits, cache = _forward(target, input_ids, None, last_only=True)
@@ -230,27 +378,37 @@ def speculative_decode(target: nn.Module, input_ids: torch.Tensor, max_new_token
         if device.type == "cuda":  # the timer covers the prompt's forward, not its queueing
             torch.cuda.synchronize(device)
         prefill_s = time.perf_counter() - start
+        draft_s = verify_s = 0.0
         forwards, new, sequence = 1, [token], torch.cat([input_ids, token], dim=1)
         while len(new) < max_new_tokens:
-            start = time.perf_counter()
             room = max_new_tokens - len(new) - 1  # a verify also emits the target's own next token
-            proposal = drafter.propose(sequence, min(draft_tokens, room)) if room and draft_tokens else []
-            draft_s += time.perf_counter() - start
+            wanted = schedule.tokens(room, drafter.unread(sequence)) if room else 0
+            plain_steps += bool(room) and not wanted
+            asked = min(wanted, room)
+            start = time.perf_counter()
+            # the draft reads the prompt only once it is first asked: a schedule may never ask
+            caught_up = drafter.catch_up(sequence) if asked else 0
+            catch_up_s, start = time.perf_counter() - start, time.perf_counter()
+            proposal = drafter.propose(sequence, asked) if asked else []
+            cycle_draft_s = time.perf_counter() - start
             start = time.perf_counter()
             block = torch.tensor([[int(sequence[0, -1])] + proposal], dtype=input_ids.dtype, device=device)
             logits, cache = _forward(target, block, cache, last_only=False)
             greedy = logits[0].argmax(-1).tolist()
-            verify_s += time.perf_counter() - start
+            cycle_verify_s = time.perf_counter() - start
             kept = 0
             while kept < len(proposal) and proposal[kept] == greedy[kept]:
                 kept += 1
             _crop(cache, len(proposal) - kept)  # the cache holds last + proposal: keep last + the agreed ones
             emitted = torch.tensor([proposal[:kept] + [greedy[kept]]], dtype=input_ids.dtype, device=device)
+            schedule.record(Cycle(asked, len(proposal), kept + 1, caught_up, catch_up_s, cycle_draft_s,
+                                  cycle_verify_s))
+            draft_s, verify_s = draft_s + catch_up_s + cycle_draft_s, verify_s + cycle_verify_s
             forwards, drafted, accepted = forwards + 1, drafted + len(proposal), accepted + kept
             new += list(emitted.split(1, dim=1))
             sequence = torch.cat([sequence, emitted], dim=1)
     return Decoded(torch.cat(new, dim=1)[:, :max_new_tokens], forwards, drafted, accepted, prefill_s, draft_s,
-                   verify_s)
+                   verify_s, plain_steps)
 
 
 def greedy_reference(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, list[float]]:

@@ -133,19 +133,25 @@ def suite_cases(suite: str, out: Path, importances: dict | None = None) -> list[
                              "--repeats", str(CPU_READ_REPEATS), "--ppl-max-tokens", "0", "--out", str(out)))
                 for model, quant, batch, prefetch in CPU_READ_CASES for way in ("copy", "map")]
     if suite == "speculative":
-        def spec(quant, draft, reads, kind):
+        def spec(quant, draft, reads, kind, schedule):
             return Case(suite, ("run_diskoffload.py", "--model", SPECULATIVE_MODEL, "--quant", quant, "--draft", draft,
-                                "--prompts", kind, "--prompt-count", str(SPECULATIVE_PROMPTS), "--max-new-tokens",
-                                str(SPECULATIVE_TOKENS), "--repeats", "1", "--ppl-max-tokens", "0",
-                                *SPECULATIVE_READS[reads], "--out", str(out)))
-        cases = [spec(quant, draft, "page cache", kind) for quant, drafts in SPECULATIVE_DRAFTS.items()
+                                "--draft-schedule", schedule, "--prompts", kind, "--prompt-count",
+                                str(SPECULATIVE_PROMPTS), "--max-new-tokens", str(SPECULATIVE_TOKENS), "--repeats", "1",
+                                "--ppl-max-tokens", "0", *SPECULATIVE_READS[reads], "--out", str(out)))
+        # the default (adaptive) schedule where a draft can cost more than it saves: the page cache
+        cases = [spec(quant, draft, "page cache", kind, "adaptive") for quant, drafts in SPECULATIVE_DRAFTS.items()
                  for draft in drafts for kind in ("code", "wiki")]
-        cases += [spec(quant, draft, reads, "code") for reads in ("cold", "cold, read-ahead")
+        cases += [spec(quant, draft, "page cache", "code", "adaptive") for quant, drafts in SPECULATIVE_LOW_BITS.items()
+                  for draft in drafts]
+        # every draft asked at every verify (transformers' schedule): what each draft does when used
+        cases += [spec(quant, draft, "page cache", kind, "constant") for quant, drafts in SPECULATIVE_DRAFTS.items()
+                  for draft in drafts for kind in ("code", "wiki")]
+        cases += [spec(quant, draft, reads, "code", "constant") for reads in ("cold", "cold, read-ahead")
                   for quant, drafts in SPECULATIVE_COLD.items() for draft in drafts
                   if reads == "cold" or draft != "lookup"]
-        cases += [spec(quant, draft, "page cache", "code") for quant, drafts in SPECULATIVE_LOW_BITS.items()
+        cases += [spec(quant, draft, "page cache", "code", "constant") for quant, drafts in SPECULATIVE_LOW_BITS.items()
                   for draft in drafts]
-        cases += [spec("fp32", draft, "page cache", "code") for draft in SPECULATIVE_FP32]
+        cases += [spec("fp32", draft, "page cache", "code", "constant") for draft in SPECULATIVE_FP32]
         return cases
     if suite == "beyond":
         return [Case(suite, (script, "--model", model, "--quant", "nf4", "--max-new-tokens", str(spec["new_tokens"]),

@@ -26,6 +26,7 @@ from .models import QUANTS, load_model, model_kind
 from .prompts import PROMPT_KINDS, load_prompts
 from .results import append_row, csv_row, device_name, environment
 
+SCHEDULES = {"adaptive": speculative.AdaptiveSchedule, "constant": speculative.ConstantSchedule}
 SELF_DRAFTS = tuple(f"self:{kind}" for kind in speculative.SUBSTITUTE_KINDS)
 DRAFT_HELP = (f"speculative decoding: none, lookup (prompt lookup), {', '.join(SELF_DRAFTS)} (the target with a "
               "resident low-bit substitute for each streamed layer; self = self:nf4), or a model with the target's "
@@ -38,9 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--draft-quant", choices=QUANTS, default=None,
                        help="weight format of a --draft model (default: --quant)")
     group.add_argument("--draft-tokens", type=int, default=None, metavar="N",
-                       help=f"most tokens drafted per verify (default: transformers' schedule, up to "
-                            f"{speculative.DEFAULT_DRAFT_TOKENS}, stopping where the draft's top probability "
-                            f"< {speculative.DEFAULT_CONFIDENCE}; lookup: {speculative.LOOKUP_TOKENS})")
+                       help=f"most tokens drafted per verify (default: transformers' {speculative.DEFAULT_DRAFT_TOKENS}, "
+                            f"a model draft stopping where its top probability < {speculative.DEFAULT_CONFIDENCE}; "
+                            f"lookup: {speculative.LOOKUP_TOKENS})")
+    group.add_argument("--draft-schedule", choices=SCHEDULES, default="adaptive",
+                       help="adaptive (default): ask the draft only while this run's timings say drafting is faster "
+                            "than plain steps; constant: ask for --draft-tokens at every verify (transformers')")
     group.add_argument("--prompts", choices=PROMPT_KINDS, default=None,
                        help="decode a prompt set instead of --prompt: code (HumanEval) or wiki (Wikipedia openings)")
     group.add_argument("--prompt-count", type=int, default=8, metavar="N", help="prompts of --prompts decoded")
@@ -96,7 +100,8 @@ class SpeculativeRow:
     draft: str                   # lookup, self:<kind>, or the draft model's name
     draft_quant: str | None      # a draft model's weight format
     draft_layers: str            # self drafts: the streamed layers with a substitute
-    draft_tokens: str            # the cap per verify, or "auto" (transformers' schedule)
+    draft_tokens: str            # the cap per verify, or "auto" (transformers' 20; lookup 10)
+    schedule: str                # adaptive or constant (rows without one: constant)
     prompt_kind: str             # code, wiki, or "prompt" (--prompt alone)
     prompts: int
     max_new_tokens: int
@@ -108,6 +113,7 @@ class SpeculativeRow:
     substituted_bytes: int | None  # self drafts: stored bytes of the layers it substitutes
     streamed_bytes_per_forward: int
     verify_forwards: int         # target forwards of one pass over the prompts, prefill included
+    plain_steps: int             # of those, verifies the schedule ran without asking the draft
     new_tokens: int
     accepted_per_verify: float   # tokens emitted per target forward
     drafted_per_verify: float    # draft tokens proposed per verify forward
@@ -139,14 +145,19 @@ def _prompts(run: Run) -> tuple[str, list[tuple[str, torch.Tensor]]]:
     return args.prompts, [(p.name, prompt_batch(run.tokenizer, p.text)[0].to(run.device)) for p in chosen]
 
 
-def _timed_speculative(run: Run, ctl, drafter, ids: torch.Tensor):
+def make_schedule(args: argparse.Namespace) -> speculative.ConstantSchedule:
+    """One schedule for the whole run: an adaptive one keeps what it learned across prompts and
+    repeats (the warm-up included), as a long-running decoder would."""
+    return SCHEDULES[args.draft_schedule](args.draft_tokens or speculative.DEFAULT_DRAFT_TOKENS)
+
+
+def _timed_speculative(run: Run, ctl, drafter, schedule, ids: torch.Tensor):
     """(decode seconds after the prompt's forward, Decoded), inside the variant's inference
     block like decode() times it (entered inside the timer, left outside)."""
     synchronize(run.device)
     start = time.perf_counter()
     with inference(ctl)():
-        out = speculative.speculative_decode(run.model, ids, run.args.max_new_tokens, drafter,
-                                             run.args.draft_tokens or speculative.DEFAULT_DRAFT_TOKENS)
+        out = speculative.speculative_decode(run.model, ids, run.args.max_new_tokens, drafter, schedule=schedule)
         synchronize(run.device)
         total_s = time.perf_counter() - start
     return total_s - out.prefill_s, out
@@ -156,6 +167,7 @@ def measure_drafts(run: Run, ctl, drafter) -> SpeculativeRow:
     args, model, n = run.args, run.model, run.args.max_new_tokens
     kind, prompts = _prompts(run)
     resident = unpatched_fits(run, ctl)
+    schedule = make_schedule(args)
     plain_s, spec_s, resident_s, outs, plain_tokens = ({name: [] for name, _ in prompts} for _ in range(5))
     bar = tqdm(total=(args.warmup + args.repeats * len(prompts)) * (3 if resident else 2), unit="run",
                desc=f"timing draft {drafter.name}", leave=False)
@@ -171,7 +183,7 @@ def measure_drafts(run: Run, ctl, drafter) -> SpeculativeRow:
             with ctl.unpatched(release=False):
                 unpatched = step(f"{name}, unpatched", decode, model, ids, n)
         plain = step(f"{name}, plain stream", decode, model, ids, n, True, inference(ctl))
-        seconds, out = step(f"{name}, draft {drafter.name}", _timed_speculative, run, ctl, drafter, ids)
+        seconds, out = step(f"{name}, draft {drafter.name}", _timed_speculative, run, ctl, drafter, schedule, ids)
         if record:
             spec_s[name].append(seconds)
             outs[name].append(out)
@@ -213,11 +225,12 @@ def measure_drafts(run: Run, ctl, drafter) -> SpeculativeRow:
         layers_offloaded=" ".join(map(str, ctl.offloaded_layers)), draft=drafter.name,
         draft_quant=args.draft_quant if drafter.name not in ("lookup", *SELF_DRAFTS) else None,
         draft_layers=" ".join(map(str, sorted(layers))) if layers is not None else "",
-        draft_tokens=str(args.draft_tokens) if args.draft_tokens else "auto", prompt_kind=kind, prompts=len(prompts),
+        draft_tokens=str(args.draft_tokens) if args.draft_tokens else "auto", schedule=schedule.name, prompt_kind=kind, prompts=len(prompts),
         max_new_tokens=n, repeats=args.repeats, cpu_read=ctl.cpu_read, prefetch=ctl.prefetch, cold_reads=bool(args.cold),
         draft_bytes=drafter.resident_bytes,
         substituted_bytes=sum(ctl.layer_bytes[i] for i in layers) if layers is not None else None,
-        streamed_bytes_per_forward=streamed, verify_forwards=forwards, new_tokens=new_tokens,
+        streamed_bytes_per_forward=streamed, verify_forwards=forwards,
+        plain_steps=sum(o.plain_steps for o in first.values()), new_tokens=new_tokens,
         accepted_per_verify=new_tokens / forwards, drafted_per_verify=drafted / verifies if verifies else 0.0,
         acceptance=sum(o.accepted for o in first.values()) / drafted if drafted else None,
         draft_ms_per_verify=1e3 * sum(o.draft_s for o in first.values()) / verifies if verifies else None,
@@ -243,7 +256,9 @@ def summary(row: SpeculativeRow) -> str:
         f"{row.plain_decode_tok_s:.3g} tok/s, same run"
         + (f"; {row.vs_resident:.2f}x the resident model's {row.resident_decode_tok_s:.3g})" if row.vs_resident else ")"),
         f"  per verify        {row.accepted_per_verify:.2f} tokens emitted, {row.drafted_per_verify:.2f} drafted"
-        + (f", {row.acceptance:.0%} of drafted accepted" if row.acceptance is not None else ""),
+        + (f", {row.acceptance:.0%} of drafted accepted" if row.acceptance is not None else "")
+        + (f"; {row.plain_steps} of {row.verify_forwards} target forwards were plain steps ({row.schedule} "
+           "schedule: drafting judged slower)" if row.plain_steps else ""),
         f"  streamed bytes    {row.read_bytes_per_token / 1e6:.1f} MB per token "
         f"({row.read_bytes_per_token / row.plain_read_bytes_per_token:.2f}x plain's); draft adds "
         f"{row.draft_bytes / 1e6:.1f} MB resident",

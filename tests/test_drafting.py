@@ -37,9 +37,11 @@ def _run(argv, monkeypatch) -> str:
 def test_a_draft_run_writes_one_speculative_row(checkpoint, tmp_path, draft, monkeypatch):
     out = tmp_path / "speculative.csv"
     name = str(checkpoint) if draft == "sibling" else draft  # the checkpoint itself: a perfect draft
-    printed = _run(_argv(checkpoint, out, "--draft", name), monkeypatch)
+    # constant: every verify asks the draft (adaptive decisions follow this machine's timings)
+    printed = _run(_argv(checkpoint, out, "--draft", name, "--draft-schedule", "constant"), monkeypatch)
     (row,) = bench.read_rows(out)
     assert list(row) == [f.name for f in dataclasses.fields(bench.SpeculativeRow)]
+    assert (row["schedule"], row["plain_steps"]) == ("constant", "0")
     assert row["draft"] == ("self:nf4" if draft == "self" else name)
     assert row["prompt_kind"] == "prompt" and row["prompts"] == "1" and row["new_tokens"] == str(N_NEW)
     assert row["tokens_equal"] == "True" and row["prompts_differing"] == "0" and row["max_diff_gap"] == ""
@@ -61,6 +63,14 @@ def test_a_draft_run_writes_one_speculative_row(checkpoint, tmp_path, draft, mon
         assert row["draft_bytes"] == "0"
     assert "equal to plain stream decoding on every prompt" in printed
     assert f"row appended to {out}" in printed
+
+
+def test_the_default_schedule_is_adaptive_and_counts_its_plain_steps(checkpoint, tmp_path, monkeypatch):
+    out = tmp_path / "speculative.csv"
+    _run(_argv(checkpoint, out, "--draft", str(checkpoint)), monkeypatch)
+    (row,) = bench.read_rows(out)
+    assert row["schedule"] == "adaptive" and row["tokens_equal"] == "True"
+    assert 0 <= int(row["plain_steps"]) < int(row["verify_forwards"])
 
 
 def test_a_prompt_set_decodes_each_prompt(checkpoint, tmp_path, monkeypatch):

@@ -73,15 +73,21 @@ def test_any_draft_yields_the_targets_greedy_tokens(arch, draft, cpu_read, tmp_p
         assert out.target_forwards == N_NEW and out.drafted == 0
 
 
-def test_the_draft_cache_keeps_only_agreed_tokens(tmp_path):
-    """A drafter reused across verifies crops its cache to the sequence's agreed prefix: its next
-    proposal equals a fresh drafter's on the same sequence."""
+@pytest.mark.parametrize("catch_up", [False, True])
+@pytest.mark.parametrize("later", [[0, 1], [0, 1, 2, 3, 4, 5]])  # a correction; tokens decoded without the draft
+def test_the_draft_cache_keeps_only_agreed_tokens(catch_up, later):
+    """A drafter reused across verifies crops its cache to the sequence's agreed prefix and reads
+    what it missed (at once, or apart first): its next proposal equals a fresh drafter's."""
     draft_model = tiny_model("llama", seed=3)
     used, fresh = sp.ModelDrafter(draft_model, confidence=None), sp.ModelDrafter(draft_model, confidence=None)
     sequence = _prompt()
     proposal = used.propose(sequence, 4)
-    corrected = torch.cat([sequence, torch.tensor([[proposal[0], (proposal[1] + 1) % 96]])], dim=1)
-    assert used.propose(corrected, 3) == fresh.propose(corrected, 3)
+    corrected = torch.cat([sequence, torch.tensor([[proposal[0], (proposal[1] + 1) % 96] + later[2:]])], dim=1)
+    if catch_up:
+        used.catch_up(corrected)
+        fresh.catch_up(corrected)
+    assert used.propose(corrected, 3) == fresh.propose(corrected, 3) == sp.ModelDrafter(
+        draft_model, confidence=None).propose(corrected, 3)
 
 
 def test_one_sequence_only_and_no_negative_draft(tmp_path):
@@ -90,6 +96,85 @@ def test_one_sequence_only_and_no_negative_draft(tmp_path):
         sp.speculative_decode(target, torch.zeros(2, 4, dtype=torch.long), 3, sp.LookupDrafter())
     with pytest.raises(ValueError, match="draft_tokens must be >= 0"):
         sp.speculative_decode(target, _prompt(), 3, sp.LookupDrafter(), draft_tokens=-1)
+
+
+# ---------------------------------------------------------------- schedules
+
+def _cycles(schedule, cycles, room=100, unread=0, catch_up_token_s=0.0):
+    """Drive a schedule with scripted cycles (draft seconds per token, share of the proposal
+    accepted, verify seconds); a draft token time of None: the draft proposes nothing. Before
+    each cycle the draft has `unread` tokens to read. Returns what the schedule asked for."""
+    asked = []
+    for token_s, accepted, verify_s in cycles:
+        n = schedule.tokens(room, unread)
+        proposed = n if token_s is not None else 0
+        read = unread if n else 0
+        schedule.record(sp.Cycle(n, proposed, round(accepted * proposed) + 1, read, read * catch_up_token_s,
+                                 proposed * token_s if proposed else (0.001 if n else 0.0), verify_s))
+        asked.append(n)
+    return asked
+
+
+PLAIN = (0.0, 0, 1.0)        # a one-token verify: 1 s (whatever the schedule asks, nothing is drafted)
+CHEAP_WIN = (0.1, 1, 1.0)    # 0.1 s per draft token, every one accepted
+CHEAP_LOSS = (0.1, 0, 1.0)   # 0.1 s per draft token, none accepted
+
+
+@pytest.mark.parametrize("cycles,asked", [
+    # the first cycle is a plain step; a draft that keeps winning is asked for twice as much each time
+    ([PLAIN] + [CHEAP_WIN] * 6, [0, 2, 4, 8, 16, 20, 20]),
+    # a draft that loses waits 4 plain steps, is asked for 2 again, then waits 8
+    ([PLAIN, CHEAP_LOSS] + [PLAIN] * 4 + [CHEAP_LOSS] + [PLAIN] * 8 + [CHEAP_WIN] * 2,
+     [0, 2, 0, 0, 0, 0, 2] + [0] * 8 + [2, 4]),
+    # a draft token that takes as long as a plain step can never pay: never asked again
+    ([PLAIN, (1.0, 1, 1.0)] + [CHEAP_WIN] * 3, [0, 2, 0, 0, 0]),
+    # proposing nothing (lookup without a match) is not judged: asked again at once
+    ([PLAIN, (None, 0, 1.0), CHEAP_WIN], [0, 2, 2]),
+])
+def test_adaptive_schedule_asks_the_draft_only_while_it_pays(cycles, asked):
+    assert _cycles(sp.AdaptiveSchedule(max_tokens=20), cycles) == asked
+
+
+def test_adaptive_schedule_judges_by_the_realised_rate_not_acceptance():
+    """Half the tokens accepted is still faster than plain when drafting is cheap enough."""
+    schedule = sp.AdaptiveSchedule(max_tokens=8)
+    assert _cycles(schedule, [PLAIN] + [(0.1, 0.5, 1.2)] * 5) == [0, 2, 4, 8, 8, 8]
+    assert schedule.draft_token_s == pytest.approx(0.1) and not schedule.hopeless
+
+
+@pytest.mark.parametrize("room,asked", [(100, [2]), (10, [0])])
+def test_adaptive_schedule_reads_a_new_prompt_only_if_the_tokens_left_repay_it(room, asked):
+    """A draft that saved 0.5 s per token so far (1 s plain, 2 tokens per 1 s cycle) and reads at
+    0.01 s per token: a prompt of 600 tokens (6 s) is worth reading for 100 tokens, not for 10."""
+    schedule = sp.AdaptiveSchedule(max_tokens=2)
+    _cycles(schedule, [PLAIN, (0.1, 0.5, 0.8)], unread=2, catch_up_token_s=0.01)
+    assert schedule.catch_up_token_s == pytest.approx(0.01)
+    assert _cycles(schedule, [(0.1, 0.5, 0.8)], room=room, unread=600, catch_up_token_s=0.01) == asked
+
+
+def test_constant_schedule_is_transformers_and_zero_is_plain():
+    assert _cycles(sp.ConstantSchedule(5), [CHEAP_LOSS] * 3) == [5, 5, 5]
+    assert _cycles(sp.AdaptiveSchedule(max_tokens=0), [PLAIN, CHEAP_WIN]) == [0, 0]
+
+
+class _Scripted(sp.ConstantSchedule):
+    def __init__(self, script):
+        super().__init__()
+        self.script = list(script)
+
+    def tokens(self, room, unread):
+        return self.script.pop(0) if self.script else 3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_plain_steps_a_schedule_chooses_are_counted_and_exact(arch, tmp_path):
+    target = tiny_model(arch)
+    reference, _ = sp.greedy_reference(target, _prompt(), N_NEW)
+    _stream(target, tmp_path)
+    drafter = sp.ModelDrafter(tiny_model(arch, seed=7), confidence=None)
+    out = sp.speculative_decode(target, _prompt(), N_NEW, drafter, schedule=_Scripted([0, 2, 0, 0, 1]))
+    assert torch.equal(out.tokens, reference)
+    assert out.plain_steps == 3
 
 
 # ---------------------------------------------------------------- self draft: substitutes

@@ -435,7 +435,7 @@ def test_list(tmp_path, capsys):
         "beyond       20 cases,  20 pending",
         "load          3 cases,   3 pending",
         "cpu_read     12 cases,  12 pending",
-        "speculative  21 cases,  21 pending",
+        "speculative  34 cases,  34 pending",
     ]
 
 
@@ -463,13 +463,18 @@ def test_speculative_suite(tmp_path):
     commands = [c.command for c in sweep.suite_cases("speculative", out)]
     common = "--prompt-count 3 --max-new-tokens 32 --repeats 1 --ppl-max-tokens 0"
     assert commands[0] == (f"python run_diskoffload.py --model qwen2.5-coder-1.5b --quant bf16 --draft qwen2.5-coder-0.5b "
-                           f"--prompts code {common} --prefetch 0 --out {out}")
-    # every draft on both prompt kinds from the page cache; code prompts cold, and cold with read-ahead
-    page_cache = [c for c in commands if "--cold" not in c]
-    assert len(page_cache) == (2 * sum(len(d) for d in sweep.SPECULATIVE_DRAFTS.values())
-                               + sum(len(d) for d in sweep.SPECULATIVE_LOW_BITS.values()) + len(sweep.SPECULATIVE_FP32))
-    assert sum("self:hqq" in c for c in commands) == 3
-    cold = [c for c in commands if "--cold --cpu-read copy --prefetch 0" in c]
+                           f"--draft-schedule adaptive --prompts code {common} --prefetch 0 --out {out}")
+    adaptive = [c for c in commands if "--draft-schedule adaptive" in c]
+    constant = [c for c in commands if "--draft-schedule constant" in c]
+    assert len(adaptive) + len(constant) == len(commands) == len(set(commands))
+    # the default schedule from the page cache, every draft on both prompt kinds, the low widths on code
+    pairs = 2 * sum(len(d) for d in sweep.SPECULATIVE_DRAFTS.values())
+    low_bits = sum(len(d) for d in sweep.SPECULATIVE_LOW_BITS.values())
+    assert len(adaptive) == pairs + low_bits and not any("--cold" in c for c in adaptive)
+    # every draft asked at every verify: the same, plus fp32; code prompts cold, and cold with read-ahead
+    page_cache = [c for c in constant if "--cold" not in c]
+    assert len(page_cache) == pairs + low_bits + len(sweep.SPECULATIVE_FP32)
+    assert sum("self:hqq" in c for c in constant) == 3
+    cold = [c for c in constant if "--cold --cpu-read copy --prefetch 0" in c]
     assert len(cold) == sum(len(d) for d in sweep.SPECULATIVE_COLD.values())
     assert all("--prompts code" in c for c in commands if "--cold" in c)
-    assert len(set(commands)) == len(commands)
