@@ -277,10 +277,10 @@ class AdaptiveSchedule(ConstantSchedule):
       most proposed + 1 tokens and takes at least a plain step): it is not asked again.
     - After each drafting cycle the draft's rate (tokens emitted over proposal + verify seconds,
       older cycles weighted by `memory` per cycle) is set against a plain step's. If plain is
-      faster, the next `retry` cycles are plain steps and the draft is then judged afresh; the
-      wait doubles each time the draft loses in a row.
-    - The tokens asked start at 2 and double with each winning cycle up to `max_tokens`; they
-      start at 2 again after a wait, so trying a slow draft costs little.
+      faster, the next `retry` cycles are plain steps, a wait that doubles each time the draft
+      loses in a row, and the tokens asked are halved.
+    - The tokens asked start at 2 (trying a slow draft costs little) and double with each
+      winning cycle up to `max_tokens`.
     - Before the draft must catch up with more than a plain step's worth of reading (a new
       prompt), it is asked only if, at its rate so far, the tokens left repay that reading.
     """
@@ -298,20 +298,19 @@ class AdaptiveSchedule(ConstantSchedule):
         self.hopeless = False
         self._proposed = (0.0, 0.0)                 # decayed (tokens proposed, proposal seconds)
         self._caught_up = (0.0, 0.0)                # decayed (tokens read, seconds)
-        self._judged = (0.0, 0.0)                   # decayed (tokens emitted, seconds) since the last wait
-        self._overall = (0.0, 0.0)                  # the same, never reset: the draft's rate so far
+        self._drafting = (0.0, 0.0)                 # decayed (tokens emitted, seconds) of drafting cycles
         self.cap, self.retry, self._wait = self.FIRST_TOKENS, retry, 0
 
     def _decayed(self, pair: tuple[float, float], count: float, seconds: float) -> tuple[float, float]:
         return self.memory * pair[0] + count, self.memory * pair[1] + seconds
 
     def _repays(self, room: int, unread: int) -> bool:
-        if self.catch_up_token_s is None or self._overall[1] == 0:
+        if self.catch_up_token_s is None or self._drafting[1] == 0:
             return True  # nothing known yet: find out
         reading_s = unread * self.catch_up_token_s
         if reading_s <= self.plain_s:
             return True
-        saved_s = (room + 1) * (self.plain_s - self._overall[1] / self._overall[0])
+        saved_s = (room + 1) * (self.plain_s - self._drafting[1] / self._drafting[0])
         return saved_s > reading_s
 
     def tokens(self, room: int, unread: int) -> int:
@@ -336,12 +335,10 @@ class AdaptiveSchedule(ConstantSchedule):
         if self.draft_token_s >= self.plain_s:
             self.hopeless = True
             return
-        seconds = cycle.proposal_s + cycle.verify_s
-        self._judged = self._decayed(self._judged, cycle.emitted, seconds)
-        self._overall = self._decayed(self._overall, cycle.emitted, seconds)
-        if self._judged[0] / self._judged[1] < 1 / self.plain_s:
-            self._wait, self.retry, self.cap = self.retry, 2 * self.retry, self.FIRST_TOKENS
-            self._judged = (0.0, 0.0)
+        self._drafting = self._decayed(self._drafting, cycle.emitted, cycle.proposal_s + cycle.verify_s)
+        if self._drafting[0] / self._drafting[1] < 1 / self.plain_s:
+            self._wait, self.retry = self.retry, 2 * self.retry
+            self.cap = max(self.FIRST_TOKENS, self.cap // 2)
         else:
             self.cap, self.retry = min(2 * self.cap, self.max_tokens), self.first_retry
 

@@ -126,6 +126,10 @@ CHEAP_LOSS = (0.1, 0, 1.0)   # 0.1 s per draft token, none accepted
     # a draft that loses waits 4 plain steps, is asked for 2 again, then waits 8
     ([PLAIN, CHEAP_LOSS] + [PLAIN] * 4 + [CHEAP_LOSS] + [PLAIN] * 8 + [CHEAP_WIN] * 2,
      [0, 2, 0, 0, 0, 0, 2] + [0] * 8 + [2, 4]),
+    # one slow cycle is outweighed by the winning ones before it; after the second the draft waits,
+    # then is asked for half as many
+    ([PLAIN] + [CHEAP_WIN] * 3 + [(0.1, 0, 3.0), (0.1, 0, 10.0)] + [PLAIN] * 4 + [CHEAP_WIN],
+     [0, 2, 4, 8, 16, 20, 0, 0, 0, 0, 10]),
     # a draft token that takes as long as a plain step can never pay: never asked again
     ([PLAIN, (1.0, 1, 1.0)] + [CHEAP_WIN] * 3, [0, 2, 0, 0, 0]),
     # proposing nothing (lookup without a match) is not judged: asked again at once
