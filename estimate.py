@@ -351,12 +351,15 @@ _KIND_ORDER = {"code": 0, "wiki": 1}  # code prompts are the headline
 
 
 def measured_acceptance(rows: list[dict]) -> list[Acceptance]:
-    """Per (model, quant, draft, prompt_kind): the non-busy rows with a draft, their
-    accepted_per_verify and drafted_per_verify averaged weighted by verify_forwards (cold_reads and
-    prefetch change the time, not the greedy tokens), code prompts first."""
+    """Per (model, quant, draft, prompt_kind): the non-busy rows with a draft asked at every verify
+    (the constant schedule; an adaptive row's plain steps say what this CPU's timings chose, not
+    what the draft accepts), their accepted_per_verify and drafted_per_verify averaged weighted
+    by verify_forwards (cold_reads and prefetch change the time, not the greedy tokens), code
+    prompts first."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        if row.get("busy") == "True" or row.get("draft", "none") == "none" or not bench.number(row.get("accepted_per_verify")):
+        if (row.get("busy") == "True" or row.get("draft", "none") == "none" or row.get("schedule") == "adaptive"
+                or not bench.number(row.get("accepted_per_verify"))):
             continue
         groups.setdefault((row["model"], row["quant"], row["draft"], row["prompt_kind"]), []).append(row)
     out = []
@@ -373,6 +376,59 @@ def measured_acceptance(rows: list[dict]) -> list[Acceptance]:
     return sorted(out, key=lambda a: (_KIND_ORDER.get(a.prompt_kind, 2), a.prompt_kind, a.model, a.draft.name))
 
 
+def _speculative_setups() -> list[tuple]:
+    """(column, model, storage bytes/s or None: the page cache, fixed streamed layers or None: as
+    many as the 6 GB card needs)."""
+    reference = select_layers(QWEN25_3B["n_layers"], "even")
+    return [
+        (f"3B ref, page cache -> PCIe {RTX4050['h2d_Bps'] / GB:.0f} GB/s", QWEN25_3B, None, reference),
+        (f"3B ref, NVMe {STORAGE[NVME] / GB:g} GB/s", QWEN25_3B, STORAGE[NVME], reference),
+        (f"7B, 6 GB card, NVMe {STORAGE[NVME] / GB:g} GB/s", QWEN25_7B, STORAGE[NVME], None),
+        (f"14B, 6 GB card, NVMe {STORAGE[NVME] / GB:g} GB/s", QWEN25_14B, STORAGE[NVME], None),
+    ]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    setup: str
+    tok_s: float | None            # None: a self draft of unknown width, or the model does not fit
+    plain_tok_s: float | None
+    streamed: list[int] | None     # None: does not fit the card
+    n_layers: int
+    fixed: bool                    # the streamed layers are the setup's, not fitted to the card
+
+    def cell(self) -> str:
+        if self.streamed is None:
+            return "does not fit"
+        if self.tok_s is None:
+            return "-"
+        text = f"{self.tok_s:.1f}" + (f" ({self.tok_s / self.plain_tok_s:.2f}x)" if self.plain_tok_s else "")
+        # on the 6 GB card a draft's bytes may push more layers out: say how many are streamed
+        return text if self.fixed else f"{text}, {len(self.streamed)}/{self.n_layers} streamed"
+
+
+def _speculative_tok_s(model: dict, storage_Bps, fixed, accepted: float, drafted: float, draft) -> tuple:
+    streamed = fixed if fixed is not None else card_streamed_layers(model, draft=draft)
+    if streamed is None or (draft.kind == "self" and draft.substitute_ratio is None):
+        return None, streamed
+    p = predict_speculative(model, streamed, storage_Bps, RTX4050["h2d_Bps"], accepted, drafted, draft)
+    return 1 / p.prefetch_s, streamed
+
+
+def speculative_predictions(acceptance: Acceptance | None) -> list[Prediction]:
+    """Each setup's predicted tok/s with read-ahead for a measured draft (None: plain stream)."""
+    out = []
+    for column, model, storage, fixed in _speculative_setups():
+        plain, streamed = _speculative_tok_s(model, storage, fixed, 1, 0, PLAIN)
+        if acceptance is None:
+            tok_s, plain = plain, None
+        else:
+            tok_s, streamed = _speculative_tok_s(model, storage, fixed, acceptance.accepted_per_verify,
+                                                 acceptance.drafted_per_verify, acceptance.draft)
+        out.append(Prediction(column, tok_s, plain, streamed, model["n_layers"], fixed is not None))
+    return out
+
+
 def speculative_table(results_dir: Path, csv_name: str = "speculative.csv") -> str:
     """Predicted tok/s, plain stream against speculative, for each draft measured in
     results_dir/csv_name: the 3B reference (the original's even layers 2..32 streamed) from the
@@ -382,25 +438,12 @@ def speculative_table(results_dir: Path, csv_name: str = "speculative.csv") -> s
     if not measured:
         return f"No speculative predictions: {path} {'has no non-busy rows with a draft' if path.is_file() else 'is missing'}."
     reference = select_layers(QWEN25_3B["n_layers"], "even")
-    setups = [  # (column, model, storage, fixed streamed layers or None: fit the 6 GB card)
-        (f"3B ref, page cache -> PCIe {RTX4050['h2d_Bps'] / GB:.0f} GB/s", QWEN25_3B, None, reference),
-        (f"3B ref, NVMe {STORAGE[NVME] / GB:g} GB/s", QWEN25_3B, STORAGE[NVME], reference),
-        (f"7B, 6 GB card, NVMe {STORAGE[NVME] / GB:g} GB/s", QWEN25_7B, STORAGE[NVME], None),
-        (f"14B, 6 GB card, NVMe {STORAGE[NVME] / GB:g} GB/s", QWEN25_14B, STORAGE[NVME], None),
-    ]
-
-    def tok_s(model, storage_Bps, fixed, accepted, drafted, draft) -> tuple[float | None, list[int] | None]:
-        streamed = fixed if fixed is not None else card_streamed_layers(model, draft=draft)
-        if streamed is None or (draft.kind == "self" and draft.substitute_ratio is None):
-            return None, streamed
-        p = predict_speculative(model, streamed, storage_Bps, RTX4050["h2d_Bps"], accepted, drafted, draft)
-        return 1 / p.prefetch_s, streamed
-
-    plain = [tok_s(model, storage, fixed, 1, 0, PLAIN) for _, model, storage, fixed in setups]
+    setups = _speculative_setups()
     layer_7b, layer_14b = layer_nf4_bytes(QWEN25_7B), layer_nf4_bytes(QWEN25_14B)
     lines = [
         f"Predicted tok/s with read-ahead (x: against the plain stream on the same setup). Acceptance: {path.name}'s "
-        f"non-busy rows with a draft, pooled over their verify forwards per target, draft and prompt kind. 3B reference: "
+        f"non-busy rows with a draft asked at every verify (constant schedule), pooled over their verify forwards per "
+        f"target, draft and prompt kind. 3B reference: "
         f"Qwen2.5-3B NF4, even layers {reference[0]}..{reference[-1]} streamed, RTX 4050 laptop. 6 GB card: the same "
         f"card, {CARD_VRAM_BYTES / 2**30:.0f} GiB less {VRAM_RESERVE_BYTES / 2**30:g} GiB reserve, the KV cache of "
         f"{CONTEXT_TOKENS} tokens and {STREAM_SLOTS} stream slots; as few of the last layers streamed as fit (7B layer "
@@ -410,28 +453,13 @@ def speculative_table(results_dir: Path, csv_name: str = "speculative.csv") -> s
         "",
         "| draft | prompts | measured on (rows) | accepted / drafted per verify | " + " | ".join(c for c, *_ in setups) + " |",
         "|---|---|---|---|" + "---|" * len(setups),
-        "| none (plain stream) | - | - | 1 / 0 | " + " | ".join(
-            _cell(t, None, streamed, fixed, model) for (t, streamed), (_, model, _, fixed) in zip(plain, setups)) + " |",
+        "| none (plain stream) | - | - | 1 / 0 | " + " | ".join(p.cell() for p in speculative_predictions(None)) + " |",
     ]
     for a in measured:
-        cells = []
-        for (base, _), (_, model, storage, fixed) in zip(plain, setups):
-            t, streamed = tok_s(model, storage, fixed, a.accepted_per_verify, a.drafted_per_verify, a.draft)
-            cells.append(_cell(t, base, streamed, fixed, model))
         lines.append(f"| {a.draft.name} | {a.prompt_kind} | {a.model} {a.quant} ({a.rows}) | "
-                     f"{a.accepted_per_verify:.2f} / {a.drafted_per_verify:.2f} | " + " | ".join(cells) + " |")
+                     f"{a.accepted_per_verify:.2f} / {a.drafted_per_verify:.2f} | "
+                     + " | ".join(p.cell() for p in speculative_predictions(a)) + " |")
     return "\n".join(lines)
-
-
-def _cell(tok_s: float | None, plain_tok_s: float | None, streamed: list[int] | None, fixed, model: dict) -> str:
-    if streamed is None:
-        return "does not fit"
-    if tok_s is None:
-        return "-"
-    text = f"{tok_s:.1f}" + (f" ({tok_s / plain_tok_s:.2f}x)" if plain_tok_s else "")
-    # on the 6 GB card a draft's bytes may push more layers out: say how many are streamed
-    return text if fixed is not None else f"{text}, {len(streamed)}/{model['n_layers']} streamed"
-
 
 
 def main(argv=None) -> None:

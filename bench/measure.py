@@ -180,6 +180,9 @@ class Speed:
     stats: dict = field(default_factory=dict)  # _STAT_KEYS: mean per measured run; {} for the baseline
     baseline: Speed | None = None        # the unpatched model, timed interleaved in the same process
     cpu: CpuLoad | None = None           # what else ran meanwhile
+    # per repeat, the unpatched decode's seconds over the variant's, the two timed back to back:
+    # a drift of the machine's speed slower than one pair cancels in each
+    paired_ratios: tuple[float, ...] = ()
 
 
 def _mean_stats(per_run: list[dict]) -> dict:
@@ -283,7 +286,8 @@ def _interleaved(run: Run, ctl, generate_too: bool) -> Speed:
     if resident and run.device.type == "cuda":
         cuda_reserved = _variant_reserved_peak(run, variant)
     baseline = _speed(base_timings, base_generate_s, n) if base_timings else None
-    return _speed(timings, generate_s, n, peak_bytes=peak, cuda_max_allocated_bytes=cuda_max,
+    paired = tuple(b.decode_s / t.decode_s for b, t in zip(base_timings, timings) if t.decode_s > 0)
+    return _speed(timings, generate_s, n, paired_ratios=paired, peak_bytes=peak, cuda_max_allocated_bytes=cuda_max,
                   cuda_max_reserved_bytes=cuda_reserved, peak_rss_anon_bytes=anon.bytes,
                   stats=_mean_stats(per_run) if per_run else {}, baseline=baseline)
 

@@ -132,6 +132,10 @@ COLUMNS = {
                              "interleaved with the variant's in the same process",
     "baseline_generate_tok_s": "variants: generate_tok_s of the unpatched model, interleaved likewise",
     "decode_ratio": "decode_tok_s / baseline_decode_tok_s: the same-run speed ratio",
+    "paired_ratio_median": "median over the repeats of each pair's ratio (the unpatched decode's seconds over the "
+                           "variant's, timed back to back): steadier than decode_ratio against a machine's drift",
+    "paired_ratio_q1": "first quartile of those per-pair ratios: with paired_ratio_q3, their spread",
+    "paired_ratio_q3": "third quartile of those per-pair ratios",
     "generate_ratio": "generate_tok_s / baseline_generate_tok_s",
     "load_1m_before": "1-minute load average when the timed runs began (this process's threads included)",
     "load_1m_after": "1-minute load average when they ended",
@@ -241,6 +245,9 @@ class Result:
     baseline_decode_tok_s: float | None
     baseline_generate_tok_s: float | None
     decode_ratio: float | None
+    paired_ratio_median: float | None
+    paired_ratio_q1: float | None
+    paired_ratio_q3: float | None
     generate_ratio: float | None
     load_1m_before: float | None
     load_1m_after: float | None
@@ -525,6 +532,9 @@ def summary(row: Result, baseline: dict | None = None) -> str:
     if row.decode_tok_s is not None:
         lines.append(f"  {'decode':<15} {_tok_s(row.decode_tok_s):>6} tok/s"
                      + versus(row.decode_tok_s, row.baseline_decode_tok_s) + f"; prefill {row.prefill_s:.3f} s")
+    if row.paired_ratio_median is not None:
+        lines.append(f"  {'paired':<15} {row.paired_ratio_median:.3f}x the unpatched model's speed, median of the "
+                     f"back-to-back pairs (quartiles {row.paired_ratio_q1:.3f}-{row.paired_ratio_q3:.3f})")
     if row.generate_tok_s is not None:
         lines.append(f"  {'generate':<15} {_tok_s(row.generate_tok_s):>6} tok/s"
                      + versus(row.generate_tok_s, row.baseline_generate_tok_s))

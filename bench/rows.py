@@ -3,6 +3,8 @@
 from the modules that run and measure."""
 from __future__ import annotations
 
+import statistics
+
 from .experiment import Run
 from .measure import Memory, Speed
 from .results import Result, append_row, device_name, environment, latest_baseline, process_age_s, summary
@@ -97,6 +99,7 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         baseline_decode_tok_s=getattr(base, "decode_tok_s", None),
         baseline_generate_tok_s=getattr(base, "generate_tok_s", None),
         decode_ratio=_ratio(speed.decode_tok_s, base.decode_tok_s) if base else None,
+        **_quartiles(speed.paired_ratios if timed else ()),
         generate_ratio=_ratio(speed.generate_tok_s, base.generate_tok_s) if base else None,
         load_1m_before=getattr(cpu, "load_1m_before", None),
         load_1m_after=getattr(cpu, "load_1m_after", None),
@@ -112,6 +115,16 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         overlap=stats.get("overlap"),
         **environment(),
     )
+
+
+def _quartiles(ratios: tuple[float, ...]) -> dict:
+    """paired_ratio_q1, _median, _q3 (inclusive quartiles: with 3 pairs, the middle ones of each half)."""
+    if not ratios:
+        return {"paired_ratio_median": None, "paired_ratio_q1": None, "paired_ratio_q3": None}
+    if len(ratios) == 1:
+        return dict.fromkeys(("paired_ratio_median", "paired_ratio_q1", "paired_ratio_q3"), ratios[0])
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"paired_ratio_median": median, "paired_ratio_q1": q1, "paired_ratio_q3": q3}
 
 
 def finish(run: Run, row: Result) -> Result:

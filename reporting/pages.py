@@ -178,13 +178,19 @@ sequence of the batch."""
 SPECULATIVE = """\
 Stream residency reads every streamed layer once per target forward; plain decoding runs one
 forward per token. `run_diskoffload.py --draft KIND` (speculative.py) lets a draft propose up to
-20 tokens (transformers' schedule: it stops early where its top probability falls below 0.4; `--draft-tokens N` caps it), the
+20 tokens (transformers' number: a model draft stops early where its top probability falls below 0.4;
+`--draft-tokens N` caps it), the
 target verifies them in one forward and keeps the agreeing prefix plus its own next token, so one
 read serves every accepted token and the output is the target's greedy output. Drafts: a sibling
-model with the same tokenizer, resident; `self:nf4`, the target itself with a resident NF4
-substitute for each streamed layer (built once from the layer files and stored like them), sharing
-every resident module (SubSpec's idea, arXiv 2509.18344); `lookup`, prompt lookup. No draft reads
-a streamed layer. Exactness: a verify forward over several positions sums in another order than
+model with the same tokenizer, resident; `self:nf4|hqq3|hqq2`, the target itself with a resident
+low-bit substitute for each streamed layer (built once from the layer files and stored like them),
+sharing every resident module (SubSpec's idea, arXiv 2509.18344); `lookup`, prompt lookup. No
+draft reads a streamed layer. On this CPU a draft computes on the target's cores, so a draft can
+cost more than its accepted tokens save: the default `--draft-schedule adaptive` asks the draft
+only while the run's own timings say drafting is faster than plain steps (a draft whose token
+takes as long as a plain step is never asked again; a losing one waits, longer each time; a new
+prompt is read by the draft only if the tokens left repay it); `constant` asks at every verify,
+as transformers does. Exactness: a verify forward over several positions sums in another order than
 one-token forwards, so in bf16/NF4 a token may flip where the target's top two logits nearly tie;
 every row says whether its tokens equal plain stream decoding's, and where not, how near the tie
 was. Cold rows read with `--cpu-read copy`: every forward's reads come from the disk (a mapping

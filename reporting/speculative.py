@@ -18,6 +18,15 @@ def rows(results: Path) -> list[dict]:
     return [r for r in bench.read_rows(results / CSV) if r["busy"] != "True" and bench.number(r["vs_plain"])]
 
 
+DEFAULT_SCHEDULE = "adaptive"
+SLOW = 0.9  # the issue's bar: at its default settings no draft slower than this against plain stream decoding
+
+
+def schedule(row: dict) -> str:
+    """Rows written before the schedule column asked the draft at every verify."""
+    return row.get("schedule") or "constant"
+
+
 def reads(row: dict) -> str:
     if row["cold_reads"] != "True":
         return "page cache"
@@ -34,41 +43,67 @@ def section(results: Path) -> str:
     found = rows(results)
     if not found:
         return missing(CSV, COMMAND)
-    lines = [[r["quant"], reads(r), r["prompt_kind"], r["draft"], mb(r["draft_bytes"]),
-              num(r["accepted_per_verify"], ".2f"), num(r["drafted_per_verify"], ".1f"),
+    lines = [[r["quant"], reads(r), r["prompt_kind"], r["draft"], schedule(r), r.get("plain_steps") or "",
+              mb(r["draft_bytes"]), num(r["accepted_per_verify"], ".2f"), num(r["drafted_per_verify"], ".1f"),
               f"{bench.number(r['read_bytes_per_token']) / 1e6:.0f} / {bench.number(r['plain_read_bytes_per_token']) / 1e6:.0f}",
               num(r["decode_tok_s"], ".2f"), num(r["plain_decode_tok_s"], ".2f"), num(r["vs_plain"], ".2f", "x"),
               num(r.get("resident_decode_tok_s"), ".2f"), _exact(r)] for r in found]
-    headers = ["target", "reads", "prompts", "draft", "draft MB", "tokens per verify", "drafted per verify",
+    headers = ["target", "reads", "prompts", "draft", "schedule", "plain steps", "draft MB", "tokens per verify",
+               "drafted per verify",
                "streamed MB per token (draft / plain)", "tok/s", "plain stream tok/s", "vs plain",
                "resident tok/s", "tokens vs plain"]
     first = found[0]
     return (f"From results/{CSV} (`{COMMAND}`; {first['model']} with layers {first['layers_offloaded']} streamed, "
             f"{first['prompts']} prompts of each kind x {first['max_new_tokens']} tokens; {machines(found)}; "
             f"commit {commits(found)}). Each row times, prompt by prompt in one process: the resident model, plain "
-            "stream decoding and speculative decoding over the same stream.\n\n" + markdown_table(headers, lines))
+            "stream decoding and speculative decoding over the same stream. Schedule: adaptive (the default) asks the "
+            "draft only while the run's own timings say drafting is faster, and counts the verifies it ran as plain "
+            "steps; constant asks at every verify (transformers' schedule; rows without a schedule are constant).\n\n"
+            + markdown_table(headers, lines))
+
+
+def _groups(found: list[dict], prompt_kinds, read_kinds) -> dict[tuple, list[dict]]:
+    """(target quant, reads, prompt kind) -> its rows of the default schedule, or, where none was
+    measured at the default, its other rows."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in found:
+        if (prompt_kinds is None or r["prompt_kind"] in prompt_kinds) and (read_kinds is None or reads(r) in read_kinds):
+            groups.setdefault((r["quant"], reads(r), r["prompt_kind"]), []).append(r)
+    return {key: [r for r in group if schedule(r) == DEFAULT_SCHEDULE] or group for key, group in groups.items()}
+
+
+def best_rows(results: Path, prompt_kinds: tuple[str, ...] | None = None,
+              read_kinds: tuple[str, ...] | None = None) -> list[tuple[dict, dict]]:
+    """(best, slowest) row per target, reads and prompt kind, at the default schedule where measured."""
+    by = lambda r: bench.number(r["vs_plain"])  # noqa: E731
+    return [(max(group, key=by), min(group, key=by)) for group in _groups(rows(results), prompt_kinds, read_kinds).values()]
 
 
 def answers(results: Path, prompt_kinds: tuple[str, ...] | None = None,
             read_kinds: tuple[str, ...] | None = None) -> list[str]:
     """The best draft per target, reads and prompt kind (only `prompt_kinds` and `read_kinds` if
-    given), what it costs and saves; then the exactness over every row."""
+    given), what it costs and saves, at the default schedule where measured; then which drafts
+    fall below 0.9x plain at the default; then the exactness over every row."""
     found = rows(results)
     out = []
-    for key in dict.fromkeys((r["quant"], reads(r), r["prompt_kind"]) for r in found
-                             if (prompt_kinds is None or r["prompt_kind"] in prompt_kinds)
-                             and (read_kinds is None or reads(r) in read_kinds)):
-        group = [r for r in found if (r["quant"], reads(r), r["prompt_kind"]) == key]
-        best = max(group, key=lambda r: bench.number(r["vs_plain"]))
-        worst = min(group, key=lambda r: bench.number(r["vs_plain"]))
-        quant, how, kind = key
-        text = (f"{quant} target, {how}, {kind} prompts: the best draft, {best['draft']}, decodes at "
-                f"{bench.number(best['vs_plain']):.2f}x plain stream decoding ({bench.number(best['accepted_per_verify']):.1f} "
-                f"tokens per target forward, so {bench.number(best['read_bytes_per_token']) / bench.number(best['plain_read_bytes_per_token']):.2f}x "
+    for best, worst in best_rows(results, prompt_kinds, read_kinds):
+        text = (f"{best['quant']} target, {reads(best)}, {best['prompt_kind']} prompts, {schedule(best)} schedule: the "
+                f"best draft, {best['draft']}, decodes at {bench.number(best['vs_plain']):.2f}x plain stream decoding "
+                f"({bench.number(best['accepted_per_verify']):.1f} tokens per target forward, so "
+                f"{bench.number(best['read_bytes_per_token']) / bench.number(best['plain_read_bytes_per_token']):.2f}x "
                 f"the streamed bytes per token; it adds {bench.number(best['draft_bytes']) / 1e6:.0f} MB resident)")
         if worst is not best:
             text += f"; the slowest, {worst['draft']}, at {bench.number(worst['vs_plain']):.2f}x"
         out.append(text + ".")
+    default = [r for r in found if schedule(r) == DEFAULT_SCHEDULE]
+    if default:
+        slow = [r for r in default if bench.number(r["vs_plain"]) < SLOW]
+        out.append(f"At the default ({DEFAULT_SCHEDULE}) schedule, " + (
+            f"{len(slow)} of {len(default)} rows run below {SLOW}x plain: " + ", ".join(
+                f"{r['draft']} ({r['quant']}, {reads(r)}, {r['prompt_kind']}: {bench.number(r['vs_plain']):.2f}x)"
+                for r in slow) if slow else f"no row runs below {SLOW}x plain ({len(default)} rows)") + "; asked at "
+            "every verify (constant), the same drafts range from " + _range(
+                [r for r in found if schedule(r) == "constant" and reads(r) == "page cache"]) + " from the page cache.")
     differ = [r for r in found if r["tokens_equal"] != "True"]
     if found:
         if differ:
@@ -81,6 +116,11 @@ def answers(results: Path, prompt_kinds: tuple[str, ...] | None = None,
     return out
 
 
+def _range(found: list[dict]) -> str:
+    ratios = [bench.number(r["vs_plain"]) for r in found]
+    return f"{min(ratios):.2f}x to {max(ratios):.2f}x" if ratios else "(not measured)"
+
+
 def plot(results: Path) -> list[Path]:
     found = rows(results)
     if not found:
@@ -90,14 +130,14 @@ def plot(results: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     fig, (speed_ax, bytes_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for key in dict.fromkeys((r["quant"], reads(r), r["prompt_kind"]) for r in found):
-        group = sorted((r for r in found if (r["quant"], reads(r), r["prompt_kind"]) == key),
+    for key in dict.fromkeys((r["quant"], reads(r), r["prompt_kind"], schedule(r)) for r in found):
+        group = sorted((r for r in found if (r["quant"], reads(r), r["prompt_kind"], schedule(r)) == key),
                        key=lambda r: bench.number(r["draft_bytes"]))
         x = [bench.number(r["draft_bytes"]) / 1e6 for r in group]
-        label = " / ".join(key)
-        speed_ax.plot(x, [bench.number(r["vs_plain"]) for r in group], "o-", label=label)
+        label, style = " / ".join(key), "o-" if key[-1] == DEFAULT_SCHEDULE else "s--"
+        speed_ax.plot(x, [bench.number(r["vs_plain"]) for r in group], style, label=label)
         bytes_ax.plot(x, [bench.number(r["read_bytes_per_token"]) / bench.number(r["plain_read_bytes_per_token"])
-                          for r in group], "o-", label=label)
+                          for r in group], style, label=label)
         for r, xi in zip(group, x):
             speed_ax.annotate(r["draft"].replace("qwen2.5-coder-", ""), (xi, bench.number(r["vs_plain"])), fontsize=6)
     speed_ax.axhline(1, color="gray", ls=":")
@@ -106,5 +146,6 @@ def plot(results: Path) -> list[Path]:
     bytes_ax.set_xlabel("draft's resident MB")
     bytes_ax.set_ylabel("streamed bytes per token vs plain")
     speed_ax.legend(fontsize=7)
-    fig.suptitle(f"Speculative decoding over stream residency: {found[0]['model']} (target quant / reads / prompts)")
+    fig.suptitle(f"Speculative decoding over stream residency: {found[0]['model']} "
+                 "(target quant / reads / prompts / schedule)")
     return [save_figure(fig, results / "speculative.png")]

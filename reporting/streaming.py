@@ -88,16 +88,23 @@ def cpu_read_section(results: Path) -> str:
         return missing("cpu_read.csv", "python sweep.py cpu_read")
     lines = [[machine_kind(r), r["model"], r["quant"], r["batch_size"], r["prefetch"], read_way(r),
               num(r["decode_tok_s"], ".1f"), num(r["baseline_decode_tok_s"], ".1f"),
-              num(r["decode_ratio"], ".3f", "x"), mb(r.get("rss_anon_bytes")), mb(r.get("peak_rss_anon_bytes")),
+              num(r["decode_ratio"], ".3f", "x"), _paired(r), mb(r.get("rss_anon_bytes")), mb(r.get("peak_rss_anon_bytes")),
               mb(r.get("rss_file_bytes")), mb(r["standby_bytes"]), mb(r["peak_bytes"]), r["repeats"]] for r in rows]
     headers = ["machine", "model", "quant", "batch", "prefetch", "CPU read", "stream tok/s", "resident tok/s, same run",
-               "vs resident", "idle anon RSS MB", "decoding anon RSS MB, peak", "idle file RSS MB", "standby MB",
+               "vs resident", "paired: median (quartiles)", "idle anon RSS MB", "decoding anon RSS MB, peak", "idle file RSS MB", "standby MB",
                "peak MB", "repeats"]
     return (f"From results/cpu_read.csv (`python sweep.py cpu_read`; commit {commits(rows)}). Each row times "
             "stream residency and the resident model interleaved in one process; `map` binds a streamed layer's "
             "tensors to a private mapping of its file, `copy` reads the file into a slot. Idle RSS is split into "
             "anonymous memory (the process's own) and file-backed pages (the mapped files and libraries, which "
-            "the kernel may drop and read again).\n\n" + markdown_table(headers, lines))
+            "the kernel may drop and read again). Paired: each repeat's resident decode seconds over the stream's, "
+            "the two timed back to back; their median and quartiles (rows before this column: blank).\n\n"
+            + markdown_table(headers, lines))
+
+
+def _paired(row: dict) -> str:
+    median, q1, q3 = (bench.number(row.get(f"paired_ratio_{k}")) for k in ("median", "q1", "q3"))
+    return "" if median is None else f"{median:.3f}x ({q1:.3f}-{q3:.3f})"
 
 
 def cpu_read_answers(results: Path) -> list[str]:
@@ -113,6 +120,8 @@ def cpu_read_answers(results: Path) -> list[str]:
         text = (f"{model} {quant}, batch {batch}, prefetch {prefetch} ({machine}): stream decodes at "
                 f"{bench.number(copy['decode_ratio']):.2f}x the resident model when it copies, "
                 f"{bench.number(mapped['decode_ratio']):.2f}x when it maps")
+        if _paired(mapped):
+            text += f" (per pair, mapping: median {_paired(mapped)})"
         anon = [bench.number(w.get("rss_anon_bytes")) for w in (copy, mapped)]
         if None not in anon:
             text += f"; idle anonymous RSS {anon[0] / 1e6:.1f} MB copying, {anon[1] / 1e6:.1f} MB mapping"

@@ -161,6 +161,15 @@ def test_measured_acceptance_pools_non_busy_rows_code_first(tmp_path):
     assert got[1].draft.substitute_ratio == pytest.approx(0.7)
 
 
+def test_measured_acceptance_leaves_adaptive_rows_out(tmp_path):
+    """An adaptive row's plain steps are this CPU's timing choice, not what the draft accepts."""
+    path = tmp_path / "speculative.csv"
+    path.write_text("\n".join([",".join(SPEC_COLUMNS + ["schedule"])] + [
+        ",".join(map(str, SPEC_ROWS[1] + (schedule,))) for schedule in ("adaptive", "constant", "")]) + "\n")
+    (got,) = estimate.measured_acceptance(estimate.bench.read_rows(path))
+    assert got.rows == 2
+
+
 def test_speculative_table(tmp_path):
     write_spec_csv(tmp_path / "speculative.csv", SPEC_ROWS)
     lines = estimate.speculative_table(tmp_path).splitlines()

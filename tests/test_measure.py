@@ -121,7 +121,19 @@ def test_measure_speed_interleaves_the_unpatched_model(mode, tmp_path):
     # and copied (on a CPU a mapped layer is mapped once per inference: tests/test_cpu_map.py)
     assert speed.stats["loads"] == (2 if mode == "session" else 8) and speed.baseline.stats == {}
     assert isinstance(speed.cpu, CpuLoad)
+    assert len(speed.paired_ratios) == 3 and all(r > 0 for r in speed.paired_ratios)
     assert ctl.resident_bytes() < offload_skip.tensor_bytes(offload_skip.module_tensors(tiny_model("qwen2")))
+
+
+@pytest.mark.parametrize("ratios,expected", [
+    ((), (None, None, None)),
+    ((0.9,), (0.9, 0.9, 0.9)),
+    ((0.8, 1.0, 0.9), (0.85, 0.9, 0.95)),           # inclusive quartiles: midway in each half
+    ((1.0, 0.9, 0.95, 2.0, 0.97), (0.95, 0.97, 1.0)),  # one slow resident run moves the median not at all
+])
+def test_paired_ratio_quartiles(ratios, expected):
+    got = bench.rows._quartiles(ratios)
+    assert tuple(got[f"paired_ratio_{k}"] for k in ("q1", "median", "q3")) == pytest.approx(expected)
 
 
 def test_measure_speed_alone_has_no_baseline():

@@ -40,16 +40,32 @@ def test_answers_name_the_best_and_slowest_draft_and_leave_busy_rows_out(tmp_pat
                       _row(draft="qwen2.5-coder-0.5b", vs_plain="9", busy="True"),
                       _row(prompt_kind="wiki", vs_plain="0.8")])
     assert speculative.answers(tmp_path) == [
-        "bf16 target, page cache, code prompts: the best draft, self:nf4, decodes at 3.00x plain stream decoding "
+        "bf16 target, page cache, code prompts, constant schedule: the best draft, self:nf4, decodes at 3.00x plain stream decoding "
         "(4.0 tokens per target forward, so 0.25x the streamed bytes per token; it adds 300 MB resident); "
         "the slowest, lookup, at 2.00x.",
-        "bf16 target, page cache, wiki prompts: the best draft, lookup, decodes at 0.80x plain stream decoding "
+        "bf16 target, page cache, wiki prompts, constant schedule: the best draft, lookup, decodes at 0.80x plain stream decoding "
         "(2.0 tokens per target forward, so 0.50x the streamed bytes per token; it adds 0 MB resident).",
         "Tokens: every row equals plain stream decoding on every prompt (3 rows).",
     ]
     assert len(speculative.answers(tmp_path, ("code",))) == 2
     table = speculative.section(tmp_path)
     assert table.count("\n| bf16 |") == 3 and "9.00x" not in table
+
+
+def test_the_default_schedule_answers_and_its_slow_rows_are_named(tmp_path):
+    """Where a key has adaptive rows, the answer is theirs; constant rows (and rows from before the
+    column, blank) only give the range when every verify asks the draft."""
+    _write(tmp_path, [_row(vs_plain="0.5"), _row(schedule="constant", draft="self:nf4", vs_plain="0.25"),
+                      _row(schedule="adaptive", vs_plain="0.97", plain_steps="80"),
+                      _row(schedule="adaptive", draft="self:nf4", vs_plain="0.85", plain_steps="90")])
+    best, slow, tokens = speculative.answers(tmp_path)
+    assert best.startswith("bf16 target, page cache, code prompts, adaptive schedule: the best draft, lookup, "
+                           "decodes at 0.97x") and best.endswith("the slowest, self:nf4, at 0.85x.")
+    assert slow == ("At the default (adaptive) schedule, 1 of 2 rows run below 0.9x plain: self:nf4 (bf16, page cache, "
+                    "code: 0.85x); asked at every verify (constant), the same drafts range from 0.25x to 0.50x from "
+                    "the page cache.")
+    assert tokens == "Tokens: every row equals plain stream decoding on every prompt (4 rows)."
+    assert "| adaptive | 90 |" in speculative.section(tmp_path)
 
 
 @pytest.mark.parametrize("cold,prefetch,expected", [("False", "0", "page cache"), ("True", "0", "cold"),
