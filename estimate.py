@@ -389,7 +389,8 @@ def _speculative_setups() -> list[tuple]:
 
 
 @dataclass(frozen=True)
-class Prediction:
+class SetupPrediction:
+    """One setup's predicted tok/s for one draft, as a table cell."""
     setup: str
     tok_s: float | None            # None: a self draft of unknown width, or the model does not fit
     plain_tok_s: float | None
@@ -415,7 +416,7 @@ def _speculative_tok_s(model: dict, storage_Bps, fixed, accepted: float, drafted
     return 1 / p.prefetch_s, streamed
 
 
-def speculative_predictions(acceptance: Acceptance | None) -> list[Prediction]:
+def speculative_predictions(acceptance: Acceptance | None) -> list[SetupPrediction]:
     """Each setup's predicted tok/s with read-ahead for a measured draft (None: plain stream)."""
     out = []
     for column, model, storage, fixed in _speculative_setups():
@@ -425,7 +426,7 @@ def speculative_predictions(acceptance: Acceptance | None) -> list[Prediction]:
         else:
             tok_s, streamed = _speculative_tok_s(model, storage, fixed, acceptance.accepted_per_verify,
                                                  acceptance.drafted_per_verify, acceptance.draft)
-        out.append(Prediction(column, tok_s, plain, streamed, model["n_layers"], fixed is not None))
+        out.append(SetupPrediction(column, tok_s, plain, streamed, model["n_layers"], fixed is not None))
     return out
 
 

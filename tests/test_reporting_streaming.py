@@ -57,7 +57,7 @@ def _cpu_read_csv(path, rows):
     import csv
     fields = ["model", "quant", "device_name", "cpu_isa", "batch_size", "prefetch", "cpu_read", "decode_tok_s",
               "baseline_decode_tok_s", "decode_ratio", "rss_anon_bytes", "peak_rss_anon_bytes", "rss_file_bytes", "standby_bytes",
-              "peak_bytes", "repeats", "busy", "commit"]
+              "peak_bytes", "repeats", "busy", "commit", "paired_ratio_median", "paired_ratio_q1", "paired_ratio_q3"]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -72,16 +72,17 @@ def test_cpu_read_block_sets_the_map_path_beside_the_copy_path(tmp_path):
         dict(cpu_read="copy", decode_tok_s=8.3, baseline_decode_tok_s=10.0, decode_ratio=0.83, rss_anon_bytes=60e6,
              peak_rss_anon_bytes=70e6),
         dict(cpu_read="map", decode_tok_s=9.9, baseline_decode_tok_s=10.0, decode_ratio=0.99, rss_anon_bytes=50e6,
-             peak_rss_anon_bytes=52e6),
+             peak_rss_anon_bytes=52e6, paired_ratio_median=0.98, paired_ratio_q1=0.96, paired_ratio_q3=1.01),
         dict(cpu_read="map", batch_size=16, decode_tok_s=1.0, baseline_decode_tok_s=1.0, decode_ratio=1.0),  # no pair
         dict(cpu_read="copy", decode_ratio=0.1, busy="True"),  # a busy row is left out
     ])
     assert streaming.cpu_read_answers(tmp_path) == [
         "m nf4, batch 1, prefetch 0 (CPU: A (avx2)): stream decodes at 0.83x the resident model when it copies, "
-        "0.99x when it maps; idle anonymous RSS 60.0 MB copying, 50.0 MB mapping, while decoding at most 70.0 and "
+        "0.99x when it maps (per pair, mapping: median 0.980x (0.960-1.010)); idle anonymous RSS 60.0 MB copying, 50.0 MB mapping, while decoding at most 70.0 and "
         "52.0 MB."]
     table = streaming.cpu_read_section(tmp_path)
-    assert "| CPU: A (avx2) | m | nf4 | 1 | 0 | map | 9.9 | 10.0 | 0.990x | 50.0 | 52.0 |" in table
+    assert "| CPU: A (avx2) | m | nf4 | 1 | 0 | map | 9.9 | 10.0 | 0.990x | 0.980x (0.960-1.010) | 50.0 | 52.0 |" in table
+    assert "| CPU: A (avx2) | m | nf4 | 1 | 0 | copy | 8.3 | 10.0 | 0.830x |  | 60.0 |" in table  # no pairs: blank
     assert "0.100x" not in table
 
 
