@@ -271,8 +271,8 @@ class AdaptiveSchedule(ConstantSchedule):
 
     - A plain step's time: the fastest of the latest `PLAIN_WINDOW` one-token verifies (the
       first cycle is one). The fastest, because a verify right after the draft ran is slower
-      than plain decoding's back-to-back steps (seen here on a CPU: 115 ms against 96 ms), and
-      drafting must beat the latter.
+      than plain decoding's back-to-back steps (seen on this project's CPU, where the draft
+      evicts the target's data from the caches), and drafting must beat the latter.
     - A draft whose proposed token takes at least a plain step can never pay (a verify emits at
       most proposed + 1 tokens and takes at least a plain step): it is not asked again.
     - After each drafting cycle the draft's rate (tokens emitted over proposal + verify seconds,
