@@ -189,8 +189,10 @@ draft reads a streamed layer. On this CPU a draft computes on the target's cores
 cost more than its accepted tokens save: the default `--draft-schedule adaptive` asks the draft
 only while the run's own timings say drafting is faster than plain steps (a draft whose token
 takes as long as a plain step is never asked again; a losing one waits, longer each time; a new
-prompt is read by the draft only if the tokens left repay it); `constant` asks at every verify,
-as transformers does. Exactness: a verify forward over several positions sums in another order than
+prompt is read by the draft only if the tokens left repay it); a run keeps one schedule across
+its warm-up and prompts, so its rows show what the schedule settled on (a one-off run also pays
+its first tries); `constant` asks at every verify, as transformers does, and shows what each
+draft does when used. Exactness: a verify forward over several positions sums in another order than
 one-token forwards, so in bf16/NF4 a token may flip where the target's top two logits nearly tie;
 every row says whether its tokens equal plain stream decoding's, and where not, how near the tie
 was. Cold rows read with `--cpu-read copy`: every forward's reads come from the disk (a mapping
