@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--draft-quant", choices=QUANTS, default=None,
                        help="weight format of a --draft model (default: --quant)")
     group.add_argument("--draft-tokens", type=int, default=None, metavar="N",
-                       help=f"most tokens drafted per verify (default: transformers' {speculative.DEFAULT_DRAFT_TOKENS}, "
-                            f"a model draft stopping where its top probability < {speculative.DEFAULT_CONFIDENCE}; "
+                       help=f"most tokens drafted per verify (default: transformers' "
+                            f"{speculative.DEFAULT_DRAFT_TOKENS}, a model draft stopping where its top probability < "
+                            f"{speculative.DEFAULT_CONFIDENCE}; "
                             f"lookup: {speculative.LOOKUP_TOKENS})")
     group.add_argument("--draft-schedule", choices=SCHEDULES, default="adaptive",
                        help="adaptive (default): ask the draft only while this run's timings say drafting is faster "
@@ -225,7 +226,8 @@ def measure_drafts(run: Run, ctl, drafter) -> SpeculativeRow:
         layers_offloaded=" ".join(map(str, ctl.offloaded_layers)), draft=drafter.name,
         draft_quant=args.draft_quant if drafter.name not in ("lookup", *SELF_DRAFTS) else None,
         draft_layers=" ".join(map(str, sorted(layers))) if layers is not None else "",
-        draft_tokens=str(args.draft_tokens) if args.draft_tokens else "auto", schedule=schedule.name, prompt_kind=kind, prompts=len(prompts),
+        draft_tokens=str(args.draft_tokens) if args.draft_tokens else "auto", schedule=schedule.name,
+        prompt_kind=kind, prompts=len(prompts),
         max_new_tokens=n, repeats=args.repeats, cpu_read=ctl.cpu_read, prefetch=ctl.prefetch, cold_reads=bool(args.cold),
         draft_bytes=drafter.resident_bytes,
         substituted_bytes=sum(ctl.layer_bytes[i] for i in layers) if layers is not None else None,
