@@ -20,7 +20,8 @@ Pieces, top to bottom: ``select_layers`` (which layers), the tensor plumbing of 
 (parameters, buffers and bitsandbytes quant states), the layer file format and
 ``LayerStore`` (manifest, validation), the ways a layer comes back (``read_layer`` into a
 buffer, ``LayerStreamer``'s slots, on a CPU ``LayerMaps``: views of the mapped file),
-``OffloadController`` (stubs, residency, accounting) and ``patch_model``. No CLI here: the
+``EmbeddingRows`` (an input embedding read row by row), ``OffloadController`` (stubs,
+residency, accounting) and ``patch_model``. No CLI here: the
 scripts live in run_*.py.
 """
 from __future__ import annotations
@@ -679,7 +680,7 @@ class OffloadedEmbedding(_StandIn):
         return self._controller._embed(input_ids)
 
     def extra_repr(self) -> str:
-        entry = self._controller._embedding_entry
+        entry = self._controller._embedding.entry
         return f"{entry.shape[0]} x {entry.shape[1]} {entry.dtype}, rows read from disk"
 
 
@@ -1050,7 +1051,59 @@ class LayerMaps:
             self._advised.add(j)
 
 
-# --------------------------------------------------------------------------- the controller
+# --------------------------------------------------------------------------- the controller and the embedding
+
+class EmbeddingRows:
+    """The input embedding while its weight is on disk: a forward reads only the rows of the
+    tokens it is given, and the whole weight can be put back. The module is kept, so a restored
+    embedding is the model's own (a scaled one stays scaled)."""
+
+    def __init__(self, model: nn.Module, embedding: nn.Module, store: "LayerStore"):
+        self.module, self._store = embedding, store
+        self._ref = TensorRef(embedding, "weight", "param")
+        self.entry = store.layouts[EMBEDDING].entries["weight"]
+        self._device = embedding.weight.device
+        self._slot = _parent_slot(model, embedding)
+
+    @property
+    def file_bytes(self) -> int:
+        return self._store.layouts[EMBEDDING].data_bytes
+
+    def stand_in(self, stub: nn.Module) -> None:
+        """Put `stub` in the embedding's place; the module's weight becomes a placeholder."""
+        self._ref.set(_placeholder(self.entry.dtype, self._device))
+        setattr(*self._slot, stub)
+
+    def forward_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The module's own forward over a weight made of just the rows of the distinct ids in
+        the batch, read from the file; ids renumbered to index it. The rows are the stored
+        bytes, so the output equals the original's."""
+        rows, inverse = torch.unique(input_ids.reshape(-1).cpu(), sorted=True, return_inverse=True)
+        if len(rows) and (rows[0] < 0 or rows[-1] >= self.entry.shape[0]):
+            bad = int(rows[0] if rows[0] < 0 else rows[-1])
+            raise IndexError(f"token id {bad} is out of range of the {self.entry.shape[0]}-row input embedding")
+        weight = self._store.read_rows(EMBEDDING, rows).to(self._device)
+        module = self.module
+        # padding_idx indexes the full matrix; it only shapes gradients, and the renumbered
+        # weight is smaller than it, which F.embedding would reject.
+        padding_idx, module.padding_idx = module.padding_idx, None
+        self._ref.set(weight)
+        try:
+            return module(inverse.view(input_ids.shape).to(input_ids.device))
+        finally:
+            module.padding_idx = padding_idx
+            self._ref.set(_placeholder(self.entry.dtype, self._device))
+
+    def restore(self, copy: bool = False) -> nn.Module:
+        """Put the module back with its whole weight read from the file (in a storage of its own
+        if `copy`); returns the stand-in it replaces."""
+        flat = torch.empty(self.file_bytes, dtype=torch.uint8)
+        self._store.read_into(EMBEDDING, flat)
+        self._ref.set(self._store.layouts[EMBEDDING].views(flat)["weight"].to(self._device, copy=copy))
+        stub = getattr(*self._slot)
+        setattr(*self._slot, self.module)
+        return stub
+
 
 class OffloadController:
     """Owns the offloaded layers: their files, when they are on the device, and the counts.
@@ -1069,12 +1122,7 @@ class OffloadController:
         self.model = model
         # resident: not asked; disk: rows read per forward; tied: asked, but the head holds it.
         self.embedding_residency = embedding_residency
-        self._embedding = embedding  # the original input embedding module while its weight is on disk
-        if embedding is not None:
-            self._embedding_ref = TensorRef(embedding, "weight", "param")
-            self._embedding_entry = store.layouts[EMBEDDING].entries["weight"]
-            self._embedding_device = embedding.weight.device
-            self._embedding_slot = _parent_slot(model, embedding)
+        self._embedding = EmbeddingRows(model, embedding, store) if embedding is not None else None
         self.offloaded_layers: list[int] = list(offloaded)
         # alpha = 0 is removal: lerp(x, L(x), 0) is x, so such a layer is never read or computed.
         self.skipped_layers = [i for i in offloaded if alphas[i] == 0]
@@ -1188,7 +1236,7 @@ class OffloadController:
                 for i in self.skipped_layers:
                     self._acquire(i)
                 # the embedding first: if its file fails, the stubs are all still in place
-                embedding_stub = self._restore_embedding() if self._embedding is not None else None
+                embedding_stub = self._embedding.restore() if self._embedding is not None else None
                 stubs = {i: self._layer_list[i] for i in self.offloaded_layers}
                 for i in stubs:
                     self._layer_list[i] = self._layers[i]
@@ -1198,8 +1246,7 @@ class OffloadController:
                     for i, stub in stubs.items():
                         self._layer_list[i] = stub
                     if embedding_stub is not None:
-                        setattr(*self._embedding_slot, embedding_stub)
-                        self._embedding_ref.set(_placeholder(self._embedding_entry.dtype, self._embedding_device))
+                        self._embedding.stand_in(embedding_stub)
         finally:
             self._copying = False
 
@@ -1243,7 +1290,7 @@ class OffloadController:
     def offloaded_bytes(self) -> int:
         """Bytes unpatched() brings onto the device beyond standby: every offloaded layer (skipped
         ones too) and an offloaded embedding's whole matrix."""
-        embedding = self._store.layouts[EMBEDDING].data_bytes if self._embedding is not None else 0
+        embedding = self._embedding.file_bytes if self._embedding is not None else 0
         return sum(self.layer_bytes.values()) + embedding
 
     def resident_breakdown(self) -> dict[str, int]:
@@ -1303,7 +1350,7 @@ class OffloadController:
                 self._refs[i][name].set(view.clone())
             self._layer_list[i] = layer
         if self._embedding is not None:
-            self._restore_embedding(copy=True)
+            self._embedding.restore(copy=True)
         self._store.close()
         self.release_staging()
         for hook in self._hooks:
@@ -1376,39 +1423,9 @@ class OffloadController:
         return out[0] if isinstance(out, tuple) else out
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The embedding module's own forward (a scaled one stays scaled) over a weight made of
-        just the rows of the distinct ids in the batch, read from the file; ids renumbered to
-        index it. The rows are the stored bytes, so the output equals the original's."""
         if not self._patched:
             raise RuntimeError("this OffloadController was unpatched; its stubs must not run")
-        entry = self._embedding_entry
-        rows, inverse = torch.unique(input_ids.reshape(-1).cpu(), sorted=True, return_inverse=True)
-        if len(rows) and (rows[0] < 0 or rows[-1] >= entry.shape[0]):
-            bad = int(rows[0] if rows[0] < 0 else rows[-1])
-            raise IndexError(f"token id {bad} is out of range of the {entry.shape[0]}-row input embedding")
-        weight = self._store.read_rows(EMBEDDING, rows).to(self._embedding_device)
-        module = self._embedding
-        # padding_idx indexes the full matrix; it only shapes gradients, and the renumbered
-        # weight is smaller than it, which F.embedding would reject.
-        padding_idx, module.padding_idx = module.padding_idx, None
-        self._embedding_ref.set(weight)
-        try:
-            return module(inverse.view(input_ids.shape).to(input_ids.device))
-        finally:
-            module.padding_idx = padding_idx
-            self._embedding_ref.set(_placeholder(entry.dtype, self._embedding_device))
-
-    def _restore_embedding(self, copy: bool = False) -> nn.Module:
-        """Put the original embedding module back with its whole weight read from the file (in a
-        storage of its own if `copy`); returns the stand-in it replaces."""
-        flat = torch.empty(self._store.layouts[EMBEDDING].data_bytes, dtype=torch.uint8)
-        self._store.read_into(EMBEDDING, flat)
-        weight = self._store.layouts[EMBEDDING].views(flat)["weight"].to(self._embedding_device, copy=copy)
-        self._embedding_ref.set(weight)
-        parent, name = self._embedding_slot
-        stub = getattr(parent, name)
-        setattr(parent, name, self._embedding)
-        return stub
+        return self._embedding.forward_rows(input_ids)
 
     def _forward_begins(self, module, args) -> None:
         self._deferred.clear()  # what an interrupted forward left behind
@@ -1680,8 +1697,7 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
         controller._unbind(i)
         layer_list[i] = OffloadedLayer(controller, i, controller._layers[i])
     if embedding is not None:
-        controller._embedding_ref.set(_placeholder(embedding.weight.dtype, embedding.weight.device))
-        setattr(*controller._embedding_slot, OffloadedEmbedding(controller, embedding))
+        controller._embedding.stand_in(OffloadedEmbedding(controller, embedding))
     controller.standby()
     controller.reset_stats()
     controller.load_peak_bytes = load_peak_bytes
