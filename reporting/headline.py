@@ -116,9 +116,9 @@ def speculative_decoding(results: Path, link: str) -> str:
           mb(b["draft_bytes"]), f"{w['draft']} {bench.number(w['vs_plain']):.2f}x" if w is not b else ""]
          for b, w in pairs])
     found = speculative.rows(results)
-    notes = speculative.answers(results)[len(pairs):]  # the default's slow rows and the exactness
+    lines = speculative.notes(results) + [_speculative_gpu(results)]
     return "\n\n".join([f"{machines(found)}; {found[0]['model']}, layers {found[0]['layers_offloaded']} streamed.",
-                         table, "\n".join(f"- {n}" for n in notes + [_speculative_gpu(results)] if n),
+                         table, "\n".join(f"- {n}" for n in lines if n),
                          "![speculative decoding](results/speculative.png)",
                          more(link, "every row, the GPU prediction for every draft")])
 

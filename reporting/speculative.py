@@ -82,9 +82,7 @@ def best_rows(results: Path, prompt_kinds: tuple[str, ...] | None = None,
 def answers(results: Path, prompt_kinds: tuple[str, ...] | None = None,
             read_kinds: tuple[str, ...] | None = None) -> list[str]:
     """The best draft per target, reads and prompt kind (only `prompt_kinds` and `read_kinds` if
-    given), what it costs and saves, at the default schedule where measured; then which drafts
-    fall below 0.9x plain at the default; then the exactness over every row."""
-    found = rows(results)
+    given), what it costs and saves, at the default schedule where measured; then `notes`."""
     out = []
     for best, worst in best_rows(results, prompt_kinds, read_kinds):
         text = (f"{best['quant']} target, {reads(best)}, {best['prompt_kind']} prompts, {schedule(best)} schedule: the "
@@ -95,6 +93,14 @@ def answers(results: Path, prompt_kinds: tuple[str, ...] | None = None,
         if worst is not best:
             text += f"; the slowest, {worst['draft']}, at {bench.number(worst['vs_plain']):.2f}x"
         out.append(text + ".")
+    return out + notes(results)
+
+
+def notes(results: Path) -> list[str]:
+    """Over every row: which drafts fall below 0.9x plain at the default schedule, beside the
+    range when every verify asks the draft; then the exactness."""
+    found = rows(results)
+    out = []
     default = [r for r in found if schedule(r) == DEFAULT_SCHEDULE]
     if default:
         slow = [r for r in default if bench.number(r["vs_plain"]) < SLOW]
