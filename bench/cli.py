@@ -13,6 +13,7 @@ import torch
 import offload_skip
 
 from .base import RESULTS_DIR, UsageError, default_cache_dir, first_line
+from .dummy import SHAPES as DUMMY_SHAPES, is_dummy
 from .models import DEFAULT_MODEL, EMBEDDED_MODELS, HEAD_QUANTS, QUANTS, model_kind
 from .results import check_csv
 from .workload import DEFAULT_PROMPT, VARIANTS
@@ -108,7 +109,9 @@ def build_parser(variant: str | None = None, description: str | None = None,
         add("--variant", choices=VARIANTS, default="baseline",
             help="which model to score: unpatched, session residency, or stream residency")
     add("--model", default=DEFAULT_MODEL,
-        help=f"embedded alias ({', '.join(EMBEDDED_MODELS)}), local checkpoint directory or hub id org/name")
+        help=f"embedded alias ({', '.join(EMBEDDED_MODELS)}), local checkpoint directory, hub id org/name, or "
+             f"dummy:SHAPE|ALIAS|DIR (that shape with seeded random weights, for memory and speed only; "
+             f"shapes: {', '.join(DUMMY_SHAPES)})")
     add("--quant", choices=QUANTS, default="nf4", help="weight format (nf4: bitsandbytes 4-bit, double quant)")
     add("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:N or cpu")
     add("--layers", default="even", metavar="PATTERN",
@@ -195,6 +198,13 @@ def finish_args(args: argparse.Namespace, row_type=None) -> argparse.Namespace:
     args.variant = args.script_variant or args.variant
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if is_dummy(args.model) and args.ppl_max_tokens:
+        if args.script_variant is None:  # eval_ppl.py: perplexity is all it measures
+            raise UsageError(f"{args.model} has dummy weights: its perplexity means nothing, so eval_ppl.py "
+                             "does not score it")
+        print(f"{args.model}: dummy weights, so no perplexity (--ppl-max-tokens {args.ppl_max_tokens} ignored)",
+              file=sys.stderr)
+        args.ppl_max_tokens = 0
     if args.ppl_dataset is None:
         args.ppl_dataset = default_ppl_dataset(args.model)
     if args.ppl_stride is None:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 import speculative
 
 from .base import UsageError
+from .dummy import is_dummy
 from .experiment import Run, inference, prompt_batch
 from .measure import decode, settle, synchronize, unpatched_fits, watch_cpu
 from .models import QUANTS, load_model, model_kind
@@ -60,6 +61,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--prompt-count must be >= 1, got {args.prompt_count}")
     if draft == "none":
         return
+    if is_dummy(args.model):
+        raise UsageError(f"--draft over {args.model}: dummy weights accept no draft's tokens in any meaningful "
+                         "way; speculative decoding needs real weights")
     if args.batch_size != 1:
         raise UsageError("--draft decodes one sequence at a time: drop --batch-size")
     if not args.kv_cache:

@@ -17,7 +17,7 @@ import offload_skip
 from .base import UsageError, first_line
 from .corpus import load_corpus
 from .hostmem import AnonPeak
-from .models import DEFAULT_MODEL, embeddings_tied, load_model, model_kind, quantize_head, resolve_model
+from .models import embeddings_tied, load_model, model_config, model_kind, quantize_head
 from .workload import BATCH_PROMPTS, DEFAULT_PROMPT, VARIANT_MODES
 
 
@@ -47,14 +47,7 @@ class Run:
 
 def _config_layers(name: str, cache_dir: Path) -> int:
     """The decoder layer count from the config alone (cheap), to reject a pattern before loading."""
-    source, label = resolve_model(name, cache_dir)
-    from transformers import AutoConfig
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"could not load model {label!r} ({first_line(err)}); "
-                         f"the embedded alias {DEFAULT_MODEL!r} works offline") from err
-    return config.get_text_config().num_hidden_layers
+    return model_config(name, cache_dir).get_text_config().num_hidden_layers
 
 
 def select(pattern: str, n_layers: int, flag: str = "--layers") -> list[int]:

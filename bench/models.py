@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import offload_skip
 
-from . import fetch, layer_loading
+from . import dummy, fetch, layer_loading
 from .base import UsageError, first_line, temp_sibling
 from .fetch import EmbeddedFile, Member
 
@@ -226,7 +226,13 @@ def quantize_head(model, quant: str) -> None:
 
 
 def model_kind(name: str) -> str:
-    """``embedded``, ``dir`` or ``hub`` for a model name (cheap: nothing is loaded or converted)."""
+    """``embedded``, ``dir``, ``hub`` or ``dummy`` for a model name (cheap: nothing is loaded or converted)."""
+    if dummy.is_dummy(name):
+        shape = dummy.target(name)
+        if shape in dummy.SHAPES or shape in EMBEDDED_MODELS or (Path(shape).expanduser() / "config.json").is_file():
+            return "dummy"
+        raise UsageError(f"unknown dummy model {name!r}: use dummy:SHAPE ({', '.join(dummy.SHAPES)}), "
+                         f"dummy:ALIAS ({', '.join(EMBEDDED_MODELS)}) or dummy:DIR (a directory with a config.json)")
     if name in EMBEDDED_MODELS:
         return "embedded"
     if Path(name).expanduser().is_dir():
@@ -280,36 +286,17 @@ def load_model(
     _check_device(device)
     if quant == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--quant nf4 needs bitsandbytes; run: pip install bitsandbytes")
-    source, label = resolve_model(name, cache_dir)
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    # A single-entry device_map places every module on `device` directly,
-    # which is also what bitsandbytes needs to quantise on that device.
-    kwargs = {"device_map": {"": device}}
-    if quant == "nf4":
-        kwargs["quantization_config"] = _nf4_config()
-        # Unquantised modules (embeddings, norms, lm_head) match the compute dtype.
-        kwargs["dtype"] = torch.bfloat16
-    else:
-        kwargs["dtype"] = _TORCH_DTYPES[quant]
-    store = None
+    # Unquantised modules (embeddings, norms, lm_head) of an NF4 model match the compute dtype.
+    dtype, quantization = (torch.bfloat16, _nf4_config()) if quant == "nf4" else (_TORCH_DTYPES[quant], None)
     if device.startswith("cuda"):
         torch.cuda.init()  # resetting an explicit index ("cuda:0") needs an initialised context
         torch.cuda.reset_peak_memory_stats(device)
-    try:
-        start_s = time.perf_counter()
-        if offloaded:
-            model, store = layer_loading.load_streamed(source, offloaded, layers_dir, device, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        load_s = time.perf_counter() - start_s
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:  # offline hub id, or a directory that is no checkpoint
-        raise UsageError(
-            f"could not load model {label!r} ({first_line(err)}); "
-            f"the embedded alias {DEFAULT_MODEL!r} works offline"
-        ) from err
+    start_s = time.perf_counter()
+    if model_kind(name) == "dummy":
+        model, store, tokenizer = _load_dummy(name, dtype, quantization, device, cache_dir, offloaded, layers_dir)
+    else:
+        model, store, tokenizer = _load_checkpoint(name, dtype, quantization, device, cache_dir, offloaded, layers_dir)
+    load_s = time.perf_counter() - start_s
     model.eval()
     if device == "cpu":
         # bitsandbytes repacks NF4 weights for the CPU on their first forward (+1.4 MB on
@@ -317,7 +304,8 @@ def load_model(
         # variant see the form that is computed with.
         offload_skip.prepack_nf4_for_cpu(model)
     info = {
-        "model": label,
+        "model": name,
+        "weights": "dummy" if model_kind(name) == "dummy" else "real",
         "quant": quant,
         "device": device,
         "load_s": load_s,
@@ -329,3 +317,78 @@ def load_model(
     return model, tokenizer, info
 
 
+
+
+def _load_checkpoint(name: str, dtype: torch.dtype, quantization, device: str, cache_dir: Path,
+                     offloaded: list[int] | None, layers_dir: Path | None):
+    """(model, store or None, tokenizer) from an embedded alias, a directory or a hub id."""
+    source, label = resolve_model(name, cache_dir)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # A single-entry device_map places every module on `device` directly,
+    # which is also what bitsandbytes needs to quantise on that device.
+    kwargs = {"device_map": {"": device}, "dtype": dtype}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    store = None
+    try:
+        if offloaded:
+            model, store = layer_loading.load_streamed(source, offloaded, layers_dir, device, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:  # offline hub id, or a directory that is no checkpoint
+        raise UsageError(
+            f"could not load model {label!r} ({first_line(err)}); "
+            f"the embedded alias {DEFAULT_MODEL!r} works offline"
+        ) from err
+    return model, store, tokenizer
+
+
+# A Qwen2.5 shape's tokenizer, where one of these embedded checkpoints is already converted
+# (never fetched for a dummy model): the Qwen2.5 family shares its tokenizer.
+_QWEN25_TOKENIZER_SOURCES = ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+
+
+def model_config(name: str, cache_dir: Path):
+    """The transformers config a model name stands for (a dummy's: its shape's, with the name)."""
+    from transformers import AutoConfig
+
+    if model_kind(name) == "dummy":
+        shape = dummy.target(name)
+        config = dummy.shape_config(shape) if shape in dummy.SHAPES else \
+            AutoConfig.from_pretrained(resolve_model(shape, cache_dir)[0] if shape in EMBEDDED_MODELS else shape)
+        config.name_or_path = name
+        return config
+    source, label = resolve_model(name, cache_dir)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"could not load model {label!r} ({first_line(err)}); "
+                         f"the embedded alias {DEFAULT_MODEL!r} works offline") from err
+
+
+def dummy_tokenizer(name: str, cache_dir: Path, vocab_size: int):
+    """A dummy model's tokenizer: its alias's or directory's own; for a Qwen2.5 shape, the
+    embedded Qwen2.5 tokenizer where a converted checkpoint holds it; else RandomTokenizer."""
+    from transformers import AutoTokenizer
+
+    shape = dummy.target(name)
+    if shape in EMBEDDED_MODELS:
+        return AutoTokenizer.from_pretrained(resolve_model(shape, cache_dir)[0])
+    candidates = [Path(cache_dir) / "hf" / alias for alias in _QWEN25_TOKENIZER_SOURCES] \
+        if shape in dummy.SHAPES else [Path(shape).expanduser()]
+    for source in candidates:
+        if (source / "tokenizer_config.json").is_file() and (shape not in dummy.SHAPES or _is_complete(source)):
+            return AutoTokenizer.from_pretrained(source)
+    return dummy.RandomTokenizer(vocab_size)
+
+
+def _load_dummy(name: str, dtype: torch.dtype, quantization, device: str, cache_dir: Path,
+                offloaded: list[int] | None, layers_dir: Path | None):
+    """(model, store or None, tokenizer) of a dummy name: seeded random weights (bench.dummy)."""
+    config = model_config(name, cache_dir)
+    model, store = dummy.load_dummy(config, dtype, device, quantization_config=quantization,
+                                    offloaded=offloaded, layers_dir=layers_dir)
+    return model, store, dummy_tokenizer(name, cache_dir, config.get_text_config().vocab_size)

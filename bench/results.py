@@ -26,7 +26,10 @@ BUSY_OTHER_CPU_SHARE = 0.10
 COLUMNS = {
     # what ran
     "variant": "baseline (unpatched), kvcache (session residency) or diskoffload (stream residency)",
-    "model": "--model as given (embedded alias, directory or hub id)",
+    "model": "--model as given (embedded alias, directory, hub id, or dummy:SHAPE|ALIAS|DIR)",
+    "weights": "real, or dummy (seeded random values in the model's shapes and formats: bytes and speed are "
+               "the real model's, perplexity and acceptance mean nothing, so none is measured); empty in rows "
+               "written before this column, all of them real",
     "quant": "weight format: nf4 (bitsandbytes, double quant, bf16 compute), bf16, fp16, fp32",
     "quant_head": "output head format: none (as loaded; bitsandbytes leaves the head unquantised) or nf4 "
                   "(--quant-head: a 4-bit copy, approximate by design)",
@@ -184,6 +187,7 @@ class Result:
     None is an empty cell: a column that does not apply to this run."""
     variant: str
     model: str
+    weights: str | None
     quant: str
     quant_head: str
     device: str
@@ -466,6 +470,8 @@ def summary(row: Result, baseline: dict | None = None) -> str:
     if row.device == "cpu" and row.cpu_isa:
         machine += f", {row.cpu_isa}"  # which NF4 path bitsandbytes took, and so which speeds to expect
     config = f"{row.model} {row.quant} on {row.device}" + (f" ({machine})" if machine else "")
+    if row.weights == "dummy":
+        config += ", dummy weights (bytes and speed only)"
     if row.layers_offloaded:
         n = len(row.layers_offloaded.split())
         config += f", {n} of {row.n_layers} layers offloaded ({row.layers})"

@@ -38,6 +38,7 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
     return Result(
         variant=run.variant,
         model=run.info["model"],
+        weights=run.info["weights"],
         quant=run.info["quant"],
         quant_head=getattr(args, "quant_head", "none"),
         device=run.device.type,
