@@ -24,6 +24,7 @@ import offload_skip
 @bench.csv_row
 class Exactness:
     model: str
+    weights: str | None         # real, or dummy (seeded random values: exactness holds or not all the same); empty: real
     quant: str
     device: str
     device_name: str            # CUDA device name or 'CPU: <model name>': exactness is stated per machine
@@ -56,11 +57,20 @@ def _naive_residual_hooks(model, layers: list[int]) -> list:
             for i in layers]
 
 
+def _window(args, tokenizer, info: dict, window_tokens: int) -> torch.Tensor:
+    """[1, window_tokens] ids whose logits are compared: a window of the corpus; for dummy weights,
+    which read no text, seeded random ids."""
+    if info["weights"] == "dummy":
+        generator = torch.Generator().manual_seed(0)
+        return torch.randint(len(tokenizer.get_vocab()) or info["vocab_size"], (1, window_tokens), generator=generator)
+    docs, _ = bench.load_corpus(args.corpus, args.cache_dir)
+    return eval_ppl.token_ids(tokenizer, docs, window_tokens)[None]
+
+
 def compare(args, quant: str, window_tokens: int, greedy_tokens: int) -> list[Exactness]:
     model, tokenizer, info = bench.load_model(args.model, quant, args.device, args.cache_dir)
     device = next(model.parameters()).device
-    docs, _ = bench.load_corpus(args.corpus, args.cache_dir)
-    window = eval_ppl.token_ids(tokenizer, docs, window_tokens)[None].to(device)
+    window = _window(args, tokenizer, info, window_tokens).to(device)
     prompt = tokenizer(bench.DEFAULT_PROMPT, return_tensors="pt").input_ids.to(device)
     layers = bench.select(args.layers, info["n_layers"])
     before = offload_skip.tensor_bytes(offload_skip.module_tensors(model), device)
@@ -70,7 +80,7 @@ def compare(args, quant: str, window_tokens: int, greedy_tokens: int) -> list[Ex
     def row(form: str, logits, tokens, after: int) -> Exactness:
         differs = (tokens != ref_tokens)[0].nonzero()
         return Exactness(
-            model=info["model"], quant=quant, device=device.type, device_name=bench.device_name(device),
+            model=info["model"], weights=info["weights"], quant=quant, device=device.type, device_name=bench.device_name(device),
             layers=args.layers, form=form,
             window_tokens=window.shape[1], max_abs_logit_diff=(logits - ref_logits).abs().max().item(),
             logits_equal=torch.equal(logits, ref_logits), greedy_tokens=greedy_tokens,
@@ -97,7 +107,8 @@ def compare(args, quant: str, window_tokens: int, greedy_tokens: int) -> list[Ex
 
 def build_parser() -> argparse.ArgumentParser:
     parser = bench.new_parser(Path(__file__).name, __doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=bench.DEFAULT_MODEL, help="embedded alias, local directory or hub id")
+    parser.add_argument("--model", default=bench.DEFAULT_MODEL,
+                        help="embedded alias, local directory, hub id or dummy:SHAPE (random ids instead of --corpus)")
     parser.add_argument("--quants", default="fp32,bf16,nf4", help="weight formats to compare, comma-separated")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda or cpu")
     parser.add_argument("--layers", default="even", metavar="PATTERN", help="decoder layers to offload")

@@ -310,6 +310,7 @@ def load_model(
         "device": device,
         "load_s": load_s,
         "n_layers": model.config.get_text_config().num_hidden_layers,
+        "vocab_size": model.config.get_text_config().vocab_size,
         # the weights on the device once from_pretrained returned
         "loaded_bytes": offload_skip.tensor_bytes(offload_skip.module_tensors(model), device),
         "store": store,  # the offloaded layers' files, for patch_model(store=...)
