@@ -34,10 +34,10 @@ TABLE = (
     ("idle RSS MB", lambda r: mb(r["rss_bytes"])),
     ("PPL", lambda r: _ppl(r)),
     ("prefill s", lambda r: num(r["prefill_s"], ".3f")),
-    ("decode tok/s", lambda r: num(r["decode_tok_s"], ".1f")),
-    ("unpatched tok/s, same run", lambda r: num(r["baseline_decode_tok_s"], ".1f")),
+    ("decode tok/s", lambda r: num(r["decode_tok_s"], ".3g")),
+    ("unpatched tok/s, same run", lambda r: num(r["baseline_decode_tok_s"], ".3g")),
     ("decode vs unpatched", lambda r: num(r["decode_ratio"], ".2f", "x")),
-    ("generate tok/s", lambda r: num(r["generate_tok_s"], ".1f")),
+    ("generate tok/s", lambda r: num(r["generate_tok_s"], ".3g")),
     ("generate vs unpatched", lambda r: num(r["generate_ratio"], ".2f", "x")),
     ("loads/run", lambda r: num(r["loads"], "g")),
     ("wait s/run", lambda r: num(r["wait_s"], ".3f")),
@@ -107,6 +107,7 @@ def load_rows(results_dir: Path) -> list[dict]:
 
 
 LEAD_MODEL = "qwen2.5-coder-1.5b"
+DUMMY_ORIGINAL = "dummy:qwen2.5-3b"  # the original's model's shape, with dummy weights
 # The original experiment's own reported figures (REFERENCES.md), quoted beside ours, never
 # measured here: estimate.ORIGINAL's, plus its peak while generating and its perplexity on
 # five short sentences (naive x + (L(x) - x), before -> after offloading).
@@ -121,67 +122,106 @@ def latest(rows: list[dict], **match) -> dict | None:
     return max(found, key=lambda r: r["timestamp"]) if found else None
 
 
-def lead_section(rows: list[dict], model: str = LEAD_MODEL) -> str:
-    """The reference architecture beside the original experiment's reported figures: our
-    newest rows of `model` in NF4 on the newest machine kind that has them."""
+def _newest_machine_rows(rows: list[dict], model: str) -> tuple[str, list[dict]]:
+    """(machine kind, rows) of `model` in NF4 on the newest machine kind that has them."""
     nf4 = [r for r in rows if r["model"] == model and r["quant"] == "nf4"]
     if not nf4:
-        return f"(no {model} NF4 rows yet: see reproduce.sh)"
+        return "", []
     machine = machine_kind(max(nf4, key=lambda r: r["timestamp"]))
-    nf4 = [r for r in nf4 if machine_kind(r) == machine]
+    return machine, [r for r in nf4 if machine_kind(r) == machine]
+
+
+def _gb(cell, binary: bool = False) -> str:
+    value = bench.number(cell)
+    if value is None:
+        return "-"
+    return f"{value / 2**30:.2f} GiB ({value / 1e9:.2f} GB)" if binary else f"{value / 1e9:.2f} GB"
+
+
+def _change(new, old) -> str:
+    new, old = bench.number(new), bench.number(old)
+    return "" if new is None or not old else f" ({100 * (new / old - 1):+.0f}%)"
+
+
+def _speed(row) -> str:
+    if not row:
+        return "-"
+    return (f"{num(row['decode_tok_s'], '.2f')} vs {num(row['baseline_decode_tok_s'], '.2f')} tok/s unpatched, "
+            f"same run: {num(row['decode_ratio'], '.2f', 'x')}")
+
+
+def _repo_column(nf4: list[dict], binary: bool) -> list[str]:
+    """This repo's cells of the original-beside-this-repo table, from one model's NF4 rows:
+    layers, standby, while generating, perplexity, session and stream decode."""
     base = latest(nf4, variant="baseline", ppl=bool) or latest(nf4, variant="baseline")
     session = latest(nf4, variant="kvcache", decode_tok_s=bool)
     stream = latest(nf4, variant="diskoffload", decode_tok_s=bool, prefetch="0", kv_cache="True")
     stream_ppl = latest(nf4, variant="diskoffload", ppl=bool, alpha="1")
+    first = session or stream or base
+    offloaded = f"{len(first['layers_offloaded'].split())} of {first['n_layers']} ({first['layers']})" if first else "-"
+    standby = (f"{_gb(first['baseline_standby_bytes'], binary)} -> {_gb(first['standby_bytes'], binary)}"
+               f"{_change(first['standby_bytes'], first['baseline_standby_bytes'])}"
+               if first and first["baseline_standby_bytes"] else "-")
+    peak = ((f"session {_gb(session['peak_bytes'])}" if session else "session -")
+            + (f"; stream {_gb(stream['peak_bytes'])}{_change(stream['peak_bytes'], stream['baseline_standby_bytes'])}"
+               if stream else ""))
+    if base and base["weights"] == "dummy":
+        ppl = "none: dummy weights"
+    else:
+        ppl = ((f"{num(base['ppl'], '.4f')} unpatched" if base and base["ppl"] else "-")
+               + (f" -> {num(stream_ppl['ppl'], '.4f')} streamed" if stream_ppl else "")
+               + (f" ({base['ppl_dataset']}, {base['ppl_tokens']} tokens, ctx {base['ppl_ctx']})"
+                  if base and base["ppl"] else ""))
+    return [offloaded, standby, peak, ppl, _speed(session), _speed(stream)]
+
+
+def units_note(dummy_nf4: list[dict]) -> str:
+    """The original's standby "GB" over this repo's count of the same shape's bytes, read as GiB and as 10^9."""
+    row = next((r for r in (latest(dummy_nf4, variant=v) for v in ("kvcache", "diskoffload")) if r), None)
+    if row is None:
+        return ""
+    counted = [bench.number(row["baseline_standby_bytes"]), bench.number(row["standby_bytes"])]
+    ratios = {unit: [o * scale / c for o, c in zip(ORIGINAL["standby_GB"], counted)]
+              for unit, scale in (("GiB", 2**30), ("10^9 bytes", 1e9))}
+    return ("Units: the original's standby figures (unpatched, offloaded) over this repo's byte counts of the same "
+            "shape, layers and quantisation: " + "; ".join(f"read as {unit}, {a:.3f}x and {b:.3f}x"
+                                                            for unit, (a, b) in ratios.items()) + ".")
+
+
+def lead_section(rows: list[dict], model: str = LEAD_MODEL) -> str:
+    """The reference architecture beside the original experiment's reported figures: our
+    newest rows of `model` in NF4 on the newest machine kind that has them, and of the
+    original's own shape with dummy weights (DUMMY_ORIGINAL) where measured."""
+    machine, nf4 = _newest_machine_rows(rows, model)
+    if not nf4:
+        return f"(no {model} NF4 rows yet: see reproduce.sh)"
+    dummy_machine, dummy_nf4 = _newest_machine_rows(rows, DUMMY_ORIGINAL)
     o = ORIGINAL
     standby0, standby1 = o["standby_GB"]
     layers0 = ORIGINAL_LAYERS
-
-    def gb(cell) -> str:
-        value = bench.number(cell)
-        return "-" if value is None else f"{value / 1e9:.2f} GB"
-
-    def change(new, old) -> str:
-        new, old = bench.number(new), bench.number(old)
-        return "" if new is None or not old else f" ({100 * (new / old - 1):+.0f}%)"
-
-    def speed(row) -> str:
-        if not row:
-            return "-"
-        return (f"{num(row['decode_tok_s'], '.2f')} vs {num(row['baseline_decode_tok_s'], '.2f')} tok/s unpatched, "
-                f"same run: {num(row['decode_ratio'], '.2f', 'x')}")
-
-    first = session or stream or base
-    offloaded = f"{len(first['layers_offloaded'].split())} of {first['n_layers']} ({first['layers']})" if first else "-"
-    lines = [
-        f"Generated by `python report.py` from results/*.csv: the newest {model} NF4 rows measured on {machine}, "
-        "beside the original experiment's reported figures (Qwen2.5-3B NF4, bitsandbytes double quant, "
-        "RTX 4050 laptop GPU).",
-        "",
-        f"| | original: Qwen2.5-3B NF4, RTX 4050 | this repo: {model} NF4, {machine} |",
-        "|---|---|---|",
-        f"| layers offloaded | {len(layers0)} of {estimate.QWEN25_3B['n_layers']} (even {layers0[0]}..{layers0[-1]}) "
-        f"| {offloaded} |",
-        f"| standby weights, unpatched -> offloaded | {standby0} -> {standby1} GB "
-        f"({100 * (standby1 / standby0 - 1):+.0f}%) | "
-        + (f"{gb(session['baseline_standby_bytes'])} -> {gb(session['standby_bytes'])}"
-           f"{change(session['standby_bytes'], session['baseline_standby_bytes'])}" if session else "-") + " |",
-        f"| weights while generating | {o['peak_GB']} GB: every offloaded layer reloaded | "
-        + (f"session {gb(session['peak_bytes'])}" if session else "session -")
-        + (f"; stream {gb(stream['peak_bytes'])}{change(stream['peak_bytes'], stream['baseline_standby_bytes'])}"
-           if stream else "") + " |",
-        f"| perplexity | {o['ppl'][0]} -> {o['ppl'][1]} on five short sentences | "
-        + (f"{num(base['ppl'], '.4f')} unpatched" if base and base["ppl"] else "-")
-        + (f" -> {num(stream_ppl['ppl'], '.4f')} streamed" if stream_ppl else "")
-        + (f" ({base['ppl_dataset']}, {base['ppl_tokens']} tokens, ctx {base['ppl_ctx']})"
-           if base and base["ppl"] else "")
-        + " |",
-        f"| decode, session (all layers loaded per inference) | {o['resident_tok_s']} tok/s (own loop) vs "
-        f"{o['generate_tok_s']} tok/s (HF generate): two different loops | {speed(session)} |",
-        f"| decode, stream (each layer read when used) | {o['disk_no_kv_tok_s']} tok/s, without KV cache | "
-        f"{speed(stream)} |",
-    ]
-    return "\n".join(lines)
+    original = [f"{len(layers0)} of {estimate.QWEN25_3B['n_layers']} (even {layers0[0]}..{layers0[-1]})",
+                f"{standby0} -> {standby1} \"GB\" ({100 * (standby1 / standby0 - 1):+.0f}%)",
+                f"{o['peak_GB']} \"GB\": every offloaded layer reloaded",
+                f"{o['ppl'][0]} -> {o['ppl'][1]} on five short sentences",
+                f"{o['resident_tok_s']} tok/s (own loop) vs {o['generate_tok_s']} tok/s (HF generate): two different loops",
+                f"{o['disk_no_kv_tok_s']} tok/s, without KV cache"]
+    columns = [original, _repo_column(nf4, binary=False)]
+    headers = ["", "original: Qwen2.5-3B NF4, RTX 4050", f"this repo: {model} NF4, {machine}"]
+    if dummy_nf4:
+        columns.append(_repo_column(dummy_nf4, binary=True))
+        headers.append(f"this repo: the original's shape, {DUMMY_ORIGINAL} NF4 (dummy weights), {dummy_machine}")
+    labels = ["layers offloaded", "standby weights, unpatched -> offloaded", "weights while generating",
+              "perplexity", "decode, session (all layers loaded per inference)",
+              "decode, stream (each layer read when used)"]
+    lines = [f"| {' | '.join(headers)} |", "|" + "---|" * len(headers)]
+    lines += [f"| {label} | {' | '.join(column[k] for column in columns)} |" for k, label in enumerate(labels)]
+    intro = (f"Generated by `python report.py` from results/*.csv: the newest {model} NF4 rows measured on {machine}, "
+             "beside the original experiment's reported figures (Qwen2.5-3B NF4, bitsandbytes double quant, "
+             "RTX 4050 laptop GPU)" + (f", and the original's own shape and layers with dummy weights "
+                                       f"({DUMMY_ORIGINAL}: bytes and speed, no perplexity)" if dummy_nf4 else "")
+             + ".")
+    unit = "\n\n" + units_note(dummy_nf4) if dummy_nf4 else ""
+    return intro + "\n\n" + "\n".join(lines) + unit
 
 
 def render(rows: list[dict], results_label: str) -> str:
@@ -230,7 +270,10 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timed = [r for r in rows if bench.number(r["decode_tok_s"]) is not None and r["busy"] != "True"]
+    # dummy weights' bytes and speeds are real, but they have tables of their own (the original's
+    # shape, larger than the device); the plots stay with the models that have real weights
+    timed = [r for r in rows if bench.number(r["decode_tok_s"]) is not None and r["busy"] != "True"
+             and r["weights"] != "dummy"]
     if not timed:
         return []
     newest = max(timed, key=lambda r: r["timestamp"])  # plots show one machine kind: the latest one measured

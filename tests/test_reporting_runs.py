@@ -44,11 +44,30 @@ def test_lead_section_sets_our_rows_beside_the_original(tmp_path):
     text = runs.lead_section(runs.load_rows(tmp_path))
     assert f"this repo: {model} NF4, CPU: A (avx2) |" in text
     assert "| layers offloaded | 16 of 36 (even 2..32) | 12 of 28 (even) |" in text
-    assert "| 1.92 -> 1.34 GB (-30%) | 1.60 GB -> 1.30 GB (-19%) |" in text
+    assert '| 1.92 -> 1.34 "GB" (-30%) | 1.60 GB -> 1.30 GB (-19%) |' in text
     assert "session 1.60 GB; stream 1.33 GB (-17%) |" in text
     assert "| 9.8765 unpatched -> 9.8765 streamed (wiki-embedded, 8176 tokens, ctx 512) |" in text
     assert "0.60 vs 0.62 tok/s unpatched, same run: 0.97x" in text
     assert runs.lead_section([]).startswith("(no ")
+    assert "dummy" not in text  # no column for the original's shape until it has rows
+
+
+def test_the_originals_shape_gets_a_column_in_gib_and_a_units_note(tmp_path):
+    real = dict(model=runs.LEAD_MODEL, quant="nf4", device_name="CPU: A", cpu_isa="avx2", n_layers=28)
+    bench.append_row(tmp_path / "kvcache.csv", _variant(**real, baseline_standby_bytes=1_600_000_000))
+    dummy = dict(model=runs.DUMMY_ORIGINAL, weights="dummy", quant="nf4", device_name="CPU: A", cpu_isa="avx2",
+                 n_layers=36, layers="even", layers_offloaded=" ".join(map(str, range(2, 33, 2))))
+    bench.append_row(tmp_path / "baseline.csv", _row(**{k: v for k, v in dummy.items() if "layers" not in k},
+                                                     standby_bytes=2**31))
+    bench.append_row(tmp_path / "kvcache.csv", _variant(**dummy, baseline_standby_bytes=2**31,
+                                                        standby_bytes=1.34 * 2**30, peak_bytes=2**31))
+    text = runs.lead_section(runs.load_rows(tmp_path))
+    header = text.split("\n\n")[1].splitlines()[0]
+    assert header.endswith(f"| this repo: the original's shape, {runs.DUMMY_ORIGINAL} NF4 (dummy weights), CPU: A (avx2) |")
+    assert "| 16 of 36 (even 2..32) | 2 of 28 (even) | 16 of 36 (even) |" in text
+    assert "| 2.00 GiB (2.15 GB) -> 1.34 GiB (1.44 GB) (-33%) |" in text
+    assert "| none: dummy weights |" in text
+    assert text.endswith("read as GiB, 0.960x and 1.000x; read as 10^9 bytes, 0.894x and 0.931x.")
 
 
 def test_nf4_against_bf16_and_the_spread_of_paired_ratios(tmp_path):
