@@ -41,6 +41,16 @@ def tiny_model(arch: str, dtype=torch.float32, seed: int = 0, n_layers: int = N_
 NF4_KINDS = ("nf4-dequant", "nf4-packed")
 
 
+# On CUDA bitsandbytes computes NF4 one way, its CUDA kernels: no repacking, nothing to choose.
+CUDA_NF4 = "nf4"
+
+
+def skip_without_bitsandbytes() -> None:
+    """A machine may lack bitsandbytes (gpu_check.sh installs it from wheels/ where it can):
+    its NF4 cases are skipped, saying so, instead of failing."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed: NF4 cases skipped")
+
+
 def cpu_has_packed_nf4() -> bool:
     from bitsandbytes.functional import has_avx512bf16
     return bool(has_avx512bf16())
@@ -78,21 +88,67 @@ def force_nf4_path(quant: str, monkeypatch) -> str:
     return "nf4"
 
 
-def tiny_nf4_model(path, arch: str = "llama", nf4_path: str = "dequant"):
+def tiny_nf4_model(path, arch: str = "llama", nf4_path: str = "dequant", device: str = "cpu"):
+    """The tiny model saved to `path` and loaded in NF4 onto `device`, where bitsandbytes
+    quantises it; on a CPU computing the `nf4_path` way (on CUDA there is one way)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     tiny_model(arch).save_pretrained(path)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": "cpu"}).eval()
-    return use_nf4_path(model, nf4_path)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": device}).eval()
+    return use_nf4_path(model, nf4_path) if device == "cpu" else model
 
 
-def make_model(kind: str, tmp_path):
-    """kind: '<arch>-<fp32|bf16>' or 'nf4-<dequant|packed>' (bitsandbytes on CPU, see NF4_KINDS)."""
+def make_model(kind: str, tmp_path, device: str = "cpu"):
+    """kind: '<arch>-<fp32|bf16>', 'nf4-<dequant|packed>' (bitsandbytes on CPU, see NF4_KINDS) or,
+    on CUDA, CUDA_NF4. Built on the CPU and moved to `device`; NF4 is quantised there."""
+    if kind == CUDA_NF4:
+        if device != "cuda":
+            raise ValueError(f"{kind!r} is bitsandbytes' CUDA path; on a CPU use one of {NF4_KINDS}")
+        skip_without_bitsandbytes()
+        return tiny_nf4_model(tmp_path / "nf4-src", device=device)
     if kind.startswith("nf4-"):
+        if device != "cpu":
+            raise ValueError(f"{kind!r} is a CPU path of bitsandbytes; on {device} use {CUDA_NF4!r}")
         return tiny_nf4_model(tmp_path / "nf4-src", nf4_path=kind.split("-", 1)[1])
     arch, dtype = kind.split("-")
-    return tiny_model(arch, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    return tiny_model(arch, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).to(device)
+
+
+# --------------------------------------------------------------------------- devices
+# The core equality tests run on the CPU always and on CUDA where there is a GPU: those cases
+# carry the `cuda` marker (pytest -m cuda selects exactly them) and, without a GPU, are skipped
+# with NO_CUDA as the reason (pytest -rs shows it).
+
+NO_CUDA = "no CUDA device: torch.cuda.is_available() is False"
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)]
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+def on_cuda(cases) -> list:
+    """The cases a test runs on CUDA: its CPU cases with NF4_KINDS folded into CUDA_NF4."""
+    folded = [CUDA_NF4 if case in NF4_KINDS else case for case in cases]
+    return list(dict.fromkeys(folded))
+
+
+def _case_id(case) -> str:
+    return "-".join(map(str, case)) if isinstance(case, tuple) else str(case)
+
+
+def with_devices(cases, cuda=None) -> list:
+    """Parameters for a test's (case..., device): each case on "cpu" under the id it had before
+    tests took a device (its CPU cases keep their names), then each case of `cuda` (default:
+    on_cuda(cases)) on "cuda", id "cuda-<case>", with DEVICES' cuda marks. A case is a value
+    or a tuple of values (several argument names)."""
+    cuda = on_cuda(cases) if cuda is None else cuda
+    params = []
+    for device in DEVICES:
+        name, marks = (device, ()) if isinstance(device, str) else (device.values[0], device.marks)
+        chosen, prefix = (cases, "") if name == "cpu" else (cuda, f"{name}-")
+        for case in chosen:
+            values = case if isinstance(case, tuple) else (case,)
+            params.append(pytest.param(*values, name, marks=marks, id=prefix + _case_id(case)))
+    return params
 
 
 def logits(model, ids):

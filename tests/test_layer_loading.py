@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import NF4_KINDS, force_nf4_path
+from conftest import CUDA_NF4, NF4_KINDS, force_nf4_path, skip_without_bitsandbytes, with_devices
 from tiny_checkpoint import save_tiny_checkpoint
 
 import bench
@@ -28,9 +28,18 @@ def checkpoint(checkpoints):
     return checkpoints["llama"]
 
 
-def _load(checkpoint, quant, tmp_path, offloaded=None):
-    return bench.load_model(str(checkpoint), quant, "cpu", tmp_path / "cache", offloaded=offloaded,
+def _load(checkpoint, quant, tmp_path, offloaded=None, device="cpu"):
+    return bench.load_model(str(checkpoint), quant, device, tmp_path / "cache", offloaded=offloaded,
                             layers_dir=tmp_path / "layers")
+
+
+def _quant(quant, device, monkeypatch) -> str:
+    """The --quant to load: on a CPU force_nf4_path's; on CUDA NF4 is bitsandbytes' one path."""
+    if device == "cpu":
+        return force_nf4_path(quant, monkeypatch)
+    if quant == CUDA_NF4:
+        skip_without_bitsandbytes()
+    return quant
 
 
 def _patch(model, info, tmp_path):
@@ -39,7 +48,7 @@ def _patch(model, info, tmp_path):
 
 def _logits(model):
     with torch.no_grad():
-        return model(IDS).logits
+        return model(IDS.to(model.device)).logits
 
 
 def _manifest(ctl) -> dict:
@@ -47,16 +56,16 @@ def _manifest(ctl) -> dict:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gemma3-tied"])
-@pytest.mark.parametrize("quant", ["fp32", "bf16", *NF4_KINDS])
-def test_streamed_load_is_the_whole_model(checkpoints, arch, quant, tmp_path, monkeypatch):
-    quant = force_nf4_path(quant, monkeypatch)
+@pytest.mark.parametrize("quant, device", with_devices(["fp32", "bf16", *NF4_KINDS]))
+def test_streamed_load_is_the_whole_model(checkpoints, arch, quant, device, tmp_path, monkeypatch):
+    quant = _quant(quant, device, monkeypatch)
     checkpoint = checkpoints[arch]
-    whole, _, info = _load(checkpoint, quant, tmp_path)
+    whole, _, info = _load(checkpoint, quant, tmp_path, device=device)
     assert info["store"] is None
     reference = _logits(whole)
     whole_ctl = osk.patch_model(whole, OFFLOADED, tmp_path / "layers-whole", progress=False)
 
-    model, _, info = _load(checkpoint, quant, tmp_path, OFFLOADED)
+    model, _, info = _load(checkpoint, quant, tmp_path, OFFLOADED, device)
     layers = osk.find_decoder_layers(model)
     for i in range(8):  # the offloaded layers hold no memory: stored, then emptied
         assert (osk.tensor_bytes(osk.module_tensors(layers[i])) == 0) == (i in OFFLOADED)
@@ -75,13 +84,14 @@ def test_streamed_load_is_the_whole_model(checkpoints, arch, quant, tmp_path, mo
     assert ctl.resident_bytes() == whole_ctl.resident_bytes()
 
 
-@pytest.mark.parametrize("quant", ["fp32", *NF4_KINDS])
-def test_the_load_never_holds_the_offloaded_layers_together(checkpoint, quant, tmp_path, monkeypatch):
-    quant = force_nf4_path(quant, monkeypatch)
-    whole, _, whole_info = _load(checkpoint, quant, tmp_path)
-    osk.prepack_nf4_for_cpu(whole)
+@pytest.mark.parametrize("quant, device", with_devices(["fp32", *NF4_KINDS]))
+def test_the_load_never_holds_the_offloaded_layers_together(checkpoint, quant, device, tmp_path, monkeypatch):
+    quant = _quant(quant, device, monkeypatch)
+    whole, _, whole_info = _load(checkpoint, quant, tmp_path, device=device)
+    if device == "cpu":  # the CPU's computed form (on CUDA bitsandbytes repacks nothing)
+        osk.prepack_nf4_for_cpu(whole)
     layer_bytes = {i: osk.tensor_bytes(osk.module_tensors(osk.find_decoder_layers(whole)[i])) for i in OFFLOADED}
-    model, _, info = _load(checkpoint, quant, tmp_path, OFFLOADED)
+    model, _, info = _load(checkpoint, quant, tmp_path, OFFLOADED, device)
     assert info["loaded_bytes"] == whole_info["loaded_bytes"] - sum(layer_bytes.values())
     # storing held one layer at a time, and nothing else (the rest was loaded afterwards)
     assert info["store"].peak_bytes == max(layer_bytes.values())

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ARCHS, NF4_KINDS, greedy, logits as _logits, make_model
+from conftest import ARCHS, NF4_KINDS, greedy, logits as _logits, make_model, with_devices
 from torch import nn
 
 import offload_skip as osk
@@ -24,8 +24,8 @@ def _tie(model):
     return model
 
 
-def _model(kind, tmp_path, tied=False):
-    model = make_model(kind, tmp_path)
+def _model(kind, tmp_path, tied=False, device="cpu"):
+    model = make_model(kind, tmp_path, device)
     return _tie(model) if tied else model
 
 
@@ -50,21 +50,21 @@ def _damage_message(path, message):
 
 @pytest.mark.parametrize("mode", ["session", "stream"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("kind", KINDS)
-def test_offloaded_embedding_is_bit_identical(kind, tied, mode, tmp_path, prompt_ids):
-    model = _model(kind, tmp_path, tied)
-    logits, tokens = _logits(model, prompt_ids), _greedy(model, prompt_ids)
+@pytest.mark.parametrize("kind, device", with_devices(KINDS))
+def test_offloaded_embedding_is_bit_identical(kind, device, tied, mode, tmp_path, prompt_ids):
+    model, ids = _model(kind, tmp_path, tied, device), prompt_ids.to(device)
+    logits, tokens = _logits(model, ids), _greedy(model, ids)
     ctl = _patch(model, tmp_path / "cache", tied, mode=mode)
     assert ctl.embedding_residency == ("tied" if tied else "disk")
-    assert torch.equal(_logits(model, prompt_ids), logits)
-    assert torch.equal(_greedy(model, prompt_ids), tokens)  # KV cache on, one token per forward
+    assert torch.equal(_logits(model, ids), logits)
+    assert torch.equal(_greedy(model, ids), tokens)  # KV cache on, one token per forward
     ctl.standby()
-    assert torch.equal(_logits(model, prompt_ids), logits)  # and again from disk
+    assert torch.equal(_logits(model, ids), logits)  # and again from disk
     with ctl.unpatched() as original:
         assert not isinstance(original.model.embed_tokens, osk.OffloadedEmbedding)
-        assert torch.equal(_logits(original, prompt_ids), logits)
+        assert torch.equal(_logits(original, ids), logits)
     assert isinstance(model.model.embed_tokens, osk.OffloadedEmbedding) != tied
-    assert torch.equal(_logits(model, prompt_ids), logits)  # the stand-in is back
+    assert torch.equal(_logits(model, ids), logits)  # the stand-in is back
 
 
 # --------------------------------------------------------------------------- residency

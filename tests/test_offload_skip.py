@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 from conftest import (ARCHS, N_LAYERS, NF4_KINDS, cpu_has_packed_nf4, greedy, logits as _logits, make_model,
-                      tiny_model)
+                      tiny_model, with_devices)
 from safetensors import safe_open
 from torch import nn
 
@@ -71,29 +71,29 @@ def _greedy(model, ids, n=8):
 
 
 @pytest.mark.parametrize("mode", ["session", "stream"])
-@pytest.mark.parametrize("kind", KINDS)
-def test_alpha_one_is_bit_identical(kind, mode, tmp_path, prompt_ids):
-    model = make_model(kind, tmp_path)
-    logits, tokens = _logits(model, prompt_ids), _greedy(model, prompt_ids)
+@pytest.mark.parametrize("kind, device", with_devices(KINDS))
+def test_alpha_one_is_bit_identical(kind, device, mode, tmp_path, prompt_ids):
+    model, ids = make_model(kind, tmp_path, device), prompt_ids.to(device)
+    logits, tokens = _logits(model, ids), _greedy(model, ids)
     ctl = patch_model(model, "even", tmp_path / "cache", mode=mode, progress=False)
     assert [type(layer).__name__ == "OffloadedLayer" for layer in model.model.layers] == \
         [i in (2, 4) for i in range(N_LAYERS)]
-    assert torch.equal(_logits(model, prompt_ids), logits)
-    assert torch.equal(_greedy(model, prompt_ids), tokens)  # KV cache on, through model.generate
+    assert torch.equal(_logits(model, ids), logits)
+    assert torch.equal(_greedy(model, ids), tokens)  # KV cache on, through model.generate
     ctl.standby()
-    assert torch.equal(_logits(model, prompt_ids), logits)  # and again from disk
+    assert torch.equal(_logits(model, ids), logits)  # and again from disk
 
 
-@pytest.mark.parametrize("kind", ["llama-fp32", "gemma3-bf16"])
-def test_session_context_keeps_layers_loaded(kind, tmp_path, prompt_ids):
-    model = make_model(kind, tmp_path)
-    logits = _logits(model, prompt_ids)
+@pytest.mark.parametrize("kind, device", with_devices(["llama-fp32", "gemma3-bf16"]))
+def test_session_context_keeps_layers_loaded(kind, device, tmp_path, prompt_ids):
+    model, ids = make_model(kind, tmp_path, device), prompt_ids.to(device)
+    logits = _logits(model, ids)
     ctl = patch_model(model, "even", tmp_path / "cache", mode="stream", progress=False)
     standby = ctl.resident_bytes()
     with ctl.session():
         assert ctl.resident_bytes() > standby
         loads = ctl.stats()["loads"]
-        assert torch.equal(_logits(model, prompt_ids), logits)
+        assert torch.equal(_logits(model, ids), logits)
         assert ctl.stats()["loads"] == loads  # nothing read from disk inside the session
     assert ctl.resident_bytes() == standby
 
@@ -105,15 +105,15 @@ class Skip(nn.Module):
 
 
 @pytest.mark.parametrize("pattern", ["even", "2,3", "5-7"])
-@pytest.mark.parametrize("kind", ["qwen2-fp32", "gemma3-bf16", *NF4_KINDS])
-def test_alpha_zero_is_layer_removal(kind, pattern, tmp_path, prompt_ids):
-    model = make_model(kind, tmp_path)
+@pytest.mark.parametrize("kind, device", with_devices(["qwen2-fp32", "gemma3-bf16", *NF4_KINDS]))
+def test_alpha_zero_is_layer_removal(kind, device, pattern, tmp_path, prompt_ids):
+    model, ids = make_model(kind, tmp_path, device), prompt_ids.to(device)
     ctl = patch_model(model, pattern, tmp_path / "cache", alpha=0.0, mode="stream", progress=False)
-    patched = _logits(model, prompt_ids)
+    patched = _logits(model, ids)
     ctl.unpatch()
     for i in select_layers(N_LAYERS, pattern):
         model.model.layers[i] = Skip()
-    assert torch.equal(patched, _logits(model, prompt_ids))
+    assert torch.equal(patched, _logits(model, ids))
 
 
 @pytest.mark.parametrize("kind", ["llama-fp32", "gemma3-bf16"])
@@ -147,13 +147,13 @@ def test_consecutive_layers_are_parallel_residuals(kind, tmp_path, prompt_ids):
     assert torch.equal(seen[4][0][0], expected)
 
 
-@pytest.mark.parametrize("kind", ["llama-fp32", "gemma3-bf16", *NF4_KINDS])
-def test_offloaded_last_layer(kind, tmp_path, prompt_ids):
-    model = make_model(kind, tmp_path)
-    logits, tokens = _logits(model, prompt_ids), _greedy(model, prompt_ids)
+@pytest.mark.parametrize("kind, device", with_devices(["llama-fp32", "gemma3-bf16", *NF4_KINDS]))
+def test_offloaded_last_layer(kind, device, tmp_path, prompt_ids):
+    model, ids = make_model(kind, tmp_path, device), prompt_ids.to(device)
+    logits, tokens = _logits(model, ids), _greedy(model, ids)
     patch_model(model, f"3,{N_LAYERS - 1}", tmp_path / "cache", mode="stream", progress=False)
-    assert torch.equal(_logits(model, prompt_ids), logits)  # flushed before the final norm
-    assert torch.equal(_greedy(model, prompt_ids), tokens)
+    assert torch.equal(_logits(model, ids), logits)  # flushed before the final norm
+    assert torch.equal(_greedy(model, ids), tokens)
 
 
 # --------------------------------------------------------------------------- injection distance
@@ -232,12 +232,12 @@ def test_inject_distance_equals_a_manual_reordering(kind, pattern, distance, tar
     assert torch.equal(tokens, _greedy(reference, prompt_ids))
 
 
-@pytest.mark.parametrize("kind", ["qwen2-fp32", *NF4_KINDS])
-def test_inject_distance_one_is_bit_identical(kind, tmp_path, prompt_ids):
-    model = make_model(kind, tmp_path)
-    logits = _logits(model, prompt_ids)
+@pytest.mark.parametrize("kind, device", with_devices(["qwen2-fp32", *NF4_KINDS]))
+def test_inject_distance_one_is_bit_identical(kind, device, tmp_path, prompt_ids):
+    model, ids = make_model(kind, tmp_path, device), prompt_ids.to(device)
+    logits = _logits(model, ids)
     patch_model(model, "even", tmp_path / "cache", inject_distance=1, mode="stream", progress=False)
-    assert torch.equal(_logits(model, prompt_ids), logits)
+    assert torch.equal(_logits(model, ids), logits)
 
 
 def test_removed_layers_are_never_read(tmp_path, prompt_ids):
@@ -367,10 +367,11 @@ def test_stream_never_holds_more_slots_than_streamed_layers(layers, prefetch, sl
 
 
 @pytest.mark.parametrize("prefetch, budget_layers", [(0, 0), (1, 0), (2, 1), (3, 2), (1, 3)])
-@pytest.mark.parametrize("kind", ["gemma3-bf16", *NF4_KINDS])
-def test_stream_is_bit_identical_for_any_prefetch_and_budget(kind, prefetch, budget_layers, tmp_path, prompt_ids):
-    model = make_model(kind, tmp_path)
-    logits, tokens = _logits(model, prompt_ids), _greedy(model, prompt_ids)
+@pytest.mark.parametrize("kind, device", with_devices(["gemma3-bf16", *NF4_KINDS]))
+def test_stream_is_bit_identical_for_any_prefetch_and_budget(kind, device, prefetch, budget_layers, tmp_path,
+                                                            prompt_ids):
+    model, ids = make_model(kind, tmp_path, device), prompt_ids.to(device)
+    logits, tokens = _logits(model, ids), _greedy(model, ids)
     probe = patch_model(model, "2,4,7", tmp_path / "cache", progress=False)  # the files' sizes, padding included
     budget = sum(probe.layer_bytes[i] for i in (2, 4, 7)[:budget_layers])
     probe.unpatch()
@@ -378,8 +379,8 @@ def test_stream_is_bit_identical_for_any_prefetch_and_budget(kind, prefetch, bud
                       budget_bytes=budget, progress=False)
     assert len(ctl.keep) == min(budget_layers, 3)
     for _ in range(2):  # the second pass reads from disk again, after standby
-        assert torch.equal(_logits(model, prompt_ids), logits)
-        assert torch.equal(_greedy(model, prompt_ids), tokens)
+        assert torch.equal(_logits(model, ids), logits)
+        assert torch.equal(_greedy(model, ids), tokens)
         ctl.standby()
 
 
@@ -602,14 +603,14 @@ def test_cold_reads_drop_the_page_cache_and_return_the_same_bytes(rows, tmp_path
     store.close()
 
 
-@pytest.mark.parametrize("cpu_read", ["map", "copy"])
+@pytest.mark.parametrize("cpu_read, device", with_devices(["map", "copy"], cuda=["copy"]))  # CUDA copies
 @pytest.mark.parametrize("prefetch", [0, 2])
-def test_cold_stream_is_bit_identical(prefetch, cpu_read, tmp_path, prompt_ids):
-    model = make_model("qwen2-bf16", tmp_path)
-    logits = _logits(model, prompt_ids)
+def test_cold_stream_is_bit_identical(prefetch, cpu_read, device, tmp_path, prompt_ids):
+    model, ids = make_model("qwen2-bf16", tmp_path, device), prompt_ids.to(device)
+    logits = _logits(model, ids)
     patch_model(model, "even", tmp_path / "cache", mode="stream", prefetch=prefetch, cold=True, cpu_read=cpu_read,
                 progress=False)
-    assert torch.equal(_logits(model, prompt_ids), logits)
+    assert torch.equal(_logits(model, ids), logits)
 
 
 def test_cold_reads_need_posix_fadvise(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import ARCHS, make_model, tiny_model
+from conftest import ARCHS, make_model, tiny_model, with_devices
 
 import offload_skip as osk
 import speculative as sp
@@ -39,13 +39,13 @@ def test_lookup_proposes_what_followed_the_last_ngram(lookup, expected):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("draft_tokens", [1, 4])
-def test_a_perfect_draft_is_accepted_everywhere_and_reads_once_per_verify(arch, draft_tokens, tmp_path):
-    target = tiny_model(arch)
+@pytest.mark.parametrize("draft_tokens, device", with_devices([1, 4]))
+def test_a_perfect_draft_is_accepted_everywhere_and_reads_once_per_verify(arch, draft_tokens, device, tmp_path):
+    target, prompt = tiny_model(arch).to(device), _prompt().to(device)
     drafter = sp.ModelDrafter(copy.deepcopy(target), confidence=None)
-    reference, _ = sp.greedy_reference(target, _prompt(), N_NEW)
+    reference, _ = sp.greedy_reference(target, prompt, N_NEW)
     ctl = _stream(target, tmp_path)
-    out = sp.speculative_decode(target, _prompt(), N_NEW, drafter, draft_tokens=draft_tokens)
+    out = sp.speculative_decode(target, prompt, N_NEW, drafter, draft_tokens=draft_tokens)
     assert torch.equal(out.tokens, reference)
     assert out.accepted == out.drafted
     # the prefill's token, then draft_tokens + 1 per verify (the last verify fills what is left)
@@ -55,14 +55,14 @@ def test_a_perfect_draft_is_accepted_everywhere_and_reads_once_per_verify(arch, 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("draft", ["random-model", "lookup", "none"])
-@pytest.mark.parametrize("cpu_read", ["copy", "map"])
-def test_any_draft_yields_the_targets_greedy_tokens(arch, draft, cpu_read, tmp_path):
-    target = tiny_model(arch)
-    prompt = _prompt()
+@pytest.mark.parametrize("cpu_read, device", with_devices(["copy", "map"], cuda=["copy"]))  # CUDA copies
+def test_any_draft_yields_the_targets_greedy_tokens(arch, draft, cpu_read, device, tmp_path):
+    target = tiny_model(arch).to(device)
+    prompt = _prompt().to(device)
     reference, _ = sp.greedy_reference(target, prompt, N_NEW)
     plain = target.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=N_NEW,
                             do_sample=False, pad_token_id=0)[:, prompt.shape[1]:]
-    drafter = {"random-model": lambda: sp.ModelDrafter(tiny_model(arch, seed=7)),
+    drafter = {"random-model": lambda: sp.ModelDrafter(tiny_model(arch, seed=7).to(device)),
                "lookup": sp.LookupDrafter, "none": sp.Drafter}[draft]()
     _stream(target, tmp_path, cpu_read)
     out = sp.speculative_decode(target, prompt, N_NEW, drafter, draft_tokens=0 if draft == "none" else 5)
