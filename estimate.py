@@ -135,6 +135,27 @@ def reference_table() -> str:
 
 # ---------------------------------------------------------------------------- check against measurements
 
+def row_read_Bps(row: dict) -> float:
+    """The rate a stream row's layers were read at: its cold storage read rate (--cold rows),
+    else its own measured page-cache read time per layer; an --io-bandwidth throttle caps either."""
+    per_layer = bench.number(row["loaded_bytes"]) / bench.number(row["loads"])
+    read_Bps = bench.number(row.get("cold_read_bytes_s")) or per_layer / (bench.number(row["per_layer_load_ms"]) / 1e3)
+    io_Bps = bench.number(row["io_bandwidth"])
+    return min(io_Bps, read_Bps) if io_Bps else read_Bps
+
+
+def row_layer_bytes(row: dict) -> dict[int, int]:
+    """A stream row's offloaded layers and the bytes each reads (its per-load average)."""
+    per_layer = bench.number(row["loaded_bytes"]) / bench.number(row["loads"])
+    return {int(i): int(per_layer) for i in row["layers_offloaded"].split()}
+
+
+def row_prediction(row: dict, compute_s: float) -> Prediction:
+    """predict() for a stream row: its layers, budget and read rate, with `compute_s` per token."""
+    return predict(row_layer_bytes(row), int(bench.number(row["budget_bytes"]) or 0), compute_s,
+                   row_read_Bps(row), None)
+
+
 def check_table(results: Path, csv_name: str = "diskoffload.csv") -> str:
     """For each stream row with KV cache that was not busy: predicted vs measured decode time
     per token, with t_compute from the row's own baseline (the unpatched model timed in the
@@ -148,16 +169,9 @@ def check_table(results: Path, csv_name: str = "diskoffload.csv") -> str:
         if not base_tok_s or row["kv_cache"] != "True" or not bench.number(row["loads"]) or row.get("busy") == "True":
             continue
         compute_s = 1 / base_tok_s
-        per_layer = bench.number(row["loaded_bytes"]) / bench.number(row["loads"])
-        layers = [int(i) for i in row["layers_offloaded"].split()] if row["layers_offloaded"] else []
-        layer_bytes = {i: int(per_layer) for i in layers}
         io_Bps = bench.number(row["io_bandwidth"])
-        measured_read_Bps = per_layer / (bench.number(row["per_layer_load_ms"]) / 1e3)
-        storage_Bps = min(io_Bps, measured_read_Bps) if io_Bps else measured_read_Bps
-        cold_Bps = bench.number(row.get("cold_read_bytes_s"))
-        if cold_Bps:
-            storage_Bps = min(io_Bps, cold_Bps) if io_Bps else cold_Bps
-        p = predict(layer_bytes, int(bench.number(row["budget_bytes"]) or 0), compute_s, storage_Bps, None)
+        storage_Bps = row_read_Bps(row)
+        p = row_prediction(row, compute_s)
         predicted = p.stream_prefetch_s if int(row["prefetch"]) > 0 else p.stream_serial_s
         measured = bench.number(row["decode_ms_per_tok"]) / 1e3
         lines.append(
@@ -220,6 +234,98 @@ def weights_read_bytes(model: dict) -> int:
     """Weight bytes one forward reads: every decoder layer (NF4), the final norm and the head;
     of the input embedding only a forward's rows, left out."""
     return model["n_layers"] * layer_nf4_bytes(model) + 2 * model["hidden"] + head_bytes(model)
+
+
+# ---------------------------------------------------------------------------- larger than the device
+#
+# The 7B and 14B shapes run here with dummy weights (results/large.csv). Two predictions of a
+# row's decode time per token, both with its own read rate (row_read_Bps):
+#   the bound:    max(t_compute, S / read rate), t_compute the unpatched model's decode time
+#                 per token timed in the same run (what predict() gives with read-ahead);
+#   a priori:     the same, with t_compute from another row: the same machine kind's newest
+#                 dummy Qwen2.5-3B NF4 unpatched decode, scaled by weights_read_bytes (compute
+#                 time proportional to the weight bytes a forward reads: the assumption behind
+#                 this file's 7B and 14B GPU predictions).
+
+SHAPE_PREFIX = "dummy:"
+SHAPES = {"qwen2.5-3b": QWEN25_3B, "qwen2.5-7b": QWEN25_7B, "qwen2.5-14b": QWEN25_14B}
+LARGE_CSV = "large.csv"
+DEVICE_BYTES = 6 * 2**30  # what the large rows must fit: a 6 GB card's 6 GiB
+
+
+def shape_of(row: dict) -> dict | None:
+    """The QWEN25_* shape of a dummy row's model, None for any other model."""
+    model = row["model"]
+    return SHAPES.get(model[len(SHAPE_PREFIX):]) if model.startswith(SHAPE_PREFIX) else None
+
+
+def run_kv_cache_bytes(row: dict) -> int:
+    """The KV cache a row's run held at its longest: bf16, its prompt and new tokens, its batch."""
+    tokens = (int(bench.number(row["prompt_tokens"]) or 0) + int(bench.number(row["max_new_tokens"]) or 0))
+    return kv_cache_bytes(shape_of(row), tokens) * int(bench.number(row["batch_size"]) or 1)
+
+
+def compute_rate_Bps(rows: list[dict], machine: tuple[str, str]) -> float | None:
+    """Weight bytes per second the newest non-busy dummy 3B NF4 unpatched decode on `machine`
+    ((device_name, cpu_isa)) computed at, from baseline rows or variants' same-run baselines."""
+    def unpatched_tok_s(row: dict) -> float | None:
+        return bench.number(row["decode_tok_s"] if row["variant"] == "baseline" else row.get("baseline_decode_tok_s"))
+    found = [r for r in rows if r["model"] == f"{SHAPE_PREFIX}qwen2.5-3b" and r["quant"] == "nf4"
+             and r.get("busy") != "True" and (r["device_name"], r.get("cpu_isa", "")) == machine and unpatched_tok_s(r)]
+    if not found:
+        return None
+    return weights_read_bytes(QWEN25_3B) * unpatched_tok_s(max(found, key=lambda r: r["timestamp"]))
+
+
+@dataclass(frozen=True)
+class LargeCheck:
+    """One large row against its bound and its a priori prediction (seconds per token)."""
+    row: dict
+    device_bytes: int        # peak weights and stream slots (peak_bytes) + the run's KV cache
+    compute_s: float         # the unpatched model's decode time per token, same run
+    read_s: float            # streamed bytes per token / the row's read rate
+    measured_s: float
+    a_priori_s: float | None  # None: no dummy 3B row on the same machine kind
+
+    @property
+    def bound_s(self) -> float:
+        return max(self.compute_s, self.read_s)
+
+
+def large_checks(rows: list[dict], reference_rows: list[dict]) -> list[LargeCheck]:
+    """The non-busy stream rows of dummy shapes in `rows` with a same-run baseline, checked;
+    `reference_rows` hold the dummy 3B rows that give each machine kind's compute rate."""
+    checks = []
+    for row in rows:
+        base_tok_s = bench.number(row.get("baseline_decode_tok_s"))
+        if shape_of(row) is None or row["mode"] != "stream" or not base_tok_s or row.get("busy") == "True" \
+                or not bench.number(row["loads"]):
+            continue
+        compute_s = 1 / base_tok_s
+        p = row_prediction(row, compute_s)
+        rate = compute_rate_Bps(reference_rows, (row["device_name"], row.get("cpu_isa", "")))
+        a_priori = row_prediction(row, weights_read_bytes(shape_of(row)) / rate) if rate else None
+        checks.append(LargeCheck(row, int(bench.number(row["peak_bytes"])) + run_kv_cache_bytes(row), compute_s,
+                                 p.streamed_bytes / row_read_Bps(row), bench.number(row["decode_ms_per_tok"]) / 1e3,
+                                 a_priori.stream_prefetch_s if a_priori and int(row["prefetch"]) > 0
+                                 else a_priori.stream_serial_s if a_priori else None))
+    return checks
+
+
+def large_table(results: Path) -> str:
+    """large_checks of RESULTS/large.csv against RESULTS' baseline, kvcache and diskoffload rows."""
+    reference = [r for name in ("baseline.csv", "kvcache.csv", "diskoffload.csv") for r in bench.read_rows(results / name)]
+    lines = ["| model | machine | reads | prefetch | device GiB (weights, slots, KV) | compute ms | read ms | "
+             "bound ms | measured ms | measured/bound | a priori ms | measured/a priori |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in large_checks(bench.read_rows(results / LARGE_CSV), reference):
+        r = c.row
+        lines.append(f"| {r['model']} {r['quant']} | {r['device_name']} ({r['cpu_isa']}) | "
+                     f"{'cold' if r.get('cold_reads') == 'True' else 'page cache'} | {r['prefetch']} | "
+                     f"{c.device_bytes / 2**30:.2f} | {c.compute_s * 1e3:.0f} | {c.read_s * 1e3:.0f} | "
+                     f"{c.bound_s * 1e3:.0f} | {c.measured_s * 1e3:.0f} | {c.measured_s / c.bound_s:.2f} | "
+                     + (f"{c.a_priori_s * 1e3:.0f} | {c.measured_s / c.a_priori_s:.2f} |" if c.a_priori_s else "- | - |"))
+    return "\n".join(lines)
 
 
 # bytes per second at which the 3B reference computes (see the assumptions above)
@@ -466,7 +572,8 @@ def speculative_table(results_dir: Path, csv_name: str = "speculative.csv") -> s
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", type=Path, metavar="RESULTS_DIR",
-                        help="also compare predictions with the rows in RESULTS_DIR/diskoffload.csv")
+                        help="also compare predictions with the rows in RESULTS_DIR/diskoffload.csv "
+                             "(and RESULTS_DIR/large.csv: the dummy 7B and 14B shapes)")
     parser.add_argument("--speculative", type=Path, metavar="RESULTS_DIR",
                         help="also predict speculative decoding with the acceptance in RESULTS_DIR/speculative.csv")
     args = parser.parse_args(argv)
@@ -475,6 +582,9 @@ def main(argv=None) -> None:
         print("\nSpeculative decoding over stream residency, predicted:\n" + speculative_table(args.speculative))
     if args.check:
         print("\nThis machine, measured vs predicted (decode time per token):\n" + check_table(args.check))
+        if (args.check / LARGE_CSV).exists():
+            print(f"\nLarger than the device ({LARGE_CSV}): the same-run bound, and the prediction from the "
+                  f"{SHAPE_PREFIX}qwen2.5-3b row's compute rate:\n" + large_table(args.check))
 
 
 if __name__ == "__main__":

@@ -152,18 +152,31 @@ def study_answers(results: Path, links: dict[str, str], titles: dict[str, str]) 
 
 
 def load_peaks(results: Path, link: str) -> str:
+    """One sentence per model and quantisation: the unpatched load peak, each variant's, and
+    whether its perplexity equals the unpatched one."""
     rows = suite_rows(results, load.SUITE)
     if not rows:
         return "No rows in results/load.csv yet: run `python sweep.py load`."
-    lines = []
-    for row in rows:
-        base = unpatched_row(rows, row)
-        same = "" if base is None or base is row else ("= unpatched" if row["ppl"] == base["ppl"] else "differs")
-        saved = load._saved(row, base, "load_peak_bytes")
-        lines.append([row["model"], row["quant"], row["variant"], mb(row["load_peak_bytes"]), mb(saved), same])
-    headers = ["model", "quant", "variant", "load peak MB", "saved MB", "PPL"]
-    return (f"{machines(rows)}.\n\n" + markdown_table(headers, lines) + "\n\n"
-            + more(link, "the host memory peaks and load times"))
+    sentences = []
+    for model, quant in dict.fromkeys((r["model"], r["quant"]) for r in rows):
+        mine = [r for r in rows if (r["model"], r["quant"]) == (model, quant)]
+        base = unpatched_row(rows, mine[0])
+        parts = [f"{r['variant']} {mb(r['load_peak_bytes'])} MB"
+                 + (f" (saved {mb(load._saved(r, base, 'load_peak_bytes'))} MB, perplexity "
+                    + ("= unpatched" if r["ppl"] == base["ppl"] else "differs") + ")" if base is not None else "")
+                 for r in mine if r is not base]
+        lead = f"{model} {quant}: load peak" + (f" {mb(base['load_peak_bytes'])} MB unpatched" if base else "")
+        sentences.append(lead + ("; " if parts else "") + "; ".join(parts) + ".")
+    return (f"{machines(rows)}. " + " ".join(sentences) + " " + more(link, "the host memory peaks and load times"))
+
+
+def large_shapes(results: Path, link: str) -> str:
+    """The 7B and 14B shapes streamed within 6 GiB: device bytes and decode speed against the bound."""
+    checks = load.large_checks(results)
+    if not checks:
+        return f"No rows in results/{estimate.LARGE_CSV} yet: run `{load.LARGE_COMMAND}`."
+    headers, lines = load.large_lines(checks, full=False)
+    return markdown_table(headers, lines) + "\n\n" + more(link, "the read rates, estimate.py's predictions, the load peaks")
 
 
 def beyond_levers(results: Path, link: str) -> str:

@@ -1,12 +1,15 @@
-"""Loading a model larger than the device: the load peak of each variant against the baseline's,
-from results/load.csv (``python sweep.py load``). Every number is a row's."""
+"""Models larger than the device: the load peak of each variant against the baseline's, from
+results/load.csv (``python sweep.py load``), and the 7B and 14B shapes (dummy weights) streamed
+within 6 GiB, from results/large.csv, against their same-run bound and estimate.py. Every number
+is a row's, or computed from rows."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import bench
+import estimate
 from bench import hostmem
-from reporting.tables import commits, machines, markdown_table, mb, missing, suite_rows, unpatched_row
+from reporting.tables import commits, machine_kind, machines, markdown_table, mb, missing, num, suite_rows, unpatched_row
 
 SUITE = "load"
 
@@ -49,6 +52,90 @@ def load_section(results: Path) -> str:
             "repeated runs, not one row.\n\n" + markdown_table(headers, lines))
 
 
+LARGE_COMMAND = ("python run_diskoffload.py --model dummy:qwen2.5-14b --quant nf4 --layers even --offload-embeddings "
+                 "--cpu-read copy --prefetch 1 --out results/large.csv")
+
+
+def large_checks(results: Path) -> list[estimate.LargeCheck]:
+    reference = [r for name in ("baseline.csv", "kvcache.csv", "diskoffload.csv")
+                 for r in bench.read_rows(results / name)]
+    return estimate.large_checks(bench.read_rows(results / estimate.LARGE_CSV), reference)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def large_lines(checks: list[estimate.LargeCheck], full: bool) -> tuple[list[str], list[list[str]]]:
+    """(headers, lines) of the large rows: what the device holds against 6 GiB, decode speed
+    against the bound (and with `full` the a priori prediction, the read rate, the load)."""
+    headers = ["model", "machine", "reads", "offloaded", "device GiB: weights + slots + KV", "fits 6 GiB",
+               "decode tok/s", "bound tok/s", "vs bound", "unpatched tok/s, same run"]
+    if full:
+        headers += ["compute ms/token", "read ms/token", "read GB/s", "a priori tok/s (estimate.py)",
+                    "measured / a priori", "host load peak / NF4 size"]
+    lines = []
+    for c in checks:
+        r = c.row
+        offloaded = f"{len(r['layers_offloaded'].split())}/{r['n_layers']} ({r['layers']})"
+        if r["embedding_residency"] == "disk":
+            offloaded += ", embedding rows"
+        kv_mib = estimate.run_kv_cache_bytes(r) / 2**20
+        line = [f"{r['model']} {r['quant']}", machine_kind(r), "cold" if r["cold_reads"] == "True" else "page cache",
+                offloaded, f"{_gib(bench.number(r['peak_bytes']))} + KV {kv_mib:.1f} MiB = {_gib(c.device_bytes)}",
+                "yes" if c.device_bytes <= estimate.DEVICE_BYTES else "no",
+                f"{1 / c.measured_s:.3g}", f"{1 / c.bound_s:.3g}", f"{c.bound_s / c.measured_s:.2f}x",
+                num(r["baseline_decode_tok_s"], ".3g")]
+        if full:
+            a_priori = c.a_priori_s
+            host_ratio = bench.number(r["load_peak_host_bytes"]) / bench.number(r["baseline_standby_bytes"])
+            line += [f"{c.compute_s * 1e3:.0f}", f"{c.read_s * 1e3:.0f}", f"{estimate.row_read_Bps(r) / 1e9:.2f}",
+                     f"{1 / a_priori:.3g}" if a_priori else "-",
+                     f"{a_priori / c.measured_s:.2f}x" if a_priori else "-", f"{host_ratio:.2f}x"]
+        lines.append(line)
+    return headers, lines
+
+
+LARGE = """\
+The 7B and 14B shapes with dummy weights (`--model dummy:qwen2.5-14b`: the published config, seeded
+random weights: bytes and speed, never a score), in NF4 with stream residency and as many layers
+resident as fit: what the device holds (the weights and stream slots the row counts at its peak,
+plus the run's bf16 KV cache; activations, a few MB at batch 1, not counted) against a 6 GB card's
+6 GiB. `--cpu-read copy`: a mapped layer's pages belong to the page cache, not to the device.
+*Bound*: the slower of the resident model's compute per token (the unpatched model's decode, timed
+in the same run) and the streamed bytes per token over the row's read rate (cold: its measured
+storage rate; page cache: its measured read time per layer); *vs bound*: measured speed over the
+bound's. *A priori*: estimate.py's model with the compute time scaled by weight bytes from the same
+machine's dummy 3B NF4 row, the assumption behind its 7B and 14B GPU predictions; *measured / a
+priori*: measured speed over predicted. *Host load peak*: the process's anonymous memory while the
+model was made, over the whole model's NF4 bytes."""
+
+
+def making_sentences(rows: list[dict]) -> list[str]:
+    """Per unpatched dummy row (run_baseline.py): the host's peak while the whole model was made,
+    over its NF4 bytes: made layer by layer in its format, never a full-precision copy."""
+    out = []
+    for r in rows:
+        if r["variant"] != "baseline" or not bench.number(r["load_peak_host_bytes"]):
+            continue
+        peak, size = bench.number(r["load_peak_host_bytes"]), bench.number(r["standby_bytes"])
+        out.append(f"Making {r['model']} {r['quant']} whole ({machine_kind(r)}, `{r['command']}`): host load peak "
+                   f"{peak / 1e9:.2f} GB, {peak / size:.2f}x its {size / 1e9:.2f} GB of weights, in "
+                   f"{bench.number(r['load_s']):.0f} s.")
+    return out
+
+
+def large_section(results: Path) -> str:
+    checks = large_checks(results)
+    if not checks:
+        return missing(estimate.LARGE_CSV, LARGE_COMMAND)
+    headers, lines = large_lines(checks, full=True)
+    rows = [c.row for c in checks]
+    making = making_sentences(bench.read_rows(results / estimate.LARGE_CSV))
+    return (LARGE + f"\n\nFrom results/{estimate.LARGE_CSV} ({machines(rows)}; commit {commits(rows)}).\n\n"
+            + markdown_table(headers, lines) + ("\n\n" + "\n".join(f"- {m}" for m in making) if making else ""))
+
+
 def sections(results_dir: Path) -> dict[str, str]:
     """Block name -> markdown."""
-    return {SUITE: load_section(Path(results_dir))}
+    return {SUITE: load_section(Path(results_dir)), "large": large_section(Path(results_dir))}

@@ -44,6 +44,7 @@ SECTIONS = (
     ("speculative", 2, "Speculative decoding: one read of the streamed layers for several tokens"),
     ("profile", 2, "A decode step, op by op"),
     ("load", 2, "Models larger than the device: the load peak"),
+    ("large", 2, "Larger than the device: 7B and 14B shapes within 6 GiB"),
     ("beyond", 2, "Beyond the layers: embedding rows from disk, an NF4 head"),
 )
 TITLES = {key: title for key, _, title in SECTIONS}
@@ -267,6 +268,7 @@ def headline_blocks(results: Path) -> dict[str, str]:
         "headline-speculative": headline.speculative_decoding(results, link("speculative")),
         "headline-study": headline.study_answers(results, {s: link(s) for s in suites}, TITLES),
         "headline-load": headline.load_peaks(results, link("load")),
+        "headline-large": headline.large_shapes(results, link("large")),
         "headline-beyond": headline.beyond_levers(results, link("beyond")),
     }
 
@@ -297,6 +299,7 @@ def results_page(results: Path) -> str:
                        + "\n\n" + SPECULATIVE_ESTIMATE + "\n\n" + named["estimate-speculative"],
         "profile": PROFILE + "\n\n" + _bullets(streaming.profile_answers(results)) + "\n\n" + named["profile"],
         "load": LOAD + "\n\n" + named["load"],
+        "large": named["large"],
         "beyond": BEYOND + "\n\n" + named["beyond"],
     }
     for suite in ("alpha", "importance", "planner", "patterns", "distance", "context"):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import force_nf4_path, tiny_config
+from conftest import force_nf4_path, skip_without_bitsandbytes, tiny_config, with_devices
 
 import bench
 import estimate
@@ -28,13 +28,13 @@ def config_dir(tmp_path_factory):
     return path
 
 
-def make(config_dir, quant="fp32", seed=0, offloaded=None, layers_dir=None):
-    """The dummy model of `config_dir`'s config, as load_model makes it."""
+def make(config_dir, quant="fp32", seed=0, offloaded=None, layers_dir=None, device="cpu"):
+    """The dummy model of `config_dir`'s config, as load_model makes it, on `device`."""
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(config_dir)
     config.name_or_path = f"dummy:{config_dir}"
     dtype, quantization = (torch.bfloat16, _nf4_config()) if quant.startswith("nf4") else (DTYPES[quant], None)
-    return dummy.load_dummy(config, dtype, "cpu", seed=seed, quantization_config=quantization,
+    return dummy.load_dummy(config, dtype, device, seed=seed, quantization_config=quantization,
                             offloaded=offloaded, layers_dir=layers_dir, progress=False)
 
 
@@ -128,12 +128,16 @@ def test_a_dummy_has_the_checkpoints_tensors_and_bytes(quant, config_dir, tmp_pa
 # --------------------------------------------------------------------------- patched
 
 @pytest.mark.parametrize("mode", ["session", "stream"])
-@pytest.mark.parametrize("quant", QUANTS)
-def test_alpha_one_is_exact_on_a_dummy(quant, mode, config_dir, tmp_path, monkeypatch):
-    quant = force_nf4_path(quant, monkeypatch) if quant.startswith("nf4") else quant
-    model, store = make(config_dir, quant, offloaded=[2, 4], layers_dir=tmp_path)
+@pytest.mark.parametrize("quant, device", with_devices(QUANTS))
+def test_alpha_one_is_exact_on_a_dummy(quant, device, mode, config_dir, tmp_path, monkeypatch):
+    if device == "cpu" and quant.startswith("nf4"):
+        quant = force_nf4_path(quant, monkeypatch)
+    elif quant.startswith("nf4"):  # bitsandbytes' one CUDA path
+        skip_without_bitsandbytes()
+    model, store = make(config_dir, quant, offloaded=[2, 4], layers_dir=tmp_path, device=device)
+    assert {t.device.type for t in offload_skip.module_tensors(model)} == {device}  # made on the device
     ctl = offload_skip.patch_model(model, [2, 4], tmp_path, mode=mode, store=store, progress=False)
-    ids = torch.tensor([[5, 17, 33, 2, 8, 60]])
+    ids = torch.tensor([[5, 17, 33, 2, 8, 60]], device=device)
     with torch.no_grad():
         patched = model(ids).logits
         with ctl.unpatched():

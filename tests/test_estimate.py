@@ -193,3 +193,44 @@ def test_cli_prints_the_speculative_table_after_the_reference(tmp_path, capsys):
     estimate.main(["--speculative", str(tmp_path)])
     out = capsys.readouterr().out
     assert out.index("| storage |") < out.index("No speculative predictions")
+
+
+# --------------------------------------------------------------------------- larger than the device
+
+def _large_rows(tmp_path, cold: bool):
+    """A dummy 3B baseline (the machine's compute rate) and a 14B stream row, written to results/."""
+    import bench
+    from test_results import _row, _variant
+    machine = dict(device_name="CPU: A", cpu_isa="avx2", weights="dummy", quant="nf4")
+    three_b = estimate.weights_read_bytes(estimate.QWEN25_3B)
+    bench.append_row(tmp_path / "baseline.csv", _row(**machine, model="dummy:qwen2.5-3b", decode_tok_s=0.5,
+                                                     ppl=None))
+    layers = " ".join(map(str, range(2, 45, 2)))
+    bench.append_row(tmp_path / "large.csv", _variant(
+        **machine, model="dummy:qwen2.5-14b", variant="diskoffload", mode="stream", prefetch=1, n_layers=48,
+        layers_offloaded=layers, loads=22 * 4, loaded_bytes=22 * 4 * 100e6, per_layer_load_ms=50.0,
+        cold_reads=cold, cold_read_bytes_s=1e9 if cold else None, prompt_tokens=12, max_new_tokens=4, batch_size=1,
+        peak_bytes=5 * 2**30, baseline_decode_tok_s=0.1, decode_ms_per_tok=12_500.0, budget_bytes=0,
+        load_peak_host_bytes=9e9, baseline_standby_bytes=9e9))
+    return three_b
+
+
+@pytest.mark.parametrize("cold, read_s", [(False, 22 * 0.05), (True, 22 * 100e6 / 1e9)])
+def test_a_large_row_against_its_bound_and_the_3b_rows_compute_rate(cold, read_s, tmp_path):
+    three_b = _large_rows(tmp_path, cold)
+    reference = [r for name in ("baseline.csv",) for r in estimate.bench.read_rows(tmp_path / name)]
+    (check,) = estimate.large_checks(estimate.bench.read_rows(tmp_path / estimate.LARGE_CSV), reference)
+    assert check.compute_s == pytest.approx(10.0)  # the unpatched model's 0.1 tok/s in the same run
+    assert check.read_s == pytest.approx(read_s)  # 22 layers of 100 MB: at 50 ms each, or at the cold 1 GB/s
+    assert check.bound_s == pytest.approx(10.0) and check.measured_s == 12.5
+    # 16 bf16 keys and values per layer: 48 layers x 8 heads x 128 x 2 x 2 bytes each
+    assert check.device_bytes == 5 * 2**30 + 48 * 8 * 128 * 2 * 2 * 16
+    # a priori: the 14B's weight bytes at the rate the 3B computed (0.5 tok/s), the reads overlapped
+    compute_s = estimate.weights_read_bytes(estimate.QWEN25_14B) / (three_b * 0.5)
+    assert check.a_priori_s == pytest.approx(max(compute_s, read_s))
+
+
+def test_a_large_row_without_a_3b_row_on_its_machine_has_no_a_priori_prediction(tmp_path):
+    _large_rows(tmp_path, cold=False)
+    (check,) = estimate.large_checks(estimate.bench.read_rows(tmp_path / estimate.LARGE_CSV), [])
+    assert check.a_priori_s is None

@@ -41,3 +41,26 @@ def test_the_offloaded_bytes_come_from_the_baseline_row(tmp_path):
 
 def test_missing_file_names_its_command(tmp_path):
     assert load.sections(tmp_path)["load"] == "No rows in results/load.csv yet: run `python sweep.py load`."
+
+
+def test_the_large_shapes_against_6_gib_and_their_bound(tmp_path):
+    from test_estimate import _large_rows
+    _large_rows(tmp_path, cold=True)
+    text = load.large_section(tmp_path)
+    row = text.splitlines()[-1]
+    assert row.startswith("| dummy:qwen2.5-14b nf4 | CPU: A (avx2) | cold | 22/48 (even) | 5.00 + KV 3.0 MiB = 5.00 "
+                          "| yes | 0.08 | 0.1 | 0.80x | 0.1 | 10000 | 2200 | 1.00 |")
+    assert row.endswith("| 1.00x |")  # the host's load peak over the model's NF4 bytes
+    assert load.large_section(tmp_path / "none") == f"No rows in results/large.csv yet: run `{load.LARGE_COMMAND}`."
+
+
+def test_making_a_large_shape_whole_is_set_against_its_bytes(tmp_path):
+    from test_estimate import _large_rows
+    _large_rows(tmp_path, cold=False)
+    bench.append_row(tmp_path / "large.csv", _row(model="dummy:qwen2.5-14b", weights="dummy", quant="nf4",
+                                                  device_name="CPU: A", cpu_isa="avx2", load_peak_host_bytes=10e9,
+                                                  standby_bytes=8e9, load_s=600.0, ppl=None,
+                                                  command="python run_baseline.py --model dummy:qwen2.5-14b"))
+    assert load.large_section(tmp_path).endswith(
+        "\n- Making dummy:qwen2.5-14b nf4 whole (CPU: A (avx2), `python run_baseline.py --model dummy:qwen2.5-14b`): "
+        "host load peak 10.00 GB, 1.25x its 8.00 GB of weights, in 600 s.")
