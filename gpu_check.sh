@@ -21,7 +21,7 @@ cd "$(dirname "$0")"
 
 fail() { echo "gpu_check.sh: error: $*" >&2; exit 2; }
 [ $# -eq 0 ] || fail "takes no arguments; its settings are environment variables (see the head of the script)"
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}  # a bare GPU image may have only python3
 DIR=${GPU_CHECK_DIR:-gpu_check}
 WHEELS=${GPU_CHECK_WHEELS:-$PWD/wheels}
 SITE=$WHEELS/site
