@@ -124,16 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> None:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    bench.check_csv(args.out, Exactness)
+    bench.check_output(args.out, Exactness)
     for quant in args.quants.split(","):
         if quant not in bench.QUANTS:
             raise bench.UsageError(f"--quants: unknown format {quant!r}; use {', '.join(bench.QUANTS)}")
         for result in compare(args, quant, args.window_tokens, args.greedy_tokens):
-            bench.append_row(args.out, result)
             print(f"{result.quant:>5} {result.form:<8} max|dlogit| {result.max_abs_logit_diff:<10.4g} "
                   f"logits equal {result.logits_equal!s:<5} greedy equal {result.tokens_equal!s:<5} "
                   f"(first divergence {result.first_divergence}); saved {result.saved_bytes / 1e6:.1f} MB "
                   f"of {result.standby_bytes_before / 1e6:.1f} MB")
+            bench.append_rows(args.out, [result])
     print(f"  rows appended to {args.out}")
 
 

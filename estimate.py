@@ -135,6 +135,12 @@ def reference_table() -> str:
 
 # ---------------------------------------------------------------------------- check against measurements
 
+def read_path(row: dict) -> str:
+    """How a streamed layer got its bytes: 'copy' (a read into a slot; every CUDA row, and CPU
+    rows from before --cpu-read existed) or 'map' (views of the mapped file)."""
+    return row.get("cpu_read") or "copy"
+
+
 def row_read_Bps(row: dict) -> float:
     """The rate a stream row's layers were read at: its cold storage read rate (--cold rows),
     else its own measured page-cache read time per layer; an --io-bandwidth throttle caps either."""
@@ -176,7 +182,7 @@ def check_table(results: Path, csv_name: str = "diskoffload.csv") -> str:
         measured = bench.number(row["decode_ms_per_tok"]) / 1e3
         lines.append(
             f"| {row['model']} {row['quant']} {row['device']} | {row['device_name']} ({row['cpu_isa']}) | "
-            f"{row['prefetch']} | {'cold' if row.get('cold_reads') == 'True' else 'page cache'} | "
+            f"{row['prefetch']} | {'cold' if row.get('cold_reads') == 'True' else 'page cache'}, {read_path(row)} | "
             f"{bench.number(row['budget_bytes']) / 1e6:.1f} | {io_Bps / GB if io_Bps else '-'} | {compute_s * 1e3:.1f} | "
             f"{p.streamed_bytes / storage_Bps * 1e3:.1f} | {predicted * 1e3:.1f} | {measured * 1e3:.1f} | "
             f"{measured / predicted:.2f} |")

@@ -137,7 +137,7 @@ def run(args) -> bench.Result:
         raise bench.UsageError("--ppl-max-tokens 0 leaves nothing to evaluate")
     if args.block_influence and args.variant != "baseline":
         raise bench.UsageError("--block-influence scores the unpatched model's layers; use --variant baseline")
-    bench.check_csv(args.influence_out, importance.InfluenceRow)
+    bench.check_output(args.influence_out, importance.InfluenceRow)
     run_ = bench.open_run(args)
     ctl = bench.patch(run_)
     unpatched = bench.measure_unpatched(run_, ctl)  # this process's model, unpatched: the row's baseline
@@ -147,8 +147,7 @@ def run(args) -> bench.Result:
     memory = bench.measure_memory(run_, ctl)
     row = bench.finish(run_, bench.make_result(run_, ctl, memory, ppl=ppl, baseline_memory=unpatched))
     if args.block_influence:
-        for layer_row in importance.influence_rows(meter, row, args.command):
-            bench.append_row(args.influence_out, layer_row)
+        bench.append_rows(args.influence_out, list(importance.influence_rows(meter, row, args.command)))
         print(f"  Block Influence of {row.n_layers} layers appended to {args.influence_out}")
     return row
 

@@ -423,6 +423,18 @@ def model_fingerprint(model: nn.Module, device: torch.device) -> tuple[str, dict
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16], identity
 
 
+@dataclass
+class SyncProgress:
+    """How far a LayerStore.sync() in progress has got: files stored (written or reused) of total."""
+    total: int | None
+    done: int = 0
+
+
+# the layer folders whose sync() is under way, and how far each has got: what a script
+# interrupted (Ctrl-C) can tell its user was kept
+SYNCING: dict[Path, SyncProgress] = {}
+
+
 class LayerStore:
     """``<cache_dir>/<fingerprint>/layer_<i>.safetensors`` plus ``manifest.json``.
 
@@ -467,6 +479,8 @@ class LayerStore:
         entries = manifest.get("layers", {})
         self.written = []
         items = layers.items() if isinstance(layers, dict) else layers
+        # until the last file is listed: an interrupted sync stays here, for the script to report what it kept
+        SYNCING[self.dir] = SyncProgress(total=len(layers) if isinstance(layers, dict) else total)
         for index, tensors in _progress(items, "storing offloaded layers", progress, total):
             layout, chunks = serialize_layer(tensors)
             expected = _sha256(chunks)
@@ -481,10 +495,17 @@ class LayerStore:
                     "file": path.name, "size_bytes": layout.file_bytes, "sha256": expected,
                     "tensors": layout.spec(),
                 }
+                # listed at once: an interrupted sync keeps what it wrote, the next one adds the rest
+                self._write_manifest(entries)
             self.layouts[index] = layout
-        if self.written or not manifest:
-            _atomic_write(self.manifest_path, [json.dumps(
-                {"identity": self.identity, "layers": entries}, indent=1, sort_keys=True).encode()])
+            SYNCING[self.dir].done += 1
+        if not manifest:
+            self._write_manifest(entries)
+        del SYNCING[self.dir]
+
+    def _write_manifest(self, entries: dict) -> None:
+        _atomic_write(self.manifest_path, [json.dumps(
+            {"identity": self.identity, "layers": entries}, indent=1, sort_keys=True).encode()])
 
     def open_existing(self, keys) -> bool:
         """Adopt the stored files for `keys` without the tensors that made them (what they hold is
@@ -604,8 +625,11 @@ class LayerStore:
         self._local = threading.local()
 
     def __del__(self):
-        with contextlib.suppress(Exception):  # at interpreter exit the modules close() uses may be gone
+        # no module globals here (contextlib, os): at interpreter exit they may be None already
+        try:
             self.close()
+        except Exception:
+            pass
 
 
 def _progress(items, desc: str, enabled: bool, total: int | None = None):
@@ -966,17 +990,15 @@ class LayerMaps:
 
     Read-ahead (`depth` > 0): acquiring a streamed layer (one in `order`) advises the kernel
     (posix_fadvise WILLNEED) to read the next `depth` of `order` into the page cache in the
-    background; nothing is copied or held. A cold store drops a file's pages before each
-    mapping (once per layer between two standby() calls), before the advice when there is one,
-    else when it is mapped, so the pages still come from the storage device, now at the first
-    touch inside the forward.
+    background; nothing is copied or held. Cold reads are the copy path's (patch_model refuses
+    cold with map: a mapping is read once and kept).
     """
 
     def __init__(self, store: LayerStore, order: list[int], depth: int):
         self.store, self.order, self.depth = store, order, depth
         self.position = {i: k for k, i in enumerate(order)}
         self._live: dict[int, tuple[mmap.mmap, torch.Tensor]] = {}  # layer -> (mapping, its data section)
-        self._advised: set[int] = set()  # read ahead, pages dropped first if cold; not mapped since
+        self._advised: set[int] = set()  # read ahead, not mapped since
 
     def __contains__(self, i: int) -> bool:
         return i in self._live
@@ -1009,8 +1031,7 @@ class LayerMaps:
 
     def _map(self, i: int) -> torch.Tensor:
         layout = self.store.layouts[i]
-        # checked against the layout here; an advised layer's pages were dropped before the advice
-        fd = self.store._open_checked(i, cold=i not in self._advised)
+        fd = self.store._open_checked(i)  # checked against the layout here
         self._advised.discard(i)
         try:
             mapping = mmap.mmap(fd, layout.file_bytes, access=mmap.ACCESS_COPY)
@@ -1044,7 +1065,7 @@ class LayerMaps:
             if j in self._live or j in self._advised:
                 continue
             try:
-                fd = self.store._open_checked(j)  # cold: drop first, so the advice reads from the device
+                fd = self.store._open_checked(j)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             except (CacheError, OSError):
                 continue  # advice only: mapping the layer names its file's problem
@@ -1624,9 +1645,8 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
     io_bandwidth: bytes/s; throttle reads to emulate slower storage (None: as fast as it goes).
     A mapped layer is not read, so on a CPU this needs cpu_read="copy" (a ValueError says so).
     cold: drop each layer file from the page cache before reading it (posix_fadvise
-    DONTNEED), so reads come from the storage device, not from memory (Linux); a mapped
-    layer's pages are dropped before it is mapped (or before its read-ahead advice) and come
-    from the device at their first touch in the forward.
+    DONTNEED), so reads come from the storage device, not from memory (Linux). A mapped layer
+    is read once and kept, so on a CPU this needs cpu_read="copy" (a ValueError says so).
     cpu_read: how a CPU brings a layer in. ``map`` (default): its tensors are views of a
     private, copy-on-write mapping of its file (LayerMaps): nothing is copied, the pages are
     the page cache's; a session's and the budget's layers stay mapped until standby(), a
@@ -1673,6 +1693,11 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode
     if io_bandwidth is not None and device.type == "cpu" and cpu_read == "map":
         raise ValueError("io_bandwidth throttles layer reads, and a mapped layer is not read: "
                          "pass cpu_read='copy' to emulate slower storage on a CPU")
+    if cold and device.type == "cpu" and cpu_read == "map":
+        # a mapped layer's pages come from the disk once, then stay mapped until standby(): the
+        # rest of the decode would read the page cache while the run says cold
+        raise ValueError("cold reads drop a layer file's pages before each read, and a mapped layer is read once and "
+                         "kept mapped until standby(): pass cpu_read='copy' for cold reads on a CPU")
     if device.type == "cpu":  # all of it, so resident_bytes() does not change at the first forward
         prepack_nf4_for_cpu(model)
     embedding, residency = _embedding_to_offload(model) if offload_embeddings else (None, "resident")

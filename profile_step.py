@@ -77,9 +77,8 @@ def run(args) -> list[ProfileRow]:
             rows.append(ProfileRow(mode, run_.info["model"], run_.info["quant"], bench.device_name(run_.device),
                                    run_.input_ids.shape[0], ctl.prefetch if ctl.mode == "stream" else None, key,
                                    us / 1e3 / steps, calls / steps, step_ms, steps, run_.run_id, args.command, **env))
-    for row in rows:
-        bench.append_row(args.out, row)
     _print(measured, steps)
+    bench.append_rows(args.out, rows)
     print(f"  {len(rows)} rows appended to {args.out}")
     return rows
 

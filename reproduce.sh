@@ -56,7 +56,7 @@ done
 # --- Streaming against its peers, cold reads, batches (results/README.md "Streaming against its peers") ---
 python run_peers.py --model smollm2-135m --prefetch 0 --repeats 5 --max-new-tokens 32        # needs: pip install airllm
 python run_peers.py --model smollm2-135m --quant nf4 --peers none --prefetch 0 --repeats 5 --max-new-tokens 32
-Q="--model qwen2.5-coder-0.5b --quant bf16 --max-new-tokens 16 --repeats 3 --ppl-max-tokens 0 --out results/cold.csv"
+Q="--model qwen2.5-coder-0.5b --quant bf16 --cpu-read copy --max-new-tokens 16 --repeats 3 --ppl-max-tokens 0 --out results/cold.csv"
 for p in 0 1 2 3; do python run_diskoffload.py $Q --cold --prefetch $p; done
 for p in 0 2; do python run_diskoffload.py $Q --prefetch $p; done
 B="--max-new-tokens 16 --ppl-max-tokens 0 --out results/batch.csv"

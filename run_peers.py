@@ -231,9 +231,8 @@ def _run(args, folder: Path) -> list[PeerRow]:
             rss_delta_bytes=extra[name]["rss"] if measured else None,
             note=notes[name] + ("; BUSY: other work shared the CPU" if cpu[0].busy else ""),
             run_id=run_.run_id, command=args.command, **env))
-    for row in rows:
-        bench.append_row(args.out, row)
     _print(rows)
+    bench.append_rows(args.out, rows)
     print(f"  {len(rows)} rows appended to {args.out}")
     return rows
 

@@ -305,6 +305,8 @@ def run(args) -> int:
     if args.dry_run:
         for case in todo:
             print(case.command)
+        if not todo:  # say so, rather than print nothing
+            print(f"nothing pending ({len(cases)} cases done; --all lists them)")
         return 0
     print(f"{args.suite}: {len(cases)} cases, {len(cases) - len(todo)} already in {out}, {len(todo)} to run")
     failed = run_cases(todo)
@@ -323,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except bench.UsageError as err:
         parser.error(bench.first_line(err))
+    except KeyboardInterrupt:  # the case running got the same Ctrl-C and said what it kept
+        print("\nsweep.py: interrupted; the finished cases' rows are kept: rerun to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ from .measure import (DecodeTiming, Memory, Speed, cold_read_bytes_s, decode, ge
                       measure_unpatched, synchronize, unpatched_fits, weight_bytes)
 from .models import DEFAULT_MODEL, EMBEDDED_GGUFS, EMBEDDED_MODELS, QUANTS, load_model, model_kind, resolve_model
 from .prompts import PROMPT_KINDS, Prompt, load_prompts
-from .results import (BUSY_OTHER_CPU_SHARE, COLUMNS, ENVIRONMENT_FIELDS, FIELDS, Result, append_row, check_csv, cpu_name,
-                      csv_row, device_name, environment, git_commit, latest_baseline, migrate_csv, number, read_rows,
-                      summary)
+from .results import (BUSY_OTHER_CPU_SHARE, COLUMNS, ENVIRONMENT_FIELDS, FIELDS, Result, append_row, append_rows, check_csv,
+                      check_output, cpu_name, csv_row, device_name, environment, git_commit, latest_baseline,
+                      migrate_csv, number, read_rows, summary)
 from .rows import finish, make_result
 from .workload import BATCH_PROMPTS, DEFAULT_PROMPT, VARIANT_MODES, VARIANTS

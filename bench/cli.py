@@ -15,7 +15,7 @@ import offload_skip
 from .base import RESULTS_DIR, UsageError, default_cache_dir, first_line
 from .dummy import SHAPES as DUMMY_SHAPES, is_dummy
 from .models import DEFAULT_MODEL, EMBEDDED_MODELS, HEAD_QUANTS, QUANTS, model_kind
-from .results import check_csv
+from .results import APPENDED, check_output
 from .workload import DEFAULT_PROMPT, VARIANTS
 
 CUDA_DEFAULT_PREFETCH = 2
@@ -165,7 +165,8 @@ def build_parser(variant: str | None = None, description: str | None = None,
                             help=f"bytes of offloaded layers kept resident instead of streamed; {SIZE_HELP}")
         stream.add_argument("--cold", action="store_true",
                             help="drop each layer file from the page cache before reading it (posix_fadvise), "
-                                 "so reads come from the storage device")
+                                 "so reads come from the storage device. On a CPU it needs --cpu-read copy "
+                                 "(a mapped layer is read once and kept)")
         stream.add_argument("--io-bandwidth", type=_rate_arg, default=None, metavar="RATE",
                             help=f"throttle layer reads to RATE bytes/s to emulate slower storage, e.g. 600M; "
                                  f"{SIZE_HELP}; default: unthrottled. On a CPU it needs --cpu-read copy "
@@ -226,11 +227,14 @@ def finish_args(args: argparse.Namespace, row_type=None) -> argparse.Namespace:
     if args.io_bandwidth and args.cpu_read == "map" and args.device == "cpu" and args.variant == "diskoffload":
         raise UsageError("--io-bandwidth throttles layer reads, and with --cpu-read map (the default) a CPU maps "
                          "the layer files instead of reading them: add --cpu-read copy")
+    if args.cold and args.cpu_read == "map" and args.device == "cpu" and args.variant == "diskoffload":
+        raise UsageError("--cold drops a layer file's pages before each read, and with --cpu-read map (the default) "
+                         "a CPU maps each layer once and keeps it for the whole decode: add --cpu-read copy")
     if args.out is None:
         args.out = RESULTS_DIR / ("ppl.csv" if args.script_variant is None else f"{args.variant}.csv")
     if args.baseline_csv is None:
         args.baseline_csv = Path(args.out).parent / "baseline.csv"
-    check_csv(args.out, *(row_type,) if row_type else ())  # fail now, not after minutes of measuring
+    check_output(args.out, *(row_type,) if row_type else ())  # fail now, not after minutes of measuring
     return args
 
 
@@ -241,10 +245,24 @@ def main(run: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", parser.prog, *argv])
+    APPENDED.clear()  # what this run appends and stores (a test may call several mains in one process)
+    offload_skip.SYNCING.clear()
     try:
         run(finish(args) if finish else args)
     except (UsageError, offload_skip.CacheError) as err:
         parser.error(first_line(err))
+    except KeyboardInterrupt:
+        print(f"\n{parser.prog}: {interrupted_line()}", file=sys.stderr)
+        return 130  # as a shell reports a process that SIGINT ended
     return 0
+
+
+def interrupted_line() -> str:
+    """What a Ctrl-C left behind, in one line: the rows appended before it, and any layer
+    folder caught mid-write (its manifest lists what was kept; the next run adds the rest)."""
+    rows = f"rows appended to {', '.join(map(str, dict.fromkeys(APPENDED)))}" if APPENDED else "no row written"
+    folders = [f"{p.done} of {p.total if p.total is not None else '?'} layer files kept in {folder}, the next run "
+               "stores the rest" for folder, p in offload_skip.SYNCING.items()]
+    return "; ".join(["interrupted", rows, *folders])
 
 

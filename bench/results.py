@@ -8,9 +8,11 @@ import csv
 import dataclasses
 import datetime
 import importlib.metadata
+import io
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,19 +366,97 @@ def check_csv(path: Path, row_type: type = Result) -> None:
                          f"move it away or write to another --out{cure}")
 
 
-def append_row(path: Path, row) -> Path:
-    """Append one row (a Result, or another frozen dataclass); the header, its field names,
-    is written only when the file is new (or empty)."""
+def check_writable(path: Path) -> None:
+    """UsageError unless a row can be appended to `path`: the file opens for appending, or its
+    folder (made now if missing) takes a new file. Tried, not inferred from permission bits,
+    which root and read-only filesystems do not follow."""
     path = Path(path)
-    check_csv(path, type(row))
+    try:
+        if path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+                pass
+    except OSError as err:
+        raise UsageError(f"cannot write the rows to {path} ({type(err).__name__}: {err.strerror or err}); "
+                         "fix its permissions or pass another --out") from None
+
+
+def check_output(path: Path, row_type: type = Result) -> None:
+    """Before any measuring: `path` takes a row of `row_type` (check_writable, check_csv)."""
+    check_writable(path)
+    check_csv(path, row_type)
+
+
+APPENDED: list[Path] = []  # the files this process appended a row to, in order
+
+
+def append_rows(path: Path, rows: list) -> Path:
+    """append_row each of `rows` to `path`. If an append fails (the folder changed during the
+    run), the rows not yet appended go to a new CSV of their own in the temp folder and a
+    UsageError names both files: nothing measured is lost."""
+    for k, row in enumerate(rows):
+        try:
+            append_row(path, row)
+        except OSError as err:
+            fd, name = tempfile.mkstemp(prefix=f"{Path(path).stem}-unsaved-", suffix=".csv")
+            os.close(fd)
+            os.unlink(name)  # append_row writes the header into a new file
+            for unsaved in rows[k:]:
+                append_row(Path(name), unsaved)
+            raise UsageError(f"could not append to {path} ({type(err).__name__}: {err.strerror or err}); "
+                             f"{len(rows) - k} row(s) saved in {name} instead") from None
+    return Path(path)
+
+
+@contextlib.contextmanager
+def csv_lock(path: Path):
+    """An exclusive lock on `path`'s lock file (`<name>.lock` beside it) for the block: appends
+    from processes on one machine never interleave, and only the first writes the header. It is
+    an advisory fcntl.flock: on NFS it holds between the processes of one client, not between
+    nodes (Linux NFS clients emulate flock with byte-range locks, which hold only where the
+    server supports them). Without fcntl (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
+def _csv_line(cells) -> str:
+    line = io.StringIO()
+    csv.writer(line).writerow(cells)
+    return line.getvalue()
+
+
+def append_row(path: Path, row) -> Path:
+    """Append one row (a Result, or another frozen dataclass) in one write() under csv_lock;
+    the header, its field names, is written only when the file is new (or empty), as the lock
+    holder sees it: rows from many processes at once are whole rows under one header."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = [f.name for f in dataclasses.fields(row)]
-    new = _header(path) is None
-    with path.open("a", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(fields)
-        writer.writerow([_cell(getattr(row, name)) for name in fields])
+    text = _csv_line([_cell(getattr(row, name)) for name in fields])
+    with csv_lock(path):
+        check_csv(path, type(row))
+        if _header(path) is None:
+            text = _csv_line(fields) + text
+        data = text.encode("utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, data)
+            while written < len(data):  # a short write (a signal, a full pipe): the rest, still locked
+                written += os.write(fd, data[written:])
+        finally:
+            os.close(fd)
+    APPENDED.append(path)
     return path
 
 

@@ -7,7 +7,7 @@ import statistics
 
 from .experiment import Run
 from .measure import Memory, Speed
-from .results import Result, append_row, device_name, environment, latest_baseline, process_age_s, summary
+from .results import Result, append_rows, device_name, environment, latest_baseline, process_age_s, summary
 from .workload import VARIANT_MODES
 
 
@@ -129,9 +129,10 @@ def _quartiles(ratios: tuple[float, ...]) -> dict:
 
 
 def finish(run: Run, row: Result) -> Result:
-    """Append the row to --out and print the summary (perplexity against a comparable baseline row)."""
-    path = append_row(run.args.out, row)
+    """Print the summary (perplexity against a comparable baseline row), then append the row to
+    --out (append_rows: a failed append saves the row elsewhere and says where)."""
     print(summary(row, latest_baseline(run.args.baseline_csv, row)))
+    path = append_rows(run.args.out, [row])
     print(f"  row appended to {path}")
     print(f"  {process_age_s():.0f} s since this process started (imports, any first-run fetch, loading, measuring)")
     return row

@@ -68,10 +68,7 @@ def batch_section(results: Path) -> str:
             f"commit {commits(rows)}).\n\n" + markdown_table(headers, lines))
 
 
-def read_way(row: dict) -> str:
-    """How a streamed CPU layer got its bytes: 'map' (views of the mapped file) or 'copy' (a read
-    into a slot). Rows from before --cpu-read existed copied; rows on CUDA always copy."""
-    return row.get("cpu_read") or "copy"
+read_way = estimate.read_path  # how a streamed layer got its bytes: 'map' or 'copy'
 
 
 def _cpu_read_rows(results: Path) -> list[dict]:

@@ -31,8 +31,9 @@ def _parse(argv, variant="kvcache"):
 @pytest.fixture
 def any_results_dir(monkeypatch):
     """For tests of the default --out, which finish_args checks: whatever schema the CSVs under
-    results/ have now (check_csv has tests of its own, and results/ is migrated separately)."""
-    monkeypatch.setattr(bench.cli, "check_csv", lambda *args: None)
+    results/ have now, writable or not (check_output has tests of its own, and results/ is migrated
+    separately)."""
+    monkeypatch.setattr(bench.cli, "check_output", lambda *args: None)
 
 
 def test_every_flag_has_help():
@@ -84,11 +85,17 @@ def test_cpu_read_flag(variant, argv, cpu_read, tmp_path):
     assert _parse([*argv, "--out", str(tmp_path / "x.csv")], variant).cpu_read == cpu_read
 
 
-def test_throttled_reads_need_the_copy_path_on_a_cpu(tmp_path):
-    argv = ["--device", "cpu", "--io-bandwidth", "600M", "--out", str(tmp_path / "d.csv")]
-    with pytest.raises(bench.UsageError, match="--io-bandwidth throttles layer reads.*add --cpu-read copy"):
+@pytest.mark.parametrize("flags, message, attribute, value", [
+    (["--io-bandwidth", "600M"], "--io-bandwidth throttles layer reads.*add --cpu-read copy", "io_bandwidth",
+     600_000_000),
+    (["--cold"], "--cold drops a layer file's pages before each read.*keeps it for the whole decode: "
+                 "add --cpu-read copy", "cold", True),
+])
+def test_throttled_and_cold_reads_need_the_copy_path_on_a_cpu(flags, message, attribute, value, tmp_path):
+    argv = ["--device", "cpu", *flags, "--out", str(tmp_path / "d.csv")]
+    with pytest.raises(bench.UsageError, match=message):
         _parse(argv, "diskoffload")
-    assert _parse([*argv, "--cpu-read", "copy"], "diskoffload").io_bandwidth == 600_000_000
+    assert getattr(_parse([*argv, "--cpu-read", "copy"], "diskoffload"), attribute) == value
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -112,11 +119,11 @@ def test_stride_longer_than_ctx_is_refused():
         _parse(["--ppl-stride", "600"])
 
 
-def test_main_turns_usage_errors_into_exit_2(capsys):
+def test_main_turns_usage_errors_into_exit_2(capsys, tmp_path):
     def fails(args):
         raise bench.UsageError("something is wrong")
     with pytest.raises(SystemExit) as exit_:
-        bench.main(fails, bench.build_parser("baseline", prog="run_baseline.py"), ["--out", "/dev/null/x.csv"])
+        bench.main(fails, bench.build_parser("baseline", prog="run_baseline.py"), ["--out", str(tmp_path / "x.csv")])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == "run_baseline.py: error: something is wrong\n"
 

@@ -276,14 +276,13 @@ def test_a_corrupt_byte_is_caught_when_the_files_are_reused(tmp_path, prompt_ids
 
 @linux_only
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
-@pytest.mark.parametrize("cold", [False, True])
-def test_cold_maps_drop_the_pages_before_each_use(cold, prefetch, tmp_path, prompt_ids, monkeypatch):
-    """Cold: every mapping (one per layer per standby cycle) is preceded by a drop of its file's pages since its last use (before
-    the read-ahead advice when there is one), so its pages come from the storage device.
-    Read-ahead: posix_fadvise WILLNEED on the next layers, nothing else."""
+def test_maps_read_ahead_by_advice_and_drop_nothing(prefetch, tmp_path, prompt_ids, monkeypatch):
+    """Each layer is mapped once per standby cycle; read-ahead is posix_fadvise WILLNEED on the
+    next layers, nothing else, and no page is dropped (cold reads are the copy path's)."""
+    cold = False
     model = make_model("qwen2-bf16", tmp_path)
     logits = _logits(model, prompt_ids)
-    ctl = _patch(model, tmp_path, prefetch=prefetch, cold=cold)
+    ctl = _patch(model, tmp_path, prefetch=prefetch)
     events = []
     fadvise, real_map = os.posix_fadvise, osk.LayerMaps._map
 
@@ -321,6 +320,8 @@ def test_cold_maps_drop_the_pages_before_each_use(cold, prefetch, tmp_path, prom
 @pytest.mark.parametrize("kwargs, message", [
     (dict(cpu_read="mmap"), "cpu_read must be 'map' or 'copy', got 'mmap'"),
     (dict(io_bandwidth=1e9), "io_bandwidth throttles layer reads, and a mapped layer is not read"),
+    (dict(cold=True), "cold reads drop a layer file's pages before each read, and a mapped layer is read once and "
+                      "kept mapped until standby(): pass cpu_read='copy' for cold reads on a CPU"),
 ])
 def test_patch_model_rejects(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -1,11 +1,14 @@
 """The core's contract: selection, exactness, parallel residuals, residency, the layer store."""
 import json
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import (ARCHS, N_LAYERS, NF4_KINDS, cpu_has_packed_nf4, greedy, logits as _logits, make_model,
+from conftest import (ARCHS, DEVICES, N_LAYERS, NF4_KINDS, cpu_has_packed_nf4, greedy, logits as _logits, make_model,
                       tiny_model, with_devices)
 from safetensors import safe_open
 from torch import nn
@@ -603,12 +606,12 @@ def test_cold_reads_drop_the_page_cache_and_return_the_same_bytes(rows, tmp_path
     store.close()
 
 
-@pytest.mark.parametrize("cpu_read, device", with_devices(["map", "copy"], cuda=["copy"]))  # CUDA copies
+@pytest.mark.parametrize("device", DEVICES)  # cold reads are copies (a mapped layer is kept)
 @pytest.mark.parametrize("prefetch", [0, 2])
-def test_cold_stream_is_bit_identical(prefetch, cpu_read, device, tmp_path, prompt_ids):
+def test_cold_stream_is_bit_identical(prefetch, device, tmp_path, prompt_ids):
     model, ids = make_model("qwen2-bf16", tmp_path, device), prompt_ids.to(device)
     logits = _logits(model, ids)
-    patch_model(model, "even", tmp_path / "cache", mode="stream", prefetch=prefetch, cold=True, cpu_read=cpu_read,
+    patch_model(model, "even", tmp_path / "cache", mode="stream", prefetch=prefetch, cold=True, cpu_read="copy",
                 progress=False)
     assert torch.equal(_logits(model, ids), logits)
 
@@ -617,7 +620,7 @@ def test_cold_reads_need_posix_fadvise(tmp_path, monkeypatch):
     model = make_model("llama-fp32", tmp_path)
     monkeypatch.delattr(os, "posix_fadvise")
     with pytest.raises(ValueError, match="cold reads need os.posix_fadvise"):
-        patch_model(model, "even", tmp_path / "cache", mode="stream", cold=True, progress=False)
+        patch_model(model, "even", tmp_path / "cache", mode="stream", cold=True, cpu_read="copy", progress=False)
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])
@@ -821,3 +824,32 @@ def test_prepack_packs_only_what_the_fused_kernel_takes(out_features, packable):
         return  # the packed kernel cannot run here
     with torch.no_grad():
         assert layer(torch.randn(3, 64, dtype=torch.bfloat16)).shape == (3, out_features)
+
+
+# --------------------------------------------------------------------------- interpreter exit
+
+LIBRARY_USE = """
+import sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import torch
+from conftest import tiny_model
+from offload_skip import patch_model
+from speculative import LookupDrafter, speculative_decode
+
+model = tiny_model("qwen2")
+ids = torch.tensor([[5, 17, 33, 2, 8, 60]])
+ctl = patch_model(model, "even", {cache!r}, mode="{mode}", cpu_read="{cpu_read}", progress=False)
+model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+speculative_decode(model, ids, 4, LookupDrafter())
+# no standby(), no unpatch(), nothing closed: the interpreter's exit finalizes the store and the
+# streamer, when module globals such as contextlib may already be gone
+"""
+
+
+@pytest.mark.parametrize("mode, cpu_read", [("stream", "map"), ("stream", "copy"), ("session", "map")])
+def test_the_library_leaves_nothing_on_stderr_at_exit(mode, cpu_read, tmp_path):
+    repo = Path(__file__).resolve().parent.parent
+    code = LIBRARY_USE.format(repo=str(repo), tests=str(repo / "tests"), cache=str(tmp_path), mode=mode,
+                              cpu_read=cpu_read)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stderr) == (0, "")

@@ -3,6 +3,9 @@ import csv
 import dataclasses
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,7 +107,7 @@ def test_migrate_csv_adds_the_missing_columns_empty_and_keeps_every_value(tmp_pa
         assert all(row[name] == "" for name in new)
         assert [row[name] for name in old_columns] == rows[k]
     assert migrated[1]["command"] == 'python run_x.py --prompt "a, b"'
-    assert not [p for p in tmp_path.iterdir() if p != path]  # no temporary file left
+    assert not [p for p in tmp_path.iterdir() if p != path and p.suffix != ".lock"]  # no temporary file left (the lock file is append_row's)
     before = path.read_bytes()
     assert bench.migrate_csv(path) is False and path.read_bytes() == before  # already current: untouched
     bench.append_row(path, _row())  # the schema check passes now
@@ -195,3 +198,33 @@ def test_a_busy_row_says_so():
 
 def test_cpu_isa_is_one_of_the_known_names():
     assert bench.environment()["cpu_isa"] in ("avx512_bf16", "avx512f", "avx2", "other")
+
+
+
+APPEND_50 = """
+import pathlib, sys, time
+sys.path[:0] = [{repo!r}, {tests!r}]
+import bench
+from test_results import _row
+rows = [_row(run_id=f"{{sys.argv[1]}}-{{k}}") for k in range(50)]
+ready = pathlib.Path({ready!r})
+(ready / sys.argv[1]).touch()
+while len(list(ready.iterdir())) < 4:  # a barrier: every writer released once all four are ready
+    time.sleep(0.001)
+for row in rows:
+    bench.append_row({path!r}, row)
+"""
+
+
+def test_four_processes_appending_at_once_write_one_header_and_every_row(tmp_path):
+    repo = Path(__file__).resolve().parent.parent
+    path, ready = tmp_path / "new" / "rows.csv", tmp_path / "ready"
+    ready.mkdir()
+    code = APPEND_50.format(repo=str(repo), tests=str(repo / "tests"), ready=str(ready), path=str(path))
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"w{k}"], stderr=subprocess.PIPE, text=True)
+             for k in range(4)]
+    assert [(p.wait(timeout=300), p.stderr.read()) for p in procs] == [(0, "")] * 4
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == ",".join(bench.FIELDS) and lines.count(lines[0]) == 1
+    ids = sorted(r["run_id"] for r in bench.read_rows(path))
+    assert ids == sorted(f"w{k}-{i}" for k in range(4) for i in range(50))

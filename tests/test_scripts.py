@@ -7,6 +7,7 @@ under tmp_path; no timing assertions.
 import contextlib
 import io
 import math
+import os
 import re
 import subprocess
 import sys
@@ -267,6 +268,7 @@ def test_ppl_skipped_with_zero_tokens(setup, tmp_path):
     (run_diskoffload, ["--cpu-read", "mmap"], "argument --cpu-read: invalid choice: 'mmap' (choose from"),
     (run_baseline, ["--cpu-read", "copy"], "unrecognized arguments: --cpu-read copy"),
     (run_diskoffload, ["--io-bandwidth", "500M"], "--io-bandwidth throttles layer reads"),
+    (run_diskoffload, ["--cold"], "--cold drops a layer file's pages before each read"),
 ])
 def test_cli_errors(setup, tmp_path, capsys, module, extra, message):
     out = tmp_path / "x.csv"
@@ -432,7 +434,7 @@ def test_the_row_says_which_cpu_read_ran(setup, tmp_path, module, cpu_read):
 @pytest.mark.parametrize("module, extra", [
     (run_kvcache, ("--batch-size", "3")),
     (run_diskoffload, ("--batch-size", "3", "--prefetch", "1")),
-    (run_diskoffload, ("--cold", "--prefetch", "2")),
+    (run_diskoffload, ("--cold", "--cpu-read", "copy", "--prefetch", "2")),
 ])
 def test_batch_and_cold_rows(setup, tmp_path, module, extra):
     out = tmp_path / "rows.csv"
@@ -448,3 +450,101 @@ def test_batch_and_cold_rows(setup, tmp_path, module, extra):
     if module is run_diskoffload:
         assert row["cold_reads"] == str("--cold" in extra)
         assert (_n(row["cold_read_bytes_s"]) or 0) > 0 if "--cold" in extra else row["cold_read_bytes_s"] == ""
+
+
+# --------------------------------------------------------------------------- nothing measured is lost
+
+def _no_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(bench.experiment, "load_model", refuse)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes through permission bits")
+def test_a_read_only_folder_is_refused_before_loading(setup, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o500)
+    _no_loading(monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        run_kvcache.main(_argv(setup, folder / "kvcache.csv"))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"run_kvcache.py: error: cannot write the rows to {folder / 'kvcache.csv'} (PermissionError: Permission "
+        "denied); fix its permissions or pass another --out")
+
+
+@pytest.mark.parametrize("module", [run_baseline, run_kvcache, run_diskoffload, eval_ppl])
+def test_an_unwritable_output_is_refused_before_loading(module, setup, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "rows.csv"  # its folder is a file: not even root makes it one
+    _no_loading(monkeypatch)
+    argv = _argv(setup, out)
+    if module is eval_ppl:  # no decoding there
+        argv = [a for a in argv if a not in ("--prompt", "Once upon a time", "--max-new-tokens", "5",
+                                             "--warmup", "1", "--repeats", "2")]
+    with pytest.raises(SystemExit) as exit_:
+        module.main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"{module.__name__}.py: error: cannot write the rows to {out} (FileExistsError: File exists); "
+        "fix its permissions or pass another --out")
+
+
+def test_a_row_that_cannot_be_appended_at_the_end_is_saved_elsewhere(setup, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "kvcache.csv"
+    append_row = bench.results.append_row
+
+    def out_refused(path, row):
+        if path == out:
+            raise PermissionError(13, "Permission denied")
+        return append_row(path, row)
+    monkeypatch.setattr(bench.results, "append_row", out_refused)
+    with pytest.raises(SystemExit) as exit_:
+        run_kvcache.main(_argv(setup, out))
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert "kvcache: " in captured.out and "decode" in captured.out  # the summary came first
+    line = captured.err.splitlines()[-1]
+    saved = re.fullmatch(rf"run_kvcache.py: error: could not append to {re.escape(str(out))} \(PermissionError: "
+                         r"Permission denied\); 1 row\(s\) saved in (\S+) instead", line)
+    assert saved, line
+    (row,) = bench.read_rows(saved.group(1))
+    assert row["variant"] == "kvcache" and float(row["decode_tok_s"]) > 0
+    os.unlink(saved.group(1))
+
+
+def _interrupt(monkeypatch, owner, name, after=0):
+    """KeyboardInterrupt from owner.name on its call number `after` (0: the first)."""
+    real, calls = getattr(owner, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, interrupted)
+
+
+@pytest.mark.parametrize("where, owner, name, after, kept", [
+    ("loading", bench.experiment, "load_model", 0, ""),
+    ("storing layers", offload_skip, "serialize_layer", 1, "; 1 of 2 layer files kept in {dir}, the next run stores "
+                                                            "the rest"),
+    ("timing", bench.measure, "decode", 2, ""),
+])
+def test_ctrl_c_is_one_line_exit_130_and_the_next_run_is_clean(where, owner, name, after, kept, setup, tmp_path,
+                                                               capsys, monkeypatch):
+    out = tmp_path / "kvcache.csv"
+    argv = [*_argv(setup, out, "--layers", "2,4"), "--cache-dir", str(tmp_path / "cache")]
+    with monkeypatch.context() as patched:
+        _interrupt(patched, owner, name, after)
+        assert run_kvcache.main(argv) == 130
+    err = capsys.readouterr().err
+    folders = list((tmp_path / "cache" / "layers").glob("*")) if (tmp_path / "cache" / "layers").exists() else []
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]  # a closed progress bar leaves a blank line
+    assert lines[-1] == "run_kvcache.py: interrupted; no row written" + kept.format(
+        dir=folders[0] if folders else "")
+    assert not out.exists()
+    assert run_kvcache.main(argv) == 0  # nothing to clean up by hand
+    assert len(bench.read_rows(out)) == 1

@@ -385,6 +385,9 @@ def test_dry_run_prints_the_pending_cases_and_all_with_all(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == [c.command for c in cases if c is not cases[2]]
     assert sweep.main(["distance", "--dry-run", "--all", "--results", str(tmp_path)]) == 0
     assert capsys.readouterr().out.splitlines() == [c.command for c in cases]
+    _write_csv(tmp_path / "distance.csv", ["command"], [dict(command=c.command) for c in cases])
+    assert sweep.main(["distance", "--dry-run", "--results", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"nothing pending ({len(cases)} cases done; --all lists them)\n"
 
 
 def test_dry_run_of_the_planner(tmp_path, capsys):
