@@ -318,13 +318,18 @@ def large_checks(rows: list[dict], reference_rows: list[dict]) -> list[LargeChec
     return checks
 
 
-def large_table(results: Path) -> str:
+def large_checks_of(results: Path) -> list[LargeCheck]:
     """large_checks of RESULTS/large.csv against RESULTS' baseline, kvcache and diskoffload rows."""
     reference = [r for name in ("baseline.csv", "kvcache.csv", "diskoffload.csv") for r in bench.read_rows(results / name)]
+    return large_checks(bench.read_rows(results / LARGE_CSV), reference)
+
+
+def large_table(results: Path) -> str:
+    """large_checks_of(results) as a table of milliseconds per token."""
     lines = ["| model | machine | reads | prefetch | device GiB (weights, slots, KV) | compute ms | read ms | "
              "bound ms | measured ms | measured/bound | a priori ms | measured/a priori |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in large_checks(bench.read_rows(results / LARGE_CSV), reference):
+    for c in large_checks_of(results):
         r = c.row
         lines.append(f"| {r['model']} {r['quant']} | {r['device_name']} ({r['cpu_isa']}) | "
                      f"{'cold' if r.get('cold_reads') == 'True' else 'page cache'} | {r['prefetch']} | "

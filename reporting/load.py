@@ -56,10 +56,7 @@ LARGE_COMMAND = ("python run_diskoffload.py --model dummy:qwen2.5-14b --quant nf
                  "--cpu-read copy --prefetch 1 --out results/large.csv")
 
 
-def large_checks(results: Path) -> list[estimate.LargeCheck]:
-    reference = [r for name in ("baseline.csv", "kvcache.csv", "diskoffload.csv")
-                 for r in bench.read_rows(results / name)]
-    return estimate.large_checks(bench.read_rows(results / estimate.LARGE_CSV), reference)
+large_checks = estimate.large_checks_of
 
 
 def _gib(n: float) -> str:
