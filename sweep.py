@@ -22,7 +22,7 @@ from pathlib import Path
 
 import bench
 import offload_skip
-from bench import importance
+from bench import importance, launch
 
 # The study's models, all fp32: exact and fast on a CPU without AVX512-BF16, where NF4 has no
 # fused kernel (a 512-token NF4 forward of the 0.5B takes ~27 s here, fp32 ~5 s). tokens:
@@ -89,18 +89,11 @@ SPECULATIVE_LOW_BITS = {"bf16": ("self:hqq2",), "nf4": ("self:hqq3", "self:hqq2"
 SPECULATIVE_FP32 = ("qwen2.5-coder-0.5b",)
 SPECULATIVE_PROMPTS = 3
 SPECULATIVE_TOKENS = 32
+LOCAL_WORKERS = 2  # --launcher local's processes: this machine's 2 cores
 SUITES = ("alpha", "patterns", "importance", "planner", "distance", "context", "beyond", "load", "cpu_read", "speculative")
 
 
-@dataclass(frozen=True)
-class Case:
-    suite: str
-    argv: tuple[str, ...]  # script and its arguments
-
-    @property
-    def command(self) -> str:
-        """What the script records in its row's `command` column."""
-        return shlex.join(["python", *self.argv])
+Case = launch.Case  # one command line: the script and its arguments, --out among them
 
 
 def _alpha(value: float) -> str:
@@ -245,24 +238,24 @@ def planner_importances(results_dir: Path) -> dict:
     return {model: s for model, s in scores.items() if len(s) == 2}
 
 
-def pending(cases: list[Case], out: Path) -> list[Case]:
-    """The cases whose command has no row in `out` yet."""
-    done = {row.get("command") for row in bench.read_rows(out)}
-    return [case for case in cases if case.command not in done]
+pending = launch.pending  # the cases without a row in their CSV or a row file waiting beside it
 
 
-def run_cases(cases: list[Case], repo_dir: Path = bench.REPO_DIR) -> list[Case]:
-    """Run each case as its own process (from the repo, so relative paths hold); the failed ones."""
-    from tqdm import tqdm
-    failed = []
-    bar = tqdm(cases, desc="cases", unit="case")
-    for case in bar:
-        tqdm.write(f"$ {case.command}")
-        done = subprocess.run([sys.executable, *case.argv], cwd=repo_dir)
-        if done.returncode != 0:
-            tqdm.write(f"  failed with exit code {done.returncode}")
-            failed.append(case)
-    return failed
+def merge_results(results: Path) -> list[tuple[Path, int]]:
+    """Fold every row folder under `results` (<name>.d) into its CSV: a suite's rows in case
+    order, any other rows by file name. [(csv, rows added)], for the folders there were."""
+    merged = []
+    for folder in sorted(Path(results).glob("*.d")):
+        out = folder.with_name(folder.name[:-2] + ".csv")
+        added = 0
+        if out.stem in SUITES:
+            try:
+                added += launch.merge(suite_cases(out.stem, out, planner_importances(results)))
+            except bench.UsageError:  # a planner without its importance rows: no case order to keep
+                pass
+        added += bench.merge_row_files(out, bench.row_files(out))
+        merged.append((out, added))
+    return merged
 
 
 def _relative(path: Path) -> Path:
@@ -277,43 +270,141 @@ def _relative(path: Path) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = bench.new_parser("sweep.py", __doc__.split("\n\n")[0])
-    parser.add_argument("suite", nargs="?", choices=SUITES, help="the suite to run")
-    parser.add_argument("--dry-run", action="store_true", help="print the pending cases' commands, run nothing")
-    parser.add_argument("--all", action="store_true", help="with --dry-run: every case, finished ones too")
-    parser.add_argument("--results", type=Path, default=bench.RESULTS_DIR,
-                        help="directory of the suite CSVs (results/<suite>.csv)")
-    parser.add_argument("--list", action="store_true", help="list the suites with their case counts and exit")
+    add = parser.add_argument
+    add("suite", nargs="?", choices=SUITES, help="the suite to run")
+    add("--cases", type=Path, metavar="FILE",
+        help="a suite of your own instead: one command line per line, as --dry-run prints them (blank lines and "
+             "# comments skipped), run from the repo; each row goes to its command's --out")
+    add("--dry-run", action="store_true", help="print the pending cases' commands, run nothing")
+    add("--all", action="store_true", help="with --dry-run: every case, finished ones too")
+    add("--results", type=Path, default=bench.RESULTS_DIR, help="directory of the suite CSVs (results/<suite>.csv)")
+    add("--merge", action="store_true",
+        help="fold the rows the cases wrote (results/<suite>.d/<case-id>.csv) into results/<suite>.csv, in case "
+             "order, and exit (report.py does it too); merging again changes nothing")
+    add("--list", action="store_true", help="list the suites with their case counts and exit")
+    where = parser.add_argument_group("where the cases run (default: here, one after another)")
+    where.add_argument("--launcher", choices=("local", "submitit"), default=None,
+                       help="local: --array-parallelism worker processes on this machine (submitit's local "
+                            "executor; waits, then merges); submitit: one SLURM job array, a task per pending case "
+                            "(returns at once: --merge when it has finished). Both need submitit (pip install "
+                            "submitit)")
+    where.add_argument("--array-index", type=bench.int_at_least(0), default=None, metavar="I",
+                       help="run only slice I of --array-count slices (every N-th case from I), for an sbatch "
+                            "--array script of your own: $SLURM_ARRAY_TASK_ID; the rows wait for --merge")
+    where.add_argument("--array-count", type=bench.int_at_least(1), default=None, metavar="N",
+                       help="slices in all: $SLURM_ARRAY_TASK_COUNT")
+    where.add_argument("--array-parallelism", type=bench.int_at_least(1), default=None, metavar="N",
+                       help="cases at once: SLURM's array limit (submitit's default, 256), or local workers "
+                            f"(default {LOCAL_WORKERS}). Parallel cases share the machine: timed rows come out busy")
+    where.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
+    where.add_argument("--time", type=bench.int_at_least(1), default=None, metavar="MIN",
+                       help="minutes per SLURM task (submitit's default, 5) or per local worker (default: no limit)")
+    where.add_argument("--gpus-per-task", type=bench.int_at_least(0), default=None, metavar="N",
+                       help="GPUs per SLURM task (submitit's default: none)")
+    where.add_argument("--log-folder", type=Path, default=Path("sweep-logs/%j"),
+                       help="where submitit keeps each job's logs (and the job, pickled); %%j is the job id")
     return parser
 
 
-def run(args) -> int:
+def read_cases(path: Path) -> list[Case]:
+    """A suite of one's own (--cases): one `python <script> <args>` line per case."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise bench.UsageError(f"cannot read --cases {path}: {err}") from None
+    cases = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            argv = shlex.split(line)
+        except ValueError as err:
+            raise bench.UsageError(f"{path}:{number}: {err}") from None
+        if len(argv) < 2 or argv[0] != "python":
+            raise bench.UsageError(f"{path}:{number}: a case is a line 'python <script> <arguments>', not {line!r}")
+        case = Case(Path(path).stem, tuple(argv[1:]))
+        case.out  # noqa: B018 -- a case without --out is refused now, not after the others ran
+        cases.append(case)
+    return _unique(cases)
+
+
+def _suite(args) -> tuple[str, list[Case], list[str]]:
+    """The suite's name, its cases, and the sweep.py arguments that name it (for a worker)."""
+    if args.cases is not None:
+        if args.suite:
+            raise bench.UsageError("name a suite or give --cases, not both")
+        return args.cases.stem, read_cases(args.cases), ["--cases", str(args.cases.resolve())]
+    if not args.suite:
+        raise bench.UsageError("name a suite (or --cases FILE, or --list)")
     results = _relative(args.results)
+    out = results / f"{args.suite}.csv"
+    cases = suite_cases(args.suite, out, planner_importances(args.results) if args.suite == "planner" else None)
+    return args.suite, cases, [args.suite, "--results", str(Path(args.results).resolve())]
+
+
+def _check_flags(args) -> None:
+    if (args.array_index is None) != (args.array_count is None):
+        raise bench.UsageError("--array-index and --array-count go together")
+    if args.array_index is not None and args.launcher:
+        raise bench.UsageError("--array-index runs one slice here; --launcher launches them all: choose one")
+    if args.all and not args.dry_run:
+        raise bench.UsageError("--all goes with --dry-run (a finished case is not run again)")
+    slurm_only = [flag for flag, value in (("--partition", args.partition), ("--gpus-per-task", args.gpus_per_task))
+                  if value is not None]
+    if slurm_only and args.launcher != "submitit":
+        raise bench.UsageError(f"{slurm_only[0]} is a SLURM setting: it goes with --launcher submitit")
+
+
+def run(args) -> int:
     if args.list:
+        results = _relative(args.results)
         for suite in SUITES:
             out = results / f"{suite}.csv"
             try:
                 cases = suite_cases(suite, out, planner_importances(args.results))
-                print(f"{suite:<11} {len(cases):>3} cases, {len(pending(cases, out)):>3} pending")
+                print(f"{suite:<11} {len(cases):>3} cases, {len(pending(cases)):>3} pending")
             except bench.UsageError as err:
                 print(f"{suite:<11} {bench.first_line(err)}")
         return 0
-    if not args.suite:
-        raise bench.UsageError("name a suite (or --list)")
-    out = results / f"{args.suite}.csv"
-    cases = suite_cases(args.suite, out, planner_importances(args.results) if args.suite == "planner" else None)
-    todo = cases if args.all else pending(cases, args.results / f"{args.suite}.csv")
+    _check_flags(args)
+    name, cases, naming = _suite(args)
+    if args.merge:
+        added = launch.merge(cases)
+        print(f"{name}: {added} row(s) merged into {', '.join(map(str, dict.fromkeys(c.out for c in cases)))}")
+        return 0
+    todo = cases if args.all else pending(cases)
+    if args.array_index is not None:
+        mine = set(launch.array_slice(cases, args.array_index, args.array_count))
+        todo = [case for case in todo if case in mine]
     if args.dry_run:
         for case in todo:
             print(case.command)
         if not todo:  # say so, rather than print nothing
             print(f"nothing pending ({len(cases)} cases done; --all lists them)")
         return 0
-    print(f"{args.suite}: {len(cases)} cases, {len(cases) - len(todo)} already in {out}, {len(todo)} to run")
-    failed = run_cases(todo)
+    part = f" (slice {args.array_index} of {args.array_count})" if args.array_index is not None else ""
+    print(f"{name}: {len(cases)} cases, {len(cases) - len(pending(cases))} done, {len(todo)} to run{part}")
+    if not todo:
+        return 0
+    if args.launcher == "submitit":
+        jobs = launch.launch_slurm(todo, args.log_folder, f"sweep-{name}", args.partition, args.time,
+                                   args.gpus_per_task, args.array_parallelism)
+        print(f"submitted {len(jobs)} case(s) as SLURM job array {jobs[0].job_id.split('_')[0]}, logs in "
+              f"{jobs[0].paths.folder}; when it has finished: python sweep.py {shlex.join(naming)} --merge")
+        return 0
+    if args.launcher == "local":
+        failures = launch.launch_local(cases, todo, lambda i, n: [*naming, "--array-index", str(i),
+                                                                  "--array-count", str(n)],
+                                       args.array_parallelism or LOCAL_WORKERS, args.log_folder, args.time)
+        failed = [(f.case, f" (log: {f.log})") for f in failures]
+    else:
+        alone = args.array_index is None  # an array task leaves the merge to whoever launched the array
+        failed = [(case, "") for case in launch.run_serially(todo, merged=cases if alone else None)]
     if failed:
-        print(f"{len(failed)} case(s) failed; rerun `python sweep.py {args.suite}` to retry them:", file=sys.stderr)
-        for case in failed:
-            print(f"  {case.command}", file=sys.stderr)
+        print(f"{len(failed)} case(s) failed; rerun `python sweep.py {shlex.join(naming)}` to retry them:",
+              file=sys.stderr)
+        for case, log in failed:
+            print(f"  {case.command}{log}", file=sys.stderr)
         return 1
     return 0
 

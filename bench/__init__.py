@@ -7,7 +7,7 @@ module imports only the modules before it, not even a type checker's import of a
 (tests/test_bench_imports.py checks it):
 
     base < hostmem < fetch < layer_loading < dummy < models < corpus < prompts < workload
-    < results < cli < experiment < measure < rows < drafting < importance
+    < results < rowfiles < cli < experiment < measure < rows < drafting < importance < launch
 
 - base: the one-line ``UsageError``, repo and cache locations
 - hostmem: the process's anonymous resident memory and its sampled peak; resident memory by kind of page
@@ -19,18 +19,20 @@ module imports only the modules before it, not even a type checker's import of a
 - prompts: a speculative-decoding benchmark's prompt sets, HumanEval code and Wikipedia openings
 - workload: the variants and their residency modes, the prompts decoded
 - results: the CSV row (``Result``) and its columns, CSV files, the printed summary, the environment
+- rowfiles: one row file per sweep case (``--row-file``), merged into the suite's CSV
 - cli: the shared command line
 - experiment: one invocation (``Run``, ``open_run``) and the variant's residency (``patch``)
 - measure: the decode loop, timers, memory
 - rows: a run's ``Result`` (``make_result``), appended and summarised (``finish``)
 - drafting: speculative decoding over stream residency (--draft), timed against plain stream decoding
 - importance: Block Influence, rank correlation, the planner's skip orders
+- launch: running a sweep's cases: serially, in array slices, on local workers or a SLURM array
 
 The names below are the harness's public surface; scripts use them as ``bench.<name>``.
 """
 from .base import REPO_DIR, RESULTS_DIR, UsageError, default_cache_dir, first_line
 from .cli import (CPU_DEFAULT_PREFETCH, CUDA_DEFAULT_PREFETCH, SIZE_HELP, build_parser, default_ppl_dataset, finish_args,
-                  main, new_parser, parse_size)
+                  int_at_least, main, new_parser, parse_size)
 from .corpus import CORPORA, SHORT_TEXTS, load_corpus, parse_wiki_docs
 from . import drafting
 from .drafting import SpeculativeRow, run_drafts
@@ -43,4 +45,5 @@ from .results import (BUSY_OTHER_CPU_SHARE, COLUMNS, ENVIRONMENT_FIELDS, FIELDS,
                       check_output, cpu_name, csv_row, device_name, environment, git_commit, latest_baseline,
                       migrate_csv, number, read_rows, summary)
 from .rows import finish, make_result
+from .rowfiles import merge_row_files, row_dir, row_files, save_rows, write_row_file
 from .workload import BATCH_PROMPTS, DEFAULT_PROMPT, VARIANT_MODES, VARIANTS

@@ -15,7 +15,7 @@ import offload_skip
 from .base import RESULTS_DIR, UsageError, default_cache_dir, first_line
 from .dummy import SHAPES as DUMMY_SHAPES, is_dummy
 from .models import DEFAULT_MODEL, EMBEDDED_MODELS, HEAD_QUANTS, QUANTS, model_kind
-from .results import APPENDED, check_output
+from .results import APPENDED, check_output, check_writable
 from .workload import DEFAULT_PROMPT, VARIANTS
 
 CUDA_DEFAULT_PREFETCH = 2
@@ -57,7 +57,7 @@ def _rate_arg(text: str) -> int:
     return rate
 
 
-def _int_at_least(minimum: int):
+def int_at_least(minimum: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -70,7 +70,7 @@ def _int_at_least(minimum: int):
 
 
 def _prefetch_arg(text: str):
-    return "auto" if text == "auto" else _int_at_least(0)(text)
+    return "auto" if text == "auto" else int_at_least(0)(text)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -120,7 +120,7 @@ def build_parser(variant: str | None = None, description: str | None = None,
     add("--skip", default=None, metavar="PATTERN",
         help="offloaded layers to remove outright (alpha 0: never read, never computed), "
              "as a list or pattern like --layers; the others keep --alpha")
-    add("--inject-distance", type=_int_at_least(1), default=1, metavar="K",
+    add("--inject-distance", type=int_at_least(1), default=1, metavar="K",
         help="add an offloaded layer's contribution before the K-th resident layer after it "
              "(1: the next one, exact at alpha 1)")
     add("--offload-embeddings", action="store_true",
@@ -133,21 +133,21 @@ def build_parser(variant: str | None = None, description: str | None = None,
         help="converted embedded models go to <cache-dir>/hf, offloaded layer files to <cache-dir>/layers")
     if variant is not None:
         add("--prompt", default=DEFAULT_PROMPT, help="prompt for the timed greedy decoding")
-        add("--max-new-tokens", type=_int_at_least(1), default=32,
+        add("--max-new-tokens", type=int_at_least(1), default=32,
             help="tokens decoded per timed run (the headline rows: 64, reproduce.sh)")
-        add("--batch-size", type=_int_at_least(1), default=1,
+        add("--batch-size", type=int_at_least(1), default=1,
             help="sequences decoded together (--prompt and built-in prompts of other lengths, padded left); "
                  "tok/s then counts the tokens of every sequence")
-        add("--warmup", type=_int_at_least(0), default=1, help="untimed runs before the measured ones")
-        add("--repeats", type=_int_at_least(1), default=3, help="measured runs; the median is reported")
+        add("--warmup", type=int_at_least(0), default=1, help="untimed runs before the measured ones")
+        add("--repeats", type=int_at_least(1), default=3, help="measured runs; the median is reported")
     add("--ppl-dataset", default=None, metavar="NAME|PATH",
         help="wikitext2, wiki-embedded, short (each text scored on its own) or a UTF-8 text file; "
              "default: wiki-embedded for an embedded alias or local directory, wikitext2 for a hub id")
-    add("--ppl-ctx", type=_int_at_least(2), default=512, help="tokens per perplexity window")
-    add("--ppl-stride", type=_int_at_least(1), default=None,
+    add("--ppl-ctx", type=int_at_least(2), default=512, help="tokens per perplexity window")
+    add("--ppl-stride", type=int_at_least(1), default=None,
         help="tokens the window moves by (default: = ctx, non-overlapping); "
              "with overlap only the new tokens are scored")
-    add("--ppl-max-tokens", type=_int_at_least(0), default=2048,
+    add("--ppl-max-tokens", type=int_at_least(0), default=2048,
         help="score the first N tokens of the corpus; 0 skips perplexity (the headline rows: 8192, reproduce.sh)")
     if variant != "baseline":
         reads = parser.add_argument_group("offloaded layer reads (kvcache, diskoffload)")
@@ -176,6 +176,10 @@ def build_parser(variant: str | None = None, description: str | None = None,
                                 help="recompute the whole sequence for every token (the original's slow variant)")
     add("--out", type=Path, default=None,
         help="CSV file to append the row to (default: results/<variant>.csv, results/ppl.csv for eval_ppl)")
+    add("--row-file", type=Path, default=None, metavar="CSV",
+        help="write the row alone into this new CSV (a temporary name, renamed when whole) instead of appending "
+             "it to --out; sweep.py gives each case one (results/<suite>.d/<case-id>.csv) and folds them into "
+             "--out. Left out of the recorded command, so the row says how to rerun it")
     add("--baseline-csv", type=Path, default=None,
         help="CSV with the baseline rows whose perplexity the summary compares against "
              "(default: baseline.csv next to --out); speed and memory ratios come from this run itself")
@@ -235,6 +239,8 @@ def finish_args(args: argparse.Namespace, row_type=None) -> argparse.Namespace:
     if args.baseline_csv is None:
         args.baseline_csv = Path(args.out).parent / "baseline.csv"
     check_output(args.out, *(row_type,) if row_type else ())  # fail now, not after minutes of measuring
+    if getattr(args, "row_file", None) is not None:
+        check_writable(args.row_file)
     return args
 
 
@@ -244,7 +250,7 @@ def main(run: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
     exit 2. finish=None for a parser that is not build_parser's."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    args.command = shlex.join(["python", parser.prog, *argv])
+    args.command = shlex.join(["python", parser.prog, *recorded_argv(argv)])
     APPENDED.clear()  # what this run appends and stores (a test may call several mains in one process)
     offload_skip.SYNCING.clear()
     try:
@@ -255,6 +261,18 @@ def main(run: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
         print(f"\n{parser.prog}: {interrupted_line()}", file=sys.stderr)
         return 130  # as a shell reports a process that SIGINT ended
     return 0
+
+
+def recorded_argv(argv: list[str]) -> list[str]:
+    """argv without --row-file and its value: where one run put its row is not how to rerun it."""
+    kept, argv = [], list(argv)
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--row-file":
+            argv[:1] = []
+        elif not arg.startswith("--row-file="):
+            kept.append(arg)
+    return kept
 
 
 def interrupted_line() -> str:

@@ -25,7 +25,9 @@ from .experiment import Run, inference, prompt_batch
 from .measure import decode, settle, synchronize, unpatched_fits, watch_cpu
 from .models import QUANTS, load_model, model_kind
 from .prompts import PROMPT_KINDS, load_prompts
-from .results import append_row, csv_row, device_name, environment
+from .results import csv_row, device_name, environment
+from .rowfiles import save_rows
+from .rows import saved_line
 
 SCHEDULES = {"adaptive": speculative.AdaptiveSchedule, "constant": speculative.ConstantSchedule}
 SELF_DRAFTS = tuple(f"self:{kind}" for kind in speculative.SUBSTITUTE_KINDS)
@@ -280,7 +282,6 @@ def summary(row: SpeculativeRow) -> str:
 def run_drafts(run: Run, ctl) -> SpeculativeRow:
     drafter = make_drafter(run, ctl)
     row = measure_drafts(run, ctl, drafter)
-    append_row(run.args.out, row)
     print(summary(row))
-    print(f"  row appended to {run.args.out}")
+    print(f"  {saved_line(save_rows(run.args.out, [row], run.args.row_file), run.args)}")
     return row

@@ -344,7 +344,7 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _header(path: Path) -> list[str] | None:
+def csv_header(path: Path) -> list[str] | None:
     if not path.exists() or path.stat().st_size == 0:
         return None
     with path.open(newline="", encoding="utf-8") as f:
@@ -357,7 +357,7 @@ def check_csv(path: Path, row_type: type = Result) -> None:
     fields = tuple(f.name for f in dataclasses.fields(row_type))
     if path.is_dir():
         raise UsageError(f"--out {path} is a directory; give a CSV file path")
-    header = _header(path)
+    header = csv_header(path)
     if header is not None and tuple(header) != fields:
         extra, missing = sorted(set(header) - set(fields)), sorted(set(fields) - set(header))
         detail = f"extra {extra}, missing {missing}" if extra or missing else "same columns in another order"
@@ -394,20 +394,25 @@ APPENDED: list[Path] = []  # the files this process appended a row to, in order
 
 def append_rows(path: Path, rows: list) -> Path:
     """append_row each of `rows` to `path`. If an append fails (the folder changed during the
-    run), the rows not yet appended go to a new CSV of their own in the temp folder and a
-    UsageError names both files: nothing measured is lost."""
+    run), the rows not yet appended go elsewhere (save_elsewhere): nothing measured is lost."""
     for k, row in enumerate(rows):
         try:
             append_row(path, row)
         except OSError as err:
-            fd, name = tempfile.mkstemp(prefix=f"{Path(path).stem}-unsaved-", suffix=".csv")
-            os.close(fd)
-            os.unlink(name)  # append_row writes the header into a new file
-            for unsaved in rows[k:]:
-                append_row(Path(name), unsaved)
-            raise UsageError(f"could not append to {path} ({type(err).__name__}: {err.strerror or err}); "
-                             f"{len(rows) - k} row(s) saved in {name} instead") from None
+            save_elsewhere(path, rows[k:], err)
     return Path(path)
+
+
+def save_elsewhere(path: Path, rows: list, err: OSError):
+    """Rows that could not be written to `path` go to a new CSV of their own in the temp folder,
+    and a UsageError names both files."""
+    fd, name = tempfile.mkstemp(prefix=f"{Path(path).stem}-unsaved-", suffix=".csv")
+    os.close(fd)
+    os.unlink(name)  # append_row writes the header into a new file
+    for unsaved in rows:
+        append_row(Path(name), unsaved)
+    raise UsageError(f"could not write to {path} ({type(err).__name__}: {err.strerror or err}); "
+                     f"{len(rows)} row(s) saved in {name} instead") from None
 
 
 @contextlib.contextmanager
@@ -430,10 +435,15 @@ def csv_lock(path: Path):
         os.close(fd)  # closing the last descriptor releases the lock
 
 
-def _csv_line(cells) -> str:
+def csv_line(cells) -> str:
     line = io.StringIO()
     csv.writer(line).writerow(cells)
     return line.getvalue()
+
+
+def row_line(row) -> str:
+    """A frozen dataclass row as one CSV line, its cells in field order."""
+    return csv_line([_cell(getattr(row, f.name)) for f in dataclasses.fields(row)])
 
 
 def append_row(path: Path, row) -> Path:
@@ -443,11 +453,11 @@ def append_row(path: Path, row) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = [f.name for f in dataclasses.fields(row)]
-    text = _csv_line([_cell(getattr(row, name)) for name in fields])
+    text = row_line(row)
     with csv_lock(path):
         check_csv(path, type(row))
-        if _header(path) is None:
-            text = _csv_line(fields) + text
+        if csv_header(path) is None:
+            text = csv_line(fields) + text
         data = text.encode("utf-8")
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -476,7 +486,7 @@ def migrate_csv(path: Path, row_type: type = Result) -> bool:
     if not path.is_file():
         raise UsageError(f"{path} is not a file; nothing to migrate")
     fields = [f.name for f in dataclasses.fields(row_type)]
-    header = _header(path)
+    header = csv_header(path)
     if header is None or header == fields:
         return False
     unknown = [name for name in header if name not in fields]

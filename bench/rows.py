@@ -7,7 +7,8 @@ import statistics
 
 from .experiment import Run
 from .measure import Memory, Speed
-from .results import Result, append_rows, device_name, environment, latest_baseline, process_age_s, summary
+from .rowfiles import save_rows
+from .results import Result, device_name, environment, latest_baseline, process_age_s, summary
 from .workload import VARIANT_MODES
 
 
@@ -130,9 +131,15 @@ def _quartiles(ratios: tuple[float, ...]) -> dict:
 
 def finish(run: Run, row: Result) -> Result:
     """Print the summary (perplexity against a comparable baseline row), then append the row to
-    --out (append_rows: a failed append saves the row elsewhere and says where)."""
+    --out, or write it to --row-file (save_rows: a failed write saves the row elsewhere and says where)."""
     print(summary(row, latest_baseline(run.args.baseline_csv, row)))
-    path = append_rows(run.args.out, [row])
-    print(f"  row appended to {path}")
+    print(f"  {saved_line(save_rows(run.args.out, [row], run.args.row_file), run.args)}")
     print(f"  {process_age_s():.0f} s since this process started (imports, any first-run fetch, loading, measuring)")
     return row
+
+
+def saved_line(path, args) -> str:
+    """Where the row went, as the summary's last lines say it."""
+    if args.row_file is None:
+        return f"row appended to {path}"
+    return f"row written to {path} (sweep.py SUITE --merge folds it into {args.out})"

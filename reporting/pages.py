@@ -10,6 +10,7 @@ from pathlib import Path
 
 import bench
 import estimate
+import sweep
 from reporting import beyond, headline, load, runs, speculative, streaming, study
 from reporting.tables import anchor, marker, replace_block
 
@@ -379,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<{width}}  {bench.COLUMNS[name]}")
         return 0
     results = args.results
+    for out, added in sweep.merge_results(results):  # rows sweep cases left in results/<suite>.d
+        print(f"{out}: {added} row(s) merged from {bench.row_dir(out)}")
     if not args.no_plots:  # first, so that the results page links the figures it finds
         for path in (runs.plot(runs.load_rows(results), results) + study.plots(results) + streaming.plots(results)
                      + beyond.plots(results) + speculative.plot(results)):

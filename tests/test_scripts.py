@@ -506,7 +506,7 @@ def test_a_row_that_cannot_be_appended_at_the_end_is_saved_elsewhere(setup, tmp_
     captured = capsys.readouterr()
     assert "kvcache: " in captured.out and "decode" in captured.out  # the summary came first
     line = captured.err.splitlines()[-1]
-    saved = re.fullmatch(rf"run_kvcache.py: error: could not append to {re.escape(str(out))} \(PermissionError: "
+    saved = re.fullmatch(rf"run_kvcache.py: error: could not write to {re.escape(str(out))} \(PermissionError: "
                          r"Permission denied\); 1 row\(s\) saved in (\S+) instead", line)
     assert saved, line
     (row,) = bench.read_rows(saved.group(1))

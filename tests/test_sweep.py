@@ -357,14 +357,14 @@ def test_pending_drops_the_finished_cases(tmp_path):
                [dict(model="x", command=c, ppl="1") for c in done]
                + [dict(model="x", command="python eval_ppl.py --something-else", ppl="2"),
                   dict(model="x", command=cases[1].command + " --extra", ppl="3")])  # exact match only
-    assert sweep.pending(cases, out) == [c for c in cases if c.command not in done]
-    assert len(sweep.pending(cases, out)) == len(cases) - 3
+    assert sweep.pending(cases) == [c for c in cases if c.command not in done]
+    assert len(sweep.pending(cases)) == len(cases) - 3
 
 
 @pytest.mark.parametrize("name", ["missing.csv", "no-such-dir/alpha.csv"])
 def test_pending_without_a_file_is_everything(tmp_path, name):
-    cases = sweep.suite_cases("distance", tmp_path / "distance.csv")
-    assert sweep.pending(cases, tmp_path / name) == cases
+    cases = sweep.suite_cases("distance", tmp_path / name)
+    assert sweep.pending(cases) == cases
     assert not (tmp_path / name).exists()
 
 
@@ -408,8 +408,8 @@ def test_dry_run_of_the_planner(tmp_path, capsys):
     (["planner", "--dry-run"], "planner: no importance rows for smollm2-135m in {results}; "
                                "run: python sweep.py importance"),
     (["planner"], "planner: no importance rows for smollm2-135m"),
-    ([], "name a suite (or --list)"),
-    (["--dry-run"], "name a suite (or --list)"),
+    ([], "name a suite (or --cases FILE, or --list)"),
+    (["--dry-run"], "name a suite (or --cases FILE, or --list)"),
     (["alphas"], "argument suite: invalid choice: 'alphas'"),
 ])
 def test_cli_errors(tmp_path, capsys, argv, message):
