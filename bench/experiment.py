@@ -70,7 +70,9 @@ def select_skipped(pattern: str | None, offloaded: list[int], n_layers: int) -> 
 
 
 def open_run(args: argparse.Namespace, whole: bool = False) -> Run:
-    """Check the cheap things first (corpus, layer pattern), then load the model and prompt.
+    """Check the cheap things first, the first cause first (the model: an offline hub id not in the
+    local cache fails at once; its layer pattern; then the corpus, only if perplexity is asked
+    for), then load the model and prompt.
 
     A patched variant stores its offloaded layers one at a time before loading the rest (they
     never sit on the device together, nor beside the rest), so a model larger than the device
@@ -79,10 +81,10 @@ def open_run(args: argparse.Namespace, whole: bool = False) -> Run:
 
     set_seed(args.seed)
     model_kind(args.model)
-    docs, ppl_dataset = load_corpus(args.ppl_dataset, args.cache_dir) if args.ppl_max_tokens else (None, None)
     n_layers = _config_layers(args.model, args.cache_dir)
     layers = select(args.layers, n_layers)
     skipped = select_skipped(getattr(args, "skip", None), layers, n_layers)
+    docs, ppl_dataset = load_corpus(args.ppl_dataset, args.cache_dir) if args.ppl_max_tokens else (None, None)
     streamed = not whole and VARIANT_MODES[args.variant] != "resident"
     with AnonPeak() as host_peak:
         model, tokenizer, info = load_model(args.model, args.quant, args.device, args.cache_dir,

@@ -49,7 +49,7 @@ def _padding(mask: torch.Tensor | None) -> dict:
 
 def decode(model, input_ids: torch.Tensor, max_new_tokens: int, kv_cache: bool = True,
            context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-           attention_mask: torch.Tensor | None = None) -> DecodeTiming:
+           attention_mask: torch.Tensor | None = None, on_token: Callable[[], object] | None = None) -> DecodeTiming:
     """Greedy decoding through the model's forward: the one decode path every variant is timed on.
 
     Prefill runs the prompt and picks the first token; then one token per step, from the KV
@@ -57,8 +57,11 @@ def decode(model, input_ids: torch.Tensor, max_new_tokens: int, kv_cache: bool =
     original's slow variant). Exactly max_new_tokens tokens, EOS ignored, so every run does
     the same work. The context is entered inside the timed region (a session's loads count
     as prefill) and left outside it. A batch of prompts is left-padded: `attention_mask`
-    marks the real tokens (None: no padding).
+    marks the real tokens (None: no padding). on_token: called as each token is picked (a
+    progress bar's tick: a time check per call and at most 10 writes a second, microseconds
+    beside a step's milliseconds, and no device synchronisation).
     """
+    tick = on_token or (lambda: None)
     device = input_ids.device
     keep = last_logits_only(model)
     cache = cache_keyword(model)
@@ -71,6 +74,7 @@ def decode(model, input_ids: torch.Tensor, max_new_tokens: int, kv_cache: bool =
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             synchronize(device)
             first = time.perf_counter()
+            tick()
             tokens, sequence = [token], input_ids
             past = getattr(out, cache) if kv_cache else None
             for _ in range(max_new_tokens - 1):
@@ -87,6 +91,7 @@ def decode(model, input_ids: torch.Tensor, max_new_tokens: int, kv_cache: bool =
                     out = model(input_ids=sequence, use_cache=False, **keep, **_padding(mask))
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 tokens.append(token)
+                tick()
             synchronize(device)
             end = time.perf_counter()
     return DecodeTiming(first - start, end - first, torch.cat(tokens, dim=1))
@@ -94,9 +99,11 @@ def decode(model, input_ids: torch.Tensor, max_new_tokens: int, kv_cache: bool =
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int,
              context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-             attention_mask: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+             attention_mask: torch.Tensor | None = None,
+             on_token: Callable[[], object] | None = None) -> tuple[float, torch.Tensor]:
     """(wall seconds, new tokens) of one greedy ``model.generate`` with KV cache, exactly
-    max_new_tokens long (min_new_tokens stops EOS from ending it early)."""
+    max_new_tokens long (min_new_tokens stops EOS from ending it early). on_token: as decode's,
+    through generate's streamer."""
     from transformers import GenerationConfig
 
     pad = getattr(model.generation_config, "pad_token_id", None)
@@ -110,10 +117,26 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int,
         start = time.perf_counter()
         with context():
             mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-            out = model.generate(input_ids, attention_mask=mask, generation_config=config)
+            out = model.generate(input_ids, attention_mask=mask, generation_config=config,
+                                 streamer=_Ticks(on_token) if on_token else None)
             synchronize(input_ids.device)
             seconds = time.perf_counter() - start
     return seconds, out[:, input_ids.shape[1]:]
+
+
+class _Ticks:
+    """A generate() streamer that only ticks: put() is called with the prompt, then per new token."""
+
+    def __init__(self, tick: Callable[[], object]):
+        self.tick, self.prompt_seen = tick, False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.tick()
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
 
 
 _STAT_KEYS = ("loads", "loaded_bytes", "load_s", "wait_s", "forward_s", "overlap")
@@ -235,16 +258,14 @@ def _interleaved(run: Run, ctl, generate_too: bool) -> Speed:
     n = args.max_new_tokens
     variant = inference(ctl)
     resident = functools.partial(ctl.unpatched, release=False) if ctl is not None and unpatched_fits(run, ctl) else None
-    # One bar over every timed and warm-up run, ticked between runs (never inside a timer):
-    # on a slow CPU a single decode can take many seconds, and a user should see which one runs.
+    # One bar over the tokens of every timed and warm-up run, ticked per token (decode's
+    # on_token): on a slow CPU a single decode takes minutes, and a user should see it move.
     runs = (args.warmup + args.repeats) * (2 if resident else 1) * (2 if generate_too else 1) + 1
-    bar = tqdm(total=runs, desc=f"timing {run.variant}", unit="run", leave=False)
+    bar = tqdm(total=runs * n, desc=f"timing {run.variant}", unit="tok", leave=False)
 
     def step(what: str, fn, *fn_args, **fn_kwargs):
         bar.set_postfix_str(what, refresh=True)
-        result = fn(*fn_args, **fn_kwargs)
-        bar.update()
-        return result
+        return fn(*fn_args, on_token=bar.update, **fn_kwargs)
 
     for _ in range(args.warmup):
         if resident:

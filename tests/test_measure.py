@@ -46,6 +46,21 @@ def test_decode_matches_generate(model):
     assert with_cache.prefill_s >= 0 and with_cache.decode_s >= 0 and seconds >= 0
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("loop, kv_cache", [("decode", True), ("decode", False), ("generate", True)])
+def test_every_token_ticks_once_and_the_tokens_stay_the_same(model, loop, kv_cache, batch):
+    """Progress inside the timed loops (on_token) is one call per new token and changes nothing else."""
+    ids = torch.randint(0, 96, (batch, 7), generator=torch.Generator().manual_seed(5))
+    ticks = []
+    if loop == "decode":
+        plain = bench.decode(model, ids, 6, kv_cache).tokens
+        ticked = bench.decode(model, ids, 6, kv_cache, on_token=lambda: ticks.append(1)).tokens
+    else:
+        plain = bench.generate(model, ids, 6)[1]
+        ticked = bench.generate(model, ids, 6, on_token=lambda: ticks.append(1))[1]
+    assert len(ticks) == 6 and torch.equal(ticked, plain)
+
+
 def test_decode_through_a_session_equals_resident(tmp_path):
     model = tiny_model("qwen2")
     ids = torch.randint(0, 96, (1, 7))

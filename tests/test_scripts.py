@@ -286,6 +286,27 @@ def test_cli_errors(setup, tmp_path, capsys, module, extra, message):
     assert not out.exists()
 
 
+def test_the_model_is_named_before_the_corpus(setup, tmp_path, capsys, monkeypatch):
+    """First cause first: an offline hub id fails at once, before the (also missing) corpus."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    argv = _argv(setup, tmp_path / "x.csv", "--model", "org/nosuch", "--ppl-dataset", str(tmp_path / "none.txt"))
+    with pytest.raises(SystemExit) as exit_:
+        run_kvcache.main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "run_kvcache.py: error: model 'org/nosuch' is not in the local Hugging Face cache and the hub is out of reach")
+
+
+def test_the_corpus_is_read_only_when_perplexity_is_asked_for(setup, tmp_path):
+    argv = _argv(setup, tmp_path / "x.csv", "--ppl-dataset", str(tmp_path / "none.txt"), "--ppl-max-tokens", "0")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert run_baseline.main(argv) == 0
+    (row,) = bench.read_rows(tmp_path / "x.csv")
+    assert row["ppl"] == "" and float(row["decode_tok_s"]) > 0
+
+
 def test_unknown_alias_and_other_schema(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_kvcache.main(_argv(setup, tmp_path / "x.csv", "--model", "no-such-model"))
