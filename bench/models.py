@@ -24,7 +24,7 @@ from tqdm import tqdm
 import offload_skip
 
 from . import dummy, fetch, layer_loading
-from .base import UsageError, first_line, temp_sibling
+from .base import UsageError, first_line, temp_sibling, ticking
 from .fetch import EmbeddedFile, Member
 
 if TYPE_CHECKING:
@@ -116,23 +116,25 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     tmp.mkdir(parents=True)
     try:
         with tqdm(total=3, desc=f"converting {gguf_path.name}", unit="step") as bar:
-            bar.set_postfix_str("dequantise weights")
-            # Without an explicit dequantize=True the model keeps a GGUF
-            # quantizer attached, and save_pretrained refuses to serialise it
-            # (it would also keep weights packed if `kernels` were installed).
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf_path.parent,
-                gguf_file=gguf_path.name,
-                dtype=torch.float32,
-                quantization_config=GgufConfig(dequantize=True),
-            )
+            # transformers parses the GGUF's metadata (its vocabulary: seconds) before its own
+            # per-tensor bar, and again for the tokenizer: the bar says how long each step runs.
+            with ticking(bar, "dequantise weights"):
+                # Without an explicit dequantize=True the model keeps a GGUF
+                # quantizer attached, and save_pretrained refuses to serialise it
+                # (it would also keep weights packed if `kernels` were installed).
+                model = AutoModelForCausalLM.from_pretrained(
+                    gguf_path.parent,
+                    gguf_file=gguf_path.name,
+                    dtype=torch.float32,
+                    quantization_config=GgufConfig(dequantize=True),
+                )
             bar.update()
-            bar.set_postfix_str("tokenizer")
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            with ticking(bar, "tokenizer"):
+                tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
             bar.update()
-            bar.set_postfix_str("save safetensors")
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            with ticking(bar, "save safetensors"):
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
             (tmp / _COMPLETE_MARKER).write_text(f"{gguf_path.name}\n")
             bar.update()
         if out_dir.exists() and not _is_complete(out_dir):

@@ -131,3 +131,25 @@ def test_quantize_head_none_and_unknown():
     with pytest.raises(bench.UsageError) as err:
         models.quantize_head(model, "int3")
     assert _one_line(err) == "unknown head format 'int3': use one of none, nf4"
+
+
+def test_a_step_without_progress_of_its_own_says_how_long_it_runs():
+    """bench.base.ticking (the GGUF conversion's steps): the postfix names the step and its seconds."""
+    import time
+
+    class Bar:
+        def __init__(self):
+            self.postfixes = []
+
+        def set_postfix_str(self, text, refresh=True):
+            self.postfixes.append(text)
+
+    bar = Bar()
+    with bench.base.ticking(bar, "dequantise weights", every_s=0.01):
+        time.sleep(0.1)
+    assert bar.postfixes[0] == "dequantise weights"
+    assert len(bar.postfixes) >= 2 and all(p.startswith("dequantise weights, ") and p.endswith(" s")
+                                           for p in bar.postfixes[1:])
+    count = len(bar.postfixes)
+    time.sleep(0.05)
+    assert len(bar.postfixes) == count  # the thread ended with the step
