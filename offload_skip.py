@@ -392,7 +392,8 @@ def file_sha256(path: Path, block_bytes: int = 8 << 20) -> str:
         return _sha256(iter(lambda: f.read(block_bytes), b""))
 
 
-def _atomic_write(path: Path, chunks) -> None:
+def atomic_write(path: Path, chunks) -> None:
+    """Write `chunks` (bytes) to `path` whole or not at all: a temporary name beside it, fsync, os.replace."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -489,7 +490,7 @@ class LayerStore:
             if entry is not None and entry["sha256"] == expected:
                 self._verify(path, entry)
             else:
-                _atomic_write(path, chunks)
+                atomic_write(path, chunks)
                 self.written.append(index)
                 entries[str(index)] = {
                     "file": path.name, "size_bytes": layout.file_bytes, "sha256": expected,
@@ -504,7 +505,7 @@ class LayerStore:
         del SYNCING[self.dir]
 
     def _write_manifest(self, entries: dict) -> None:
-        _atomic_write(self.manifest_path, [json.dumps(
+        atomic_write(self.manifest_path, [json.dumps(
             {"identity": self.identity, "layers": entries}, indent=1, sort_keys=True).encode()])
 
     def open_existing(self, keys) -> bool:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
 from pathlib import Path
 
-from .base import UsageError, temp_sibling
+import offload_skip
+
+from .base import UsageError
 from .results import append_rows, csv_header, csv_line, csv_lock, read_rows, row_line, save_elsewhere
 
 
@@ -31,15 +32,7 @@ def row_files(out: Path) -> list[Path]:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    tmp = temp_sibling(path)
-    try:
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    offload_skip.atomic_write(path, [text.encode("utf-8")])
 
 
 def write_row_file(path: Path, rows: list) -> Path:

@@ -481,7 +481,7 @@ def test_layer_file_round_trip(dtype, tmp_path):
     }
     layout, chunks = osk.serialize_layer(tensors)
     path = tmp_path / "layer.safetensors"
-    osk._atomic_write(path, chunks)
+    osk.atomic_write(path, chunks)
     assert osk.read_layout(path) == layout
     # 256-byte boundaries for every tensor and the data section: what cuBLAS(Lt) can see (format 2)
     assert osk.ALIGN_BYTES == 256 and layout.header_bytes % 256 == 0
@@ -576,7 +576,7 @@ def test_writes_leave_no_temporary_files(tmp_path):
 def test_a_layer_file_of_another_format_is_named(tmp_path):
     layout, chunks = osk.serialize_layer({"w": torch.ones(3)})
     path = tmp_path / "layer_2.safetensors"
-    osk._atomic_write(path, [chunks[0].replace(osk.FORMAT.encode(), b"offload-skip/1"), *chunks[1:]])
+    osk.atomic_write(path, [chunks[0].replace(osk.FORMAT.encode(), b"offload-skip/1"), *chunks[1:]])
     with pytest.raises(CacheError, match=f"{path}: layer file format 'offload-skip/1', this version reads "
                                          f"'{osk.FORMAT}'; delete {tmp_path} to rebuild"):
         osk.read_layout(path)
@@ -588,7 +588,7 @@ def test_cold_reads_drop_the_page_cache_and_return_the_same_bytes(rows, tmp_path
     tensors = {"w": torch.randn(rows, 4), "b": torch.randint(0, 255, (rows + 1,), dtype=torch.uint8)}
     layout, chunks = osk.serialize_layer(tensors)
     path = tmp_path / "layer.safetensors"
-    osk._atomic_write(path, chunks)
+    osk.atomic_write(path, chunks)
     dropped = []
     fadvise = os.posix_fadvise
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: (dropped.append(advice), fadvise(fd, off, n, advice)))
