@@ -247,13 +247,12 @@ def merge_results(results: Path) -> list[tuple[Path, int]]:
     merged = []
     for folder in sorted(Path(results).glob("*.d")):
         out = folder.with_name(folder.name[:-2] + ".csv")
-        added = 0
-        if out.stem in SUITES:
-            try:
-                added += launch.merge(suite_cases(out.stem, out, planner_importances(results)))
-            except bench.UsageError:  # a planner without its importance rows: no case order to keep
-                pass
-        added += bench.merge_row_files(out, bench.row_files(out))
+        try:
+            cases = suite_cases(out.stem, out, planner_importances(results)) if out.stem in SUITES else []
+        except bench.UsageError:  # a planner without its importance rows: no case order to keep
+            cases = []
+        # launch.merge keeps the case order and adds the files of no case after them, by name
+        added = launch.merge(cases) if cases else bench.merge_row_files(out, bench.row_files(out))
         merged.append((out, added))
     return merged
 
@@ -372,7 +371,8 @@ def run(args) -> int:
         added = launch.merge(cases)
         print(f"{name}: {added} row(s) merged into {', '.join(map(str, dict.fromkeys(c.out for c in cases)))}")
         return 0
-    todo = cases if args.all else pending(cases)
+    waiting = pending(cases)
+    todo = cases if args.all else waiting
     if args.array_index is not None:
         mine = set(launch.array_slice(cases, args.array_index, args.array_count))
         todo = [case for case in todo if case in mine]
@@ -383,7 +383,7 @@ def run(args) -> int:
             print(f"nothing pending ({len(cases)} cases done; --all lists them)")
         return 0
     part = f" (slice {args.array_index} of {args.array_count})" if args.array_index is not None else ""
-    print(f"{name}: {len(cases)} cases, {len(cases) - len(pending(cases))} done, {len(todo)} to run{part}")
+    print(f"{name}: {len(cases)} cases, {len(cases) - len(waiting)} done, {len(todo)} to run{part}")
     if not todo:
         return 0
     if args.launcher == "submitit":
