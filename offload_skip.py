@@ -18,10 +18,13 @@ layer after the run (a different model, by design).
 
 Pieces, top to bottom: ``select_layers`` (which layers), the tensor plumbing of a layer
 (parameters, buffers and bitsandbytes quant states), the layer file format and
-``LayerStore`` (manifest, validation), the ways a layer comes back (``read_layer`` into a
-buffer, ``LayerStreamer``'s slots, on a CPU ``LayerMaps``: views of the mapped file),
-``EmbeddingRows`` (an input embedding read row by row), ``OffloadController`` (stubs,
-residency, accounting) and ``patch_model``. No CLI here: the
+``LayerStore`` (manifest, validation), reading a layer into a buffer (``read_layer``,
+``Staging``), ``Counters``, the ways a layer comes back, each a ``Residency`` (acquire,
+release, close, held_bytes): ``KeptBuffers`` (a buffer of its own), ``LayerStreamer``
+(reusable slots, read ahead), on a CPU ``LayerMaps`` (views of the mapped file);
+``EmbeddingRows`` (an input embedding read row by row), ``OffloadConfig`` (how to offload,
+checked once), ``OffloadController`` (what moves of a layer: ``LayerTensors``; when: its
+residency, chosen once; the stubs and the injection) and ``patch_model``. No CLI here: the
 scripts live in run_*.py.
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ import collections
 import contextlib
 import copy
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import json
@@ -38,6 +42,7 @@ import os
 import re
 import threading
 import time
+import typing
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -453,6 +458,7 @@ class LayerStore:
         self.manifest_path = self.dir / "manifest.json"
         self.layouts: dict[int, Layout] = {}
         self.written: list[int] = []  # layers written (not reused) by the last sync()
+        self.peak_bytes = 0  # store_layers: the most weight bytes on the device while it stored them
         self._fds: dict[int, int] = {}   # open layer files, for read_into
         self._files: list = []           # per-thread file objects where os.preadv is missing
         self._local = threading.local()
@@ -462,7 +468,8 @@ class LayerStore:
         """A decoder layer's file (int key) or a named one (EMBEDDING)."""
         return self.dir / (f"layer_{key}.safetensors" if isinstance(key, int) else f"{key}.safetensors")
 
-    def _read_manifest(self) -> dict:
+    def read_manifest(self) -> dict:
+        """The manifest as stored, or {} when there is none or it is another identity's."""
         if not self.manifest_path.exists():
             return {}
         try:
@@ -471,12 +478,13 @@ class LayerStore:
             raise CacheError(f"{self.manifest_path}: corrupt manifest ({err}); delete {self.dir} to rebuild") from None
         return manifest if manifest.get("identity") == self.identity else {}
 
-    def sync(self, layers, total: int | None = None, progress: bool = True) -> None:
+    def sync(self, layers, total: int | None = None, progress: bool = True, written_with: dict | None = None) -> None:
         """Make the files for `layers` exist and match them: a dict index -> named tensors, or an
         iterable of (index, named tensors) pairs, consumed one at a time (`total`: their count,
-        for the progress bar)."""
+        for the progress bar). `written_with` (an OffloadConfig's record()) goes into the
+        manifest when this writes it: what the run that wrote the files asked for."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        manifest = self._read_manifest()
+        manifest = self.read_manifest()
         entries = manifest.get("layers", {})
         self.written = []
         items = layers.items() if isinstance(layers, dict) else layers
@@ -497,23 +505,25 @@ class LayerStore:
                     "tensors": layout.spec(),
                 }
                 # listed at once: an interrupted sync keeps what it wrote, the next one adds the rest
-                self._write_manifest(entries)
+                self._write_manifest(entries, written_with)
             self.layouts[index] = layout
             SYNCING[self.dir].done += 1
         if not manifest:
-            self._write_manifest(entries)
+            self._write_manifest(entries, written_with)
         del SYNCING[self.dir]
 
-    def _write_manifest(self, entries: dict) -> None:
-        atomic_write(self.manifest_path, [json.dumps(
-            {"identity": self.identity, "layers": entries}, indent=1, sort_keys=True).encode()])
+    def _write_manifest(self, entries: dict, written_with: dict | None) -> None:
+        manifest = {"identity": self.identity, "layers": entries}
+        if written_with is not None:
+            manifest["written_with"] = written_with
+        atomic_write(self.manifest_path, [json.dumps(manifest, indent=1, sort_keys=True).encode()])
 
     def open_existing(self, keys) -> bool:
         """Adopt the stored files for `keys` without the tensors that made them (what they hold is
         pinned by the identity): True if the manifest has this identity and every one of them,
         each checked against its size and sha256 (a bad one is a CacheError naming it); False
         if any is not listed, so the caller writes them with sync()."""
-        entries = self._read_manifest().get("layers", {})
+        entries = self.read_manifest().get("layers", {})
         if any(str(key) not in entries for key in keys):
             return False
         for key in keys:
@@ -540,11 +550,17 @@ class LayerStore:
         from two threads. Its size is checked on every read, so truncation is caught.
         """
         layout = self.layouts[index]
-        fd = self._open_checked(index, cold=start == 0)
+        fd = self.open_checked(index, cold=start == 0)
         n = layout.data_bytes if start == 0 else len(out)
         if start + n > layout.data_bytes:
             raise ValueError(f"bytes {start}..{start + n} are past the {layout.data_bytes}-byte data section")
         self._read_exact(index, fd, memoryview(out.numpy())[:n], layout.header_bytes + start)
+
+    def read_host(self, key: int | str) -> torch.Tensor:
+        """File `key`'s data section, read into a new host uint8 tensor."""
+        flat = torch.empty(self.layouts[key].data_bytes, dtype=torch.uint8)
+        self.read_into(key, flat)
+        return flat
 
     def read_rows(self, key: int | str, rows: torch.Tensor) -> torch.Tensor:
         """Rows `rows` (distinct, ascending, CPU int64) of the one 2-D tensor in file `key`, as a
@@ -556,7 +572,7 @@ class LayerStore:
         out = torch.empty((len(rows), width), dtype=entry.dtype)
         if not len(rows):
             return out
-        fd = self._open_checked(key)
+        fd = self.open_checked(key)
         target = memoryview(out.view(-1).view(torch.uint8).numpy())
         # Runs of consecutive ids: where the step to the next row is not 1, a new read starts.
         breaks = (torch.nonzero(rows.diff() != 1).flatten() + 1).tolist()
@@ -566,7 +582,7 @@ class LayerStore:
                              layout.header_bytes + entry.start + first * row_bytes)
         return out
 
-    def _open_checked(self, key: int | str, cold: bool = True) -> int:
+    def open_checked(self, key: int | str, cold: bool = True) -> int:
         """The open file, its size checked against the layout (and dropped from the page cache if
         cold: once per read of a file, not per chunk)."""
         layout = self.layouts[key]
@@ -643,6 +659,14 @@ def _progress(items, desc: str, enabled: bool, total: int | None = None):
     return tqdm(items, desc=desc, unit="layer", total=total, leave=False, disable=total < 2)
 
 
+def release_cached_memory(device: torch.device) -> None:
+    """Hand freed memory back: the CUDA allocator's cache, or on a CPU the freed heap."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        trim_host_memory()
+
+
 def trim_host_memory() -> None:
     """Hand freed heap pages back to the OS, so a process's RSS shows what was released."""
     try:
@@ -682,7 +706,7 @@ class OffloadedLayer(_StandIn):
         self.index = index
 
     def forward(self, hidden_states, *args, **kwargs):
-        return self._controller._on_stub(self.index, hidden_states, args, kwargs)
+        return self._controller.on_stub(self.index, hidden_states, args, kwargs)
 
     def extra_repr(self) -> str:
         return f"index={self.index}, offloaded"
@@ -692,8 +716,10 @@ class OffloadedEmbedding(_StandIn):
     """Stands in for the input embedding; its weight is on disk and a forward reads only the
     rows of the tokens it is given."""
 
-    def __init__(self, controller: "OffloadController", embedding: nn.Module):
+    def __init__(self, controller: "OffloadController", rows: "EmbeddingRows"):
+        embedding = rows.module
         super().__init__(controller, embedding)
+        self.__dict__["_entry"] = rows.entry
         # Its buffers (Gemma 3's embed_scale) stay resident: registered here too, non-persistent,
         # so the byte counts, which walk submodules, still see them.
         for name, buffer in embedding._buffers.items():
@@ -702,10 +728,10 @@ class OffloadedEmbedding(_StandIn):
                 self._non_persistent_buffers_set.add(name)
 
     def forward(self, input_ids):
-        return self._controller._embed(input_ids)
+        return self._controller.on_embedding(input_ids)
 
     def extra_repr(self) -> str:
-        entry = self._controller._embedding.entry
+        entry = self._entry
         return f"{entry.shape[0]} x {entry.shape[1]} {entry.dtype}, rows read from disk"
 
 
@@ -831,35 +857,182 @@ def read_layer(store: LayerStore, i: int, flat: torch.Tensor, staging: Staging |
     return time.perf_counter() - start
 
 
+# --------------------------------------------------------------------------- counts
+
+class Counters:
+    """What a controller counts, handed to everything that reads layers: loads, loaded_bytes,
+    load_s, wait_s and forward_s (``totals``), and the most resident bytes seen
+    (``peak_bytes``). Thread-safe, since the reader thread counts too. On CUDA, device work is
+    timed with event pairs, summed when the counts are read: no synchronisation inside a
+    forward."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.totals: dict = {}
+        self.peak_bytes = 0
+        self.forward_events: list = []  # CUDA: (start, end) event pairs of forward calls
+        self.copy_events: list = []     # CUDA: (start, end) event pairs of chunk copies
+        self._forward_start = None
+        self._lock = threading.Lock()
+        self.reset(0)
+
+    def count(self, key: str, seconds: float, **counts) -> None:
+        with self._lock:
+            self.totals[key] += seconds
+            for name, n in counts.items():
+                self.totals[name] += n
+
+    def note_resident(self, nbytes: int) -> None:
+        self.peak_bytes = max(self.peak_bytes, nbytes)
+
+    def reset(self, resident_bytes: int) -> None:
+        self.collect_device_times()
+        with self._lock:
+            self.totals.update(loads=0, loaded_bytes=0, load_s=0.0, wait_s=0.0, forward_s=0.0)
+        self.peak_bytes = resident_bytes
+
+    def collect_device_times(self) -> None:
+        """Add the finished CUDA event pairs (forward calls, layer copies) to the totals."""
+        for key, pairs in (("forward_s", self.forward_events), ("load_s", self.copy_events)):
+            while pairs:
+                start, end = pairs.pop(0)
+                end.synchronize()
+                self.count(key, start.elapsed_time(end) / 1000)
+
+    def snapshot(self) -> dict:
+        """loads, loaded_bytes, load_s (read time, reader thread included), wait_s (compute
+        stalled waiting for a layer), forward_s (time inside model forward calls), overlap
+        (share of the smaller of read and compute time that was hidden), peak_resident_bytes.
+        On CUDA, device work is timed with CUDA events, not host enqueue: forward_s is the
+        device time from a forward's start to its end, and load_s adds the device time of the
+        host-to-device copies to the reads. With cpu_read="map" a load is mapping a file: the
+        pages are read in when the forward first touches them, so that time (from the storage
+        device with cold reads) is in forward_s, not in load_s."""
+        self.collect_device_times()
+        with self._lock:
+            stats = dict(self.totals)
+        compute_s = stats["forward_s"] - stats["wait_s"]
+        hideable_s = min(stats["load_s"], compute_s)
+        stats["overlap"] = max(0.0, 1.0 - stats["wait_s"] / hideable_s) if hideable_s > 0 else 0.0
+        stats["peak_resident_bytes"] = self.peak_bytes
+        return stats
+
+    def time_forwards(self, model: nn.Module) -> list:
+        """Hooks that time each forward of `model` into forward_s; returns their handles."""
+        return [model.register_forward_pre_hook(self._forward_begins), model.register_forward_hook(self._forward_ends)]
+
+    def _forward_begins(self, module, args) -> None:
+        cuda = self.device.type == "cuda"
+        self._forward_start = _timing_event(self.device) if cuda else time.perf_counter()
+
+    def _forward_ends(self, module, args, output) -> None:
+        if self._forward_start is None:
+            return
+        if self.device.type == "cuda":
+            self.forward_events.append((self._forward_start, _timing_event(self.device)))
+        else:
+            self.count("forward_s", time.perf_counter() - self._forward_start)
+        self._forward_start = None
+
+
+# --------------------------------------------------------------------------- residency: how a layer comes back
+
+class Residency(typing.Protocol):
+    """Where an offloaded layer's bytes are while it computes. ``acquire(i)`` returns layer i's
+    data section as a flat uint8 tensor on the device (the controller binds the layer's tensors
+    to views of it), ``release(i)`` follows its compute, ``close()`` lets every layer go
+    (standby), ``held_bytes`` is what it holds on the device now. Implementations:
+    KeptBuffers, LayerStreamer, LayerMaps."""
+
+    held_bytes: int
+
+    def acquire(self, i: int) -> torch.Tensor: ...
+
+    def release(self, i: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LayerReader:
+    """Reads layer files into device buffers and counts each read: straight into the buffer
+    on a CPU, through the pinned Staging chunks on CUDA, shared by every read (made at the
+    first, kept until release_staging())."""
+
+    def __init__(self, store: LayerStore, device: torch.device, io_bandwidth: float | None,
+                 counters: Counters, layer_bytes: dict[int, int]):
+        self.store, self.device, self.io_bandwidth, self.counters = store, device, io_bandwidth, counters
+        self.layer_bytes = layer_bytes
+        self.staging: Staging | None = None
+
+    def read(self, i: int, flat: torch.Tensor, copy_stream=None) -> float:
+        """Layer i into `flat`; on CUDA the copies are queued on `copy_stream` (the current stream
+        if None). Returns the host's seconds, counted as a load."""
+        if self.device.type == "cuda" and self.staging is None:
+            self.staging = Staging(staging_chunk_bytes(self.layer_bytes), self.device)
+        seconds = read_layer(self.store, i, flat, self.staging, self.io_bandwidth, copy_stream,
+                             self.counters.copy_events)
+        self.counters.count("load_s", seconds, loads=1, loaded_bytes=self.store.layouts[i].data_bytes)
+        return seconds
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.staging.nbytes if self.staging is not None else 0
+
+    def release_staging(self) -> None:
+        if self.staging is None:
+            return
+        self.staging = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # nothing still copies out of the chunks
+            if hasattr(torch._C, "_host_emptyCache"):  # PyTorch caches freed pinned blocks too
+                torch._C._host_emptyCache()
+
+
+class KeptBuffers:
+    """A buffer of each layer's own on the device, read at the layer's first acquire (compute
+    waits for it) and kept until close(): session mode, the budget's layers in stream mode,
+    and every layer inside unpatched(). On CUDA the copies are queued on the current stream,
+    so compute that uses the layer runs after them with no host synchronisation; reading the
+    next layer overlaps them (the staging chunks guard their own reuse)."""
+
+    def __init__(self, reader: LayerReader):
+        self.reader = reader
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(flat.numel() for flat in self.buffers.values())
+
+    def acquire(self, i: int) -> torch.Tensor:
+        flat = self.buffers.get(i)
+        if flat is None:
+            flat = torch.empty(self.reader.layer_bytes[i], dtype=torch.uint8, device=self.reader.device)
+            self.reader.counters.count("wait_s", self.reader.read(i, flat))
+            self.buffers[i] = flat
+        return flat
+
+    def release(self, i: int) -> None:
+        pass  # kept until close()
+
+    def close(self) -> None:
+        self.buffers.clear()
+
+
 class LayerStreamer:
     """Streams layers through `depth + 1` reusable device slots, reading `depth` ahead.
 
     `order` is the order the forward pass needs the streamed layers in; it wraps around,
     so while the last layers of one token compute, the first ones of the next are read.
     With depth 0 every read happens in the caller's thread, just in time. A background
-    read that fails re-raises in the caller when that layer is needed.
+    read that fails re-raises in the caller when that layer is needed. The slots (and on
+    CUDA the copy stream) are made at the first acquire and dropped by close().
     """
 
-    def __init__(self, store: LayerStore, order: list[int], device: torch.device, depth: int,
-                 io_bandwidth: float | None, count, staging: Staging | None = None, copy_events=None):
-        self.store, self.order, self.device, self.depth = store, order, device, depth
-        self.io_bandwidth = io_bandwidth
-        self._count = count  # count(key, seconds, **counts): the controller's thread-safe stats
+    def __init__(self, reader: LayerReader, order: list[int], depth: int):
+        self.reader, self.order, self.depth, self.device = reader, order, depth, reader.device
         self.position = {i: k for k, i in enumerate(order)}
-        slot_bytes = max(store.layouts[i].data_bytes for i in order)
-        n_slots = min(depth + 1, len(order))  # more slots than streamed layers would only hold memory
-        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(n_slots)]
-        cuda = device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(device) if cuda else None
-        for slot in self.slots if cuda else ():  # written on copy_stream: freed only once its copies are done
-            slot.record_stream(self.copy_stream)
-        self.staging = staging  # the controller's, shared with kept-layer reads (CUDA)
-        self.copy_events = copy_events  # CUDA: where each chunk copy's event pair goes
-        self.copied = [None] * n_slots  # CUDA events: slot's copy done
-        self.freed = [None] * n_slots   # CUDA events: compute done with the slot's previous layer
-        self.free_slots = collections.deque(range(n_slots))
+        self.slots: list[torch.Tensor] = []
         self.jobs: dict[int, tuple[int, Future | None]] = {}  # layer -> (slot, pending read)
-        self.reader = ThreadPoolExecutor(1, thread_name_prefix="layer-reader") if depth else None
 
     @property
     def held_bytes(self) -> int:
@@ -867,6 +1040,8 @@ class LayerStreamer:
         return sum(slot.numel() for slot in self.slots)
 
     def acquire(self, i: int) -> torch.Tensor:
+        if not self.slots:
+            self._open()
         if i not in self.jobs:  # not read ahead: first use, or an order we did not foresee
             self._drain()
             self._start(i, background=False)
@@ -880,7 +1055,7 @@ class LayerStreamer:
                 self._free_when_done(slot, job)
                 raise
             finally:
-                self._count("wait_s", time.perf_counter() - start)
+                self.reader.counters.count("wait_s", time.perf_counter() - start)
         if self.copied[slot] is not None:
             torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
         self._read_ahead(i, self.depth)
@@ -895,15 +1070,31 @@ class LayerStreamer:
         self._read_ahead(i, self.depth + 1)
 
     def close(self) -> None:
+        if not self.slots:
+            return
         self._drain()
-        if self.reader is not None:
-            self.reader.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        self.slots, self.copy_stream, self.pool = [], None, None
+
+    def _open(self) -> None:
+        slot_bytes = max(self.reader.layer_bytes[i] for i in self.order)
+        n_slots = min(self.depth + 1, len(self.order))  # more slots than streamed layers would only hold memory
+        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
+        cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        for slot in self.slots if cuda else ():  # written on copy_stream: freed only once its copies are done
+            slot.record_stream(self.copy_stream)
+        self.copied = [None] * n_slots  # CUDA events: slot's copy done
+        self.freed = [None] * n_slots   # CUDA events: compute done with the slot's previous layer
+        self.free_slots = collections.deque(range(n_slots))
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="layer-reader") if self.depth else None
 
     def _read_ahead(self, i: int, steps: int) -> None:
         """Start reads for the `steps` layers after `i` in forward order, while slots are free."""
-        if self.reader is None:
+        if self.pool is None:
             return
         k = self.position[i]
         for step in range(1, steps + 1):
@@ -917,10 +1108,10 @@ class LayerStreamer:
     def _start(self, i: int, background: bool) -> None:
         slot = self.free_slots.popleft()
         if background:
-            self.jobs[i] = (slot, self.reader.submit(self._read, i, slot))
+            self.jobs[i] = (slot, self.pool.submit(self._read, i, slot))
         else:
             try:
-                self._count("wait_s", self._read(i, slot))  # compute waits for all of it
+                self.reader.counters.count("wait_s", self._read(i, slot))  # compute waits for all of it
             except BaseException:  # nothing writes into the slot any more; a half-read layer is not kept
                 self.free_slots.appendleft(slot)
                 raise
@@ -929,11 +1120,9 @@ class LayerStreamer:
     def _read(self, i: int, slot: int) -> float:
         if self.freed[slot] is not None:
             self.copy_stream.wait_event(self.freed[slot])
-        seconds = read_layer(self.store, i, self.slots[slot], self.staging, self.io_bandwidth,
-                             self.copy_stream, self.copy_events)
+        seconds = self.reader.read(i, self.slots[slot], self.copy_stream)
         if self.copy_stream is not None:
             self.copied[slot] = self.copy_stream.record_event()
-        self._count("load_s", seconds, loads=1, loaded_bytes=self.store.layouts[i].data_bytes)
         return seconds
 
     def _free_when_done(self, slot: int, job: Future) -> None:
@@ -965,9 +1154,10 @@ class LayerMaps:
     computes on the cached pages themselves (as llama.cpp does with its GGUF). The controller
     keeps a mapping from the layer's first use until standby(): unmapping it after each compute
     and mapping it again at the next token faults every page in again, which costs about as
-    much as the copy. So, unlike LayerStreamer, it has no per-layer release: acquire(i) -> the
-    layer's data section as a flat uint8 tensor, close() at standby, held_bytes; the caller
-    binds the views and must unbind them before close().
+    much as the copy. So, unlike LayerStreamer, its release() keeps the mapping: acquire(i) ->
+    the layer's data section as a flat uint8 tensor (a new mapping counted as a load),
+    close() at standby, held_bytes; the caller binds the views and must unbind them before
+    close().
 
     The mapping is private and writable (mmap's ACCESS_COPY: MAP_PRIVATE, PROT_READ |
     PROT_WRITE on POSIX): torch.frombuffer wants a writable buffer, and should anything write
@@ -995,8 +1185,8 @@ class LayerMaps:
     cold with map: a mapping is read once and kept).
     """
 
-    def __init__(self, store: LayerStore, order: list[int], depth: int):
-        self.store, self.order, self.depth = store, order, depth
+    def __init__(self, store: LayerStore, order: list[int], depth: int, counters: Counters):
+        self.store, self.order, self.depth, self.counters = store, order, depth, counters
         self.position = {i: k for k, i in enumerate(order)}
         self._live: dict[int, tuple[mmap.mmap, torch.Tensor]] = {}  # layer -> (mapping, its data section)
         self._advised: set[int] = set()  # read ahead, not mapped since
@@ -1015,14 +1205,21 @@ class LayerMaps:
 
     def acquire(self, i: int) -> torch.Tensor:
         live = self._live.get(i)
-        if live is None:
+        if live is None:  # a new mapping counts as a load; compute waits for it
+            start = time.perf_counter()
             flat = self._map(i)
+            seconds = time.perf_counter() - start
+            self.counters.count("load_s", seconds, loads=1, loaded_bytes=flat.numel())
+            self.counters.count("wait_s", seconds)
         else:
             self._check(i, live[0])
             flat = live[1]
         if i in self.position:
             self._read_ahead(i)
         return flat
+
+    def release(self, i: int) -> None:
+        pass  # mapped until close()
 
     def close(self) -> None:
         live, self._live = self._live, {}
@@ -1032,7 +1229,7 @@ class LayerMaps:
 
     def _map(self, i: int) -> torch.Tensor:
         layout = self.store.layouts[i]
-        fd = self.store._open_checked(i)  # checked against the layout here
+        fd = self.store.open_checked(i)  # checked against the layout here
         self._advised.discard(i)
         try:
             mapping = mmap.mmap(fd, layout.file_bytes, access=mmap.ACCESS_COPY)
@@ -1066,14 +1263,14 @@ class LayerMaps:
             if j in self._live or j in self._advised:
                 continue
             try:
-                fd = self.store._open_checked(j)
+                fd = self.store.open_checked(j)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             except (CacheError, OSError):
                 continue  # advice only: mapping the layer names its file's problem
             self._advised.add(j)
 
 
-# --------------------------------------------------------------------------- the controller and the embedding
+# --------------------------------------------------------------------------- the embedding
 
 class EmbeddingRows:
     """The input embedding while its weight is on disk: a forward reads only the rows of the
@@ -1127,122 +1324,304 @@ class EmbeddingRows:
         return stub
 
 
+# --------------------------------------------------------------------------- configuration
+
+MODES = ("session", "stream")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """How patch_model offloads, beyond the model, the layers and where their files go; checked
+    once, here (what depends on the device: check_device()). Recorded in the layer files'
+    manifest as ``written_with`` by the run that wrote them: the files' bytes do not depend on
+    it (the fingerprint pins the model), so another config reuses them."""
+
+    # a float, or {layer index: alpha} (layers not named get 1.0); a layer with alpha 0 is
+    # removed: never read, never computed
+    alpha: float | dict = 1.0
+    # session: a layer stays on the device from its first use until standby(); stream: loaded
+    # just before use and released right after, except those that fit budget_bytes, kept as in
+    # a session
+    mode: str = "session"
+    # stream mode: layers a background thread reads ahead (0: none); with cpu_read="map", layers
+    # the kernel is advised to read into the page cache ahead (no thread, no buffers)
+    prefetch: int = 2
+    budget_bytes: int = 0
+    # bytes/s; reads throttled to emulate slower storage (None: as fast as it goes). A mapped
+    # layer is not read, so on a CPU this needs cpu_read="copy"
+    io_bandwidth: float | None = None
+    # k: a run's contribution sum_i alpha_i (L_i(x) - x) is added before the k-th resident layer
+    # after it instead of the next (each layer still computed from its own input x; k = 1 is
+    # exact at alpha = 1; k > 1 is a different model, summed in fp32)
+    inject_distance: int = 1
+    # drop each layer file from the page cache before reading it (posix_fadvise DONTNEED), so
+    # reads come from the storage device (Linux); a mapped layer is read once and kept, so on a
+    # CPU this needs cpu_read="copy"
+    cold: bool = False
+    # also put the input embedding's weight in a file; a forward reads only its tokens' rows
+    # (exact). A tied output head needs the whole matrix every forward: then it stays, with a
+    # warning, and controller.embedding_residency says "tied"
+    offload_embeddings: bool = False
+    # how a CPU brings a layer in: "map", views of a private copy-on-write mapping of its file
+    # (LayerMaps: nothing copied, the pages are the page cache's), or "copy", read into a buffer
+    # of its own or a stream slot. Ignored off a CPU: a GPU needs the bytes copied to it
+    cpu_read: str = "map"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be 'session' or 'stream', got {self.mode!r}")
+        if self.budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {self.budget_bytes}")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
+        if self.io_bandwidth is not None and self.io_bandwidth <= 0:
+            raise ValueError(f"io_bandwidth must be > 0 bytes/s, got {self.io_bandwidth}")
+        if self.cold and not hasattr(os, "posix_fadvise"):
+            raise ValueError("cold reads need os.posix_fadvise, which this platform lacks (it is Linux/Unix only)")
+        if not isinstance(self.inject_distance, int) or self.inject_distance < 1:
+            raise ValueError(f"inject_distance must be a whole number >= 1, got {self.inject_distance!r}")
+        if self.cpu_read not in CPU_READS:
+            raise ValueError(f"cpu_read must be 'map' or 'copy', got {self.cpu_read!r}")
+
+    def check_device(self, device: torch.device) -> None:
+        """What a mapped layer cannot do, refused on a CPU with cpu_read="map"."""
+        if device.type != "cpu" or self.cpu_read != "map":
+            return
+        if self.io_bandwidth is not None:
+            raise ValueError("io_bandwidth throttles layer reads, and a mapped layer is not read: "
+                             "pass cpu_read='copy' to emulate slower storage on a CPU")
+        if self.cold:
+            # a mapped layer's pages come from the disk once, then stay mapped until standby(): the
+            # rest of the decode would read the page cache while the run says cold
+            raise ValueError("cold reads drop a layer file's pages before each read, and a mapped layer is read once "
+                             "and kept mapped until standby(): pass cpu_read='copy' for cold reads on a CPU")
+
+    def alphas(self, offloaded: list[int]) -> dict[int, float]:
+        """Each offloaded layer's alpha."""
+        if isinstance(self.alpha, dict):
+            unknown = sorted(set(self.alpha) - set(offloaded))
+            if unknown:
+                raise ValueError(f"alpha names layers that are not offloaded: {unknown}")
+            return {i: float(self.alpha.get(i, 1.0)) for i in offloaded}
+        return {i: float(self.alpha) for i in offloaded}
+
+    def record(self) -> dict:
+        """The fields as JSON values (an alpha dict's keys as strings)."""
+        fields = dataclasses.asdict(self)
+        if isinstance(self.alpha, dict):
+            fields["alpha"] = {str(i): float(a) for i, a in sorted(self.alpha.items())}
+        return fields
+
+
+# --------------------------------------------------------------------------- the controller
+
+@dataclass(frozen=True)
+class Residencies:
+    """Each offloaded layer's Residency, chosen once (from mode and budget: which layers are
+    streamed; from the device: mapped or read): ``patched``, and the ones session() and
+    unpatched() swap in for their block (``session``; ``copied``: the model as loaded, every
+    layer in a buffer of its own)."""
+
+    kept: KeptBuffers
+    streamer: LayerStreamer | None  # None: nothing streamed, or mapped
+    maps: LayerMaps | None          # a CPU with cpu_read="map"
+    patched: dict[int, Residency]
+    session: dict[int, Residency]
+    copied: dict[int, Residency]
+
+    @classmethod
+    def choose(cls, reader: LayerReader, layers: list[int], streamed: list[int], mapped: bool,
+               prefetch: int) -> "Residencies":
+        kept = KeptBuffers(reader)
+        if mapped:
+            maps = LayerMaps(reader.store, streamed, prefetch, reader.counters)
+            return cls(kept, None, maps, dict.fromkeys(layers, maps), dict.fromkeys(layers, maps),
+                       dict.fromkeys(layers, kept))
+        streamer = LayerStreamer(reader, streamed, prefetch) if streamed else None
+        patched = {i: streamer if i in streamed else kept for i in layers}
+        return cls(kept, streamer, None, patched, dict.fromkeys(layers, kept), dict.fromkeys(layers, kept))
+
+    def all(self) -> list[Residency]:
+        return [r for r in (self.kept, self.streamer, self.maps) if r is not None]
+
+
+class LayerTensors:
+    """What moves of one offloaded layer: its tensor slots (parameters, buffers, quant states),
+    bound to views of a flat buffer that holds its file's data section while it is on the
+    device, and placeholders otherwise."""
+
+    def __init__(self, module: nn.Module, layout: Layout, device: torch.device):
+        self.module, self.layout, self.device = module, layout, device
+        self.refs = layer_tensor_refs(module)
+        self.bound: torch.Tensor | None = None  # the buffer the tensors view now
+
+    def bind(self, flat: torch.Tensor) -> None:
+        if self.bound is flat:  # same buffer, freshly read: the views are still right
+            return
+        for name, view in self.layout.views(flat).items():
+            self.refs[name].set(view)
+        self.bound = flat
+
+    def unbind(self) -> None:
+        self.bound = None
+        for ref in self.refs.values():
+            ref.set(_placeholder(ref.get().dtype, self.device))
+
+    def restore(self, flat: torch.Tensor) -> nn.Module:
+        """The module with its tensors back, each in a storage of its own, cloned from `flat`."""
+        for name, view in self.layout.views(flat).items():
+            self.refs[name].set(view.clone())
+        self.bound = None
+        return self.module
+
+    def copy(self, flat: torch.Tensor | None) -> nn.Module:
+        """The module on its own: a deep copy of its structure (never of bound bytes) with its
+        tensors made from `flat` (None: placeholders)."""
+        bound = {name: ref.get() for name, ref in self.refs.items()}
+        for ref in self.refs.values():
+            ref.set(_placeholder(ref.get().dtype, self.device))
+        try:
+            module = copy.deepcopy(self.module)
+        finally:
+            for name, ref in self.refs.items():
+                ref.set(bound[name])
+        if flat is not None:
+            refs = layer_tensor_refs(module)
+            for name, view in self.layout.views(flat).items():
+                refs[name].set(view.to(self.device))  # on a CPU: views of `flat`, the copy's own buffer
+        return module
+
+
+class DeferredAdds:
+    """inject_distance = k > 1: a run's contribution waits to be added before the k-th resident
+    layer after it (None: fewer follow; added to the last layer's output, before the final
+    norm), by hooks on those layers. With k = 1 it holds nothing and hooks nothing."""
+
+    def __init__(self, model: nn.Module, layer_list: nn.ModuleList, offloaded: list[int], distance: int):
+        self.targets = _injection_targets(len(layer_list), offloaded, distance)
+        self.waiting: dict = collections.defaultdict(list)
+        # what an interrupted forward left behind goes at the next one's start
+        self.hooks = [model.register_forward_pre_hook(lambda module, args: self.waiting.clear())]
+        if distance == 1:
+            return
+        for target in {t for t in self.targets.values() if t is not None}:
+            self.hooks.append(layer_list[target].register_forward_pre_hook(
+                functools.partial(self._add_before, target), with_kwargs=True))
+        last = len(layer_list) - 1
+        if last not in offloaded:  # an offloaded last layer's stub adds them itself
+            self.hooks.append(layer_list[last].register_forward_hook(self._add_after))
+
+    def defer(self, run_end: int, delta: torch.Tensor) -> None:
+        self.waiting[self.targets[run_end]].append(delta)
+
+    def add_final(self, x: torch.Tensor) -> torch.Tensor:
+        return _add(x, self.waiting.pop(None))
+
+    def _add_before(self, target: int, module, args, kwargs):
+        deltas = self.waiting.pop(target, None)
+        if not deltas:
+            return None
+        if args:
+            return (_add(args[0], deltas), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": _add(kwargs["hidden_states"], deltas)}
+
+    def _add_after(self, module, args, output):
+        deltas = self.waiting.pop(None, None)
+        if not deltas:
+            return None
+        if isinstance(output, tuple):
+            return (_add(output[0], deltas), *output[1:])
+        return _add(output, deltas)
+
+
 class OffloadController:
-    """Owns the offloaded layers: their files, when they are on the device, and the counts.
+    """The offloaded layers' stubs, the injection of their contributions, and the public API
+    (made by patch_model). Each layer's Residency is chosen once, here: KeptBuffers for those
+    that stay (all in ``session`` mode, those that fit `budget_bytes` in ``stream`` mode), a
+    LayerStreamer for the others; on a CPU with cpu_read="map" one LayerMaps for all (only
+    file-backed pages, which the kernel may drop and read again). Counts: ``counters``."""
 
-    Residency: layers in `keep` (all of them in ``session`` mode, those that fit
-    `budget_bytes` in ``stream`` mode) get a buffer of their own when first used and keep
-    it until ``standby()``; the others go through a LayerStreamer, `prefetch` layers ahead.
-    On a CPU with cpu_read="map" both are mappings of their files instead (LayerMaps), each
-    living from the layer's first use until standby(): the process then holds no anonymous
-    memory for offloaded layers, only file-backed pages the kernel may drop and read again.
-    """
-
-    def __init__(self, model, layer_list, offloaded, store, alphas, mode, budget_bytes, device,
-                 prefetch=2, io_bandwidth=None, inject_distance=1, embedding=None, embedding_residency="resident",
-                 cpu_read="map"):
-        self.model = model
-        # resident: not asked; disk: rows read per forward; tied: asked, but the head holds it.
-        self.embedding_residency = embedding_residency
-        self._embedding = EmbeddingRows(model, embedding, store) if embedding is not None else None
-        self.offloaded_layers: list[int] = list(offloaded)
+    def __init__(self, model: nn.Module, layers: list[int], store: LayerStore, config: OffloadConfig):
+        layer_list = find_decoder_layers(model)
+        self.model, self.store, self.config, self.offloaded_layers = model, store, config, list(layers)
+        self.device = layer_device(model, layer_list[layers[0]])
+        self.alphas = config.alphas(layers)
         # alpha = 0 is removal: lerp(x, L(x), 0) is x, so such a layer is never read or computed.
-        self.skipped_layers = [i for i in offloaded if alphas[i] == 0]
-        self.computed_layers = [i for i in offloaded if alphas[i] != 0]
-        self.inject_distance = inject_distance
-        self.mode, self.device, self.prefetch, self.io_bandwidth = mode, device, prefetch, io_bandwidth
-        self._layer_list = layer_list
-        self._store = store
-        self._alphas = alphas
-        self._layers = {i: layer_list[i] for i in offloaded}
-        self._refs = {i: layer_tensor_refs(layer_list[i]) for i in offloaded}
-        self._run_start = {i for i in offloaded if i - 1 not in self._layers}
-        self._run_end = {i for i in offloaded if i + 1 not in self._layers}
-        self.layer_bytes = {i: store.layouts[i].data_bytes for i in offloaded}
+        self.skipped_layers = [i for i in layers if self.alphas[i] == 0]
+        self.computed_layers = [i for i in layers if self.alphas[i] != 0]
+        self.mode, self.prefetch, self.inject_distance = config.mode, config.prefetch, config.inject_distance
+        self.layer_bytes = {i: store.layouts[i].data_bytes for i in layers}
         computed_bytes = {i: self.layer_bytes[i] for i in self.computed_layers}
-        self.keep = fit_budget(computed_bytes, budget_bytes) if mode == "stream" else set(offloaded)
+        self.keep = fit_budget(computed_bytes, config.budget_bytes) if config.mode == "stream" else set(layers)
         # A GPU needs the bytes copied to it; a CPU computes on host memory, where the file's pages are.
-        self.cpu_read = cpu_read if device.type == "cpu" else None
+        self.cpu_read = config.cpu_read if self.device.type == "cpu" else None
+        self.layer_modules = {i: layer_list[i] for i in layers}  # the real modules, behind the stubs
+        self.counters = Counters(self.device)
+        self.reader = LayerReader(store, self.device, config.io_bandwidth, self.counters, self.layer_bytes)
         streamed = [i for i in self.computed_layers if i not in self.keep]
-        self._maps = LayerMaps(store, streamed, prefetch) if self.cpu_read == "map" else None
-        self._copying = False  # inside unpatched(): buffers of their own, even where layers are mapped
-        # Deferred injection (inject_distance > 1): a run's contribution is added before the
-        # k-th resident layer after it (None: at the last layer's output, before the final norm).
-        self._inject_at = _injection_targets(len(layer_list), offloaded, inject_distance)
-        self._deferred: dict = collections.defaultdict(list)
-        self._own: dict[int, torch.Tensor] = {}  # flat buffers of kept layers
-        self._bound: dict[int, torch.Tensor] = {}  # layer -> the buffer its tensors view
-        self._streamer: LayerStreamer | None = None
-        self._staging: Staging | None = None  # pinned chunks for every read (CUDA), until standby()
-        self._in_session = False
-        self._pending: list = []
-        self._pending_input = None
-        self._patched = True
-        self._model_bytes = 0
-        self._lock = threading.Lock()
-        self._stats: dict = {}
-        self._forward_start = None
-        self._forward_events: list = []  # CUDA: (start, end) event pairs of forward calls
-        self._copy_events: list = []     # CUDA: (start, end) event pairs of chunk copies
-        self._hooks = [model.register_forward_pre_hook(self._forward_begins),
-                       model.register_forward_hook(self._forward_ends)]
-        if inject_distance > 1:
-            for target in {t for t in self._inject_at.values() if t is not None}:
-                self._hooks.append(layer_list[target].register_forward_pre_hook(
-                    functools.partial(self._add_deferred_before, target), with_kwargs=True))
-            last = len(layer_list) - 1
-            if last not in self._layers:  # an offloaded last layer's stub adds them itself
-                self._hooks.append(layer_list[last].register_forward_hook(self._add_deferred_after))
+        self.residencies = Residencies.choose(self.reader, layers, streamed, self.cpu_read == "map", config.prefetch)
+        self._residency = self.residencies.patched  # session() and unpatched() swap in their own for the block
+        self._layer_list, self._tensors = layer_list, {i: LayerTensors(layer_list[i], store.layouts[i], self.device)
+                                                       for i in layers}
+        self._run_start = {i for i in layers if i - 1 not in self.layer_modules}
+        self._run_end = {i for i in layers if i + 1 not in self.layer_modules}
+        self._pending, self._pending_input, self._patched, self._model_bytes = [], None, True, 0
+        self._deferred = DeferredAdds(model, layer_list, layers, config.inject_distance)
+        self._hooks = self.counters.time_forwards(model) + self._deferred.hooks
+        self._embedding = self._stand_in(model, layer_list, store, config)
+        self.standby()
         self.reset_stats()
 
+    def _stand_in(self, model, layer_list, store, config) -> EmbeddingRows | None:
+        """Put the stubs in the offloaded layers' (and an offloaded embedding's) places."""
+        for i in self.offloaded_layers:
+            self._tensors[i].unbind()
+            layer_list[i] = OffloadedLayer(self, i, layer_list[i])
+        # resident: not asked; disk: rows read per forward; tied: asked, but the head holds it.
+        self.embedding_residency = ("disk" if EMBEDDING in store.layouts else "tied") if config.offload_embeddings \
+            else "resident"
+        if self.embedding_residency != "disk":
+            return None
+        rows = EmbeddingRows(model, model.get_input_embeddings(), store)
+        rows.stand_in(OffloadedEmbedding(self, rows))
+        return rows
+
     # ---- public API
+    def residency(self, i: int) -> Residency:
+        """Where layer i's bytes come from now."""
+        return self._residency[i]
+
     def standby(self, release: bool = True) -> None:
         """Drop every offloaded layer from the device: only resident layers remain.
 
         release: also hand cached memory back (the CUDA allocator's cache, the pinned staging
         chunks, freed host heap). False keeps them for the next inference, so a timed run
         makes no allocator calls for buffers the previous one already had."""
-        if self._streamer is not None:
-            self._streamer.close()
-            self._streamer = None
-        for i in list(self._bound):
-            self._unbind(i)
-        self._own.clear()
-        if self._maps is not None:  # after the unbinding: a view still bound would keep its mapping
-            self._maps.close()
-        self._store.close()
+        for tensors in self._tensors.values():  # first: a view still bound would keep its mapping
+            tensors.unbind()
+        for residency in self.residencies.all():
+            residency.close()
+        self.store.close()
         self._pending, self._pending_input = [], None
-        self._deferred.clear()
-        if not release:
-            return
-        self.release_staging()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        else:
-            trim_host_memory()
+        self._deferred.waiting.clear()
+        if release:
+            self.release_staging()
+            release_cached_memory(self.device)
 
     def release_staging(self) -> None:
         """Hand the pinned staging chunks back (made again by the next read); standby() does."""
-        if self._staging is None:
-            return
-        self._staging = None
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # nothing still copies out of the chunks
-            if hasattr(torch._C, "_host_emptyCache"):  # PyTorch caches freed pinned blocks too
-                torch._C._host_emptyCache()
+        self.reader.release_staging()
+
+    def staging_bytes(self) -> int:
+        """Pinned host bytes held for reads now (0 on CPU and after standby())."""
+        return self.reader.staging_bytes
 
     @contextlib.contextmanager
     def session(self, release: bool = True):
         """Load the offloaded layers that are computed (alpha != 0) on entry, keep them for the
         whole block, standby(release) on exit."""
-        self._in_session = True
-        try:
-            for i in self.computed_layers:
-                self._acquire(i)
+        with self._residing(self.residencies.session, release):
             yield self
-        finally:
-            self._in_session = False
-            self.standby(release)
 
     @contextlib.contextmanager
     def unpatched(self, release: bool = True):
@@ -1252,56 +1631,45 @@ class OffloadController:
         interleaved with the patched one, without loading the model twice. Each layer is read
         into a buffer of its own even with cpu_read="map": the model as loaded holds its weights
         in anonymous memory, and that is what a same-run baseline measures and times."""
-        self._copying = True
-        try:
-            with self.session(release):
-                for i in self.skipped_layers:
-                    self._acquire(i)
-                # the embedding first: if its file fails, the stubs are all still in place
-                embedding_stub = self._embedding.restore() if self._embedding is not None else None
-                stubs = {i: self._layer_list[i] for i in self.offloaded_layers}
-                for i in stubs:
-                    self._layer_list[i] = self._layers[i]
-                try:
-                    yield self.model
-                finally:
-                    for i, stub in stubs.items():
-                        self._layer_list[i] = stub
-                    if embedding_stub is not None:
-                        self._embedding.stand_in(embedding_stub)
-        finally:
-            self._copying = False
+        with self._residing(self.residencies.copied, release):
+            for i in self.skipped_layers:
+                self._acquire(i)
+            # the embedding first: if its file fails, the stubs are all still in place
+            embedding_stub = self._embedding.restore() if self._embedding is not None else None
+            stubs = {i: self._layer_list[i] for i in self.offloaded_layers}
+            for i, module in self.layer_modules.items():
+                self._layer_list[i] = module
+            try:
+                yield self.model
+            finally:
+                for i, stub in stubs.items():
+                    self._layer_list[i] = stub
+                if embedding_stub is not None:
+                    self._embedding.stand_in(embedding_stub)
 
-    @property
-    def store(self) -> LayerStore:
-        """The layer files (for measurements such as a storage read rate)."""
-        return self._store
+    @contextlib.contextmanager
+    def _residing(self, residency: dict[int, Residency], release: bool):
+        """`residency` for the block, the computed layers acquired on entry; standby(release) and
+        the residency before it on exit."""
+        before, self._residency = self._residency, residency
+        try:
+            for i in self.computed_layers:
+                self._acquire(i)
+            yield
+        finally:
+            self._residency = before
+            self.standby(release)
 
     def layer_copy(self, i: int, tensors: bool = True) -> nn.Module:
         """Offloaded layer i as a module of its own, outside the controller: its stored tensors
         read from its file into fresh memory on the device (tensors=False: placeholders, the
         structure only). What a draft builds a resident substitute from."""
-        layer = self._layers[i]
-        bound = {name: ref.get() for name, ref in self._refs[i].items()}
-        for ref in self._refs[i].values():  # copy the structure, never a bound layer's bytes
-            ref.set(_placeholder(ref.get().dtype, self.device))
-        try:
-            module = copy.deepcopy(layer)
-        finally:
-            for name, ref in self._refs[i].items():
-                ref.set(bound[name])
-        if tensors:
-            flat = torch.empty(self.layer_bytes[i], dtype=torch.uint8)
-            self._store.read_into(i, flat)
-            refs = layer_tensor_refs(module)
-            for name, view in self._store.layouts[i].views(flat).items():
-                refs[name].set(view.to(self.device))  # on a CPU: views of `flat`, the copy's own buffer
-        return module
+        return self._tensors[i].copy(self.store.read_host(i) if tensors else None)
 
     def layer_dtype(self) -> torch.dtype:
         """The dtype of the offloaded layers' largest tensor: their weights' (torch.uint8 for
         bitsandbytes NF4 codes, which compute in the layer's compute dtype)."""
-        entries = [e for i in self.offloaded_layers for e in self._store.layouts[i].entries.values()]
+        entries = [e for i in self.offloaded_layers for e in self.store.layouts[i].entries.values()]
         return max(entries, key=lambda e: e.end - e.start).dtype
 
     def read_bytes_per_forward(self) -> int:
@@ -1318,70 +1686,49 @@ class OffloadController:
     def resident_breakdown(self) -> dict[str, int]:
         """resident_bytes() by part: weight_breakdown()'s parts and ``offloaded_buffer_bytes``
         (the offloaded layers' buffers that exist now); the parts sum to resident_bytes()."""
-        return {**weight_breakdown(self.model, self.device), "offloaded_buffer_bytes": self._buffer_bytes()}
+        return {**weight_breakdown(self.model, self.device), "offloaded_buffer_bytes": self.buffer_bytes()}
 
     def resident_bytes(self) -> int:
         """Bytes of weights and buffers on the compute device: the model's resident tensors
         (NF4 as packed data plus quant-state tensors) and the offloaded layers' buffers that
-        exist now (own buffers of kept layers, stream slots; on a CPU with cpu_read="map" the
-        data sections mapped now, counted as a buffer of each would be, though their pages
-        are the page cache's and the kernel may drop them). Each storage counted once."""
+        exist now (buffer_bytes()). Each storage counted once."""
         self._model_bytes = tensor_bytes(module_tensors(self.model), self.device)
-        return self._model_bytes + self._buffer_bytes()
+        return self._model_bytes + self.buffer_bytes()
+
+    def buffer_bytes(self) -> int:
+        """Bytes the residencies hold now: kept layers' own buffers, stream slots, and on a CPU
+        with cpu_read="map" the data sections mapped now, counted as a buffer of each would be,
+        though their pages are the page cache's and the kernel may drop them."""
+        return sum(residency.held_bytes for residency in self.residencies.all())
 
     def stats(self) -> dict:
-        """loads, loaded_bytes, load_s (read time, reader thread included), wait_s (compute
-        stalled waiting for a layer), forward_s (time inside model forward calls), overlap
-        (share of the smaller of read and compute time that was hidden), peak_resident_bytes
-        (most resident_bytes() seen since reset_stats()). On CUDA, device work is timed with
-        CUDA events, not host enqueue: forward_s is the device time from a forward's start to
-        its end, and load_s adds the device time of the host-to-device copies to the reads.
-        With cpu_read="map" a load is mapping a file and binding its views: the pages are read
-        in when the forward first touches them, so that time (from the storage device with
-        cold reads) is in forward_s, not in load_s."""
-        self._collect_device_times()
-        with self._lock:
-            stats = dict(self._stats)
-        compute_s = stats["forward_s"] - stats["wait_s"]
-        hideable_s = min(stats["load_s"], compute_s)
-        stats["overlap"] = max(0.0, 1.0 - stats["wait_s"] / hideable_s) if hideable_s > 0 else 0.0
-        stats["peak_resident_bytes"] = self._peak_bytes
-        return stats
+        """loads, loaded_bytes, load_s, wait_s, forward_s, overlap and peak_resident_bytes (most
+        resident_bytes() seen) since reset_stats(): Counters.snapshot()."""
+        return self.counters.snapshot()
 
     def reset_stats(self) -> None:
-        self._collect_device_times()
-        with self._lock:
-            self._stats.update(loads=0, loaded_bytes=0, load_s=0.0, wait_s=0.0, forward_s=0.0)
-        self._peak_bytes = self.resident_bytes()
-
-    def _collect_device_times(self) -> None:
-        """Add the finished CUDA event pairs (forward calls, layer copies) to the stats."""
-        for key, pairs in (("forward_s", self._forward_events), ("load_s", self._copy_events)):
-            while pairs:
-                start, end = pairs.pop(0)
-                end.synchronize()
-                self._count(key, start.elapsed_time(end) / 1000)
+        self.counters.reset(self.resident_bytes())
 
     def unpatch(self) -> nn.Module:
         """Put the original layers back, each tensor in a storage of its own, and return the model."""
         self.standby()
-        for i, layer in self._layers.items():
+        for i, tensors in self._tensors.items():
             flat = torch.empty(self.layer_bytes[i], dtype=torch.uint8, device=self.device)
-            self._read_kept(i, flat)
-            for name, view in self._store.layouts[i].views(flat).items():
-                self._refs[i][name].set(view.clone())
-            self._layer_list[i] = layer
+            self.reader.read(i, flat)
+            self._layer_list[i] = tensors.restore(flat)
         if self._embedding is not None:
             self._embedding.restore(copy=True)
-        self._store.close()
+        self.store.close()
         self.release_staging()
         for hook in self._hooks:
             hook.remove()
         self._patched = False
         return self.model
 
-    # ---- stubs
-    def _on_stub(self, i: int, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+    # ---- stubs and injection
+    def on_stub(self, i: int, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+        """What offloaded layer i's stub returns for hidden state `x` (its call's other arguments
+        are `args`, `kwargs`): x itself, except at the end of a run of offloaded layers."""
         if not self._patched:
             raise RuntimeError("this OffloadController was unpatched; its stubs must not run")
         if i in self._run_start:
@@ -1390,7 +1737,7 @@ class OffloadController:
             raise RuntimeError(
                 f"offloaded layer {i}: its input is not the hidden state its run started with; "
                 "the model changes hidden states between layers, which parallel residuals do not support")
-        if self._alphas[i] != 0:
+        if self.alphas[i] != 0:
             self._pending.append((i, args, kwargs))
         if i not in self._run_end:
             return x
@@ -1400,40 +1747,27 @@ class OffloadController:
         if self.inject_distance == 1:
             return self._inject(x, pending)
         x32 = x.float()
-        delta = sum(self._alphas[j] * (self._compute(j, x, a, kw).float() - x32) for j, a, kw in pending)
-        self._deferred[self._inject_at[i]].append(delta)
-        if i == len(self._layer_list) - 1:
-            return _add(x, self._deferred.pop(None))
-        return x
+        self._deferred.defer(i, sum(self.alphas[j] * (self._compute(j, x, a, kw).float() - x32) for j, a, kw in pending))
+        return self._deferred.add_final(x) if i == len(self._layer_list) - 1 else x
 
-    def _add_deferred_before(self, target: int, module, args, kwargs):
-        deltas = self._deferred.pop(target, None)
-        if not deltas:
-            return None
-        if args:
-            return (_add(args[0], deltas), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": _add(kwargs["hidden_states"], deltas)}
-
-    def _add_deferred_after(self, module, args, output):
-        deltas = self._deferred.pop(None, None)
-        if not deltas:
-            return None
-        if isinstance(output, tuple):
-            return (_add(output[0], deltas), *output[1:])
-        return _add(output, deltas)
+    def on_embedding(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """What the offloaded embedding's stub returns: its rows for `input_ids`, read from disk."""
+        if not self._patched:
+            raise RuntimeError("this OffloadController was unpatched; its stubs must not run")
+        return self._embedding.forward_rows(input_ids)
 
     def _inject(self, x: torch.Tensor, pending: list) -> torch.Tensor:
         if len(pending) == 1:
             i, args, kwargs = pending[0]
             y = self._compute(i, x, args, kwargs)
-            if self._alphas[i] == 1.0:  # what lerp(x, y, 1) returns, minus four small ops
+            if self.alphas[i] == 1.0:  # what lerp(x, y, 1) returns, minus four small ops
                 return y
             # lerp(x, y, 1) is y and lerp(x, y, 0) is x, exactly; x + (y - x) is not.
-            return torch.lerp(x.float(), y.float(), self._alphas[i]).to(x.dtype)
+            return torch.lerp(x.float(), y.float(), self.alphas[i]).to(x.dtype)
         x32 = x.float()
         out = x32.clone()
         for i, args, kwargs in pending:
-            out += self._alphas[i] * (self._compute(i, x, args, kwargs).float() - x32)
+            out += self.alphas[i] * (self._compute(i, x, args, kwargs).float() - x32)
         return out.to(x.dtype)
 
     def _compute(self, i: int, x: torch.Tensor, args, kwargs) -> torch.Tensor:
@@ -1441,125 +1775,15 @@ class OffloadController:
         try:
             out = layer(x, *args, **kwargs)
         finally:
-            self._done_with(i)
+            self._residency[i].release(i)
         return out[0] if isinstance(out, tuple) else out
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if not self._patched:
-            raise RuntimeError("this OffloadController was unpatched; its stubs must not run")
-        return self._embedding.forward_rows(input_ids)
-
-    def _forward_begins(self, module, args) -> None:
-        self._deferred.clear()  # what an interrupted forward left behind
-        self._forward_start = _timing_event(self.device) if self.device.type == "cuda" else time.perf_counter()
-
-    def _forward_ends(self, module, args, output) -> None:
-        if self._forward_start is None:
-            return
-        if self.device.type == "cuda":  # summed in stats(): no synchronisation inside a forward
-            self._forward_events.append((self._forward_start, _timing_event(self.device)))
-        else:
-            self._count("forward_s", time.perf_counter() - self._forward_start)
-        self._forward_start = None
-
-    # ---- residency
     def _acquire(self, i: int) -> nn.Module:
-        if self._maps is not None and not self._copying:
-            self._map(i)
-        elif i in self._own:
-            return self._layers[i]
-        else:
-            self._bind(i, self._read(i))
-        self._note_peak()
-        return self._layers[i]
-
-    def _held(self, i: int) -> bool:
-        """Whether layer i, once brought in, stays until standby()."""
-        return i in self.keep or self._in_session
-
-    def _read(self, i: int) -> torch.Tensor:
-        """Layer i read into a buffer of its own (a layer that stays) or into a stream slot."""
-        if self._held(i):
-            flat = torch.empty(self.layer_bytes[i], dtype=torch.uint8, device=self.device)
-            self._count("wait_s", self._read_kept(i, flat))
-            self._own[i] = flat
-            return flat
-        if self._streamer is None:
-            order = [j for j in self.computed_layers if j not in self.keep]
-            self._streamer = LayerStreamer(self._store, order, self.device, self.prefetch,
-                                           self.io_bandwidth, self._count, self._staging_buffers(),
-                                           self._copy_events)
-        return self._streamer.acquire(i)
-
-    def _map(self, i: int) -> None:
-        """Bind layer i to its mapped file: a new mapping counts as a load (its time is the
-        mapping's and the binding's; compute waits for both), a live one is checked again."""
-        start = time.perf_counter()
-        flat = self._maps.acquire(i)
-        if self._bound.get(i) is flat:
-            return
-        self._bind(i, flat)
-        seconds = time.perf_counter() - start
-        self._count("load_s", seconds, loads=1, loaded_bytes=self.layer_bytes[i])
-        self._count("wait_s", seconds)
-
-    def _done_with(self, i: int) -> None:
-        """After layer i's compute: a streamed layer gives its slot back (staying bound to it:
-        if it gets the same slot again, the binding is skipped). A mapped layer stays mapped
-        until standby(), streamed or not: giving its pages up after each compute and faulting
-        them in again at the next token costs about what the copy it replaces costs (measured:
-        README, "Mapped or copied"), while pages kept mapped are file-backed, and the kernel
-        may still drop them under memory pressure."""
-        if i in self._own or self._held(i) or self._maps is not None:
-            return
-        self._streamer.release(i)
-
-    def _read_kept(self, i: int, flat: torch.Tensor) -> float:
-        """Read a layer into a buffer of its own. On CUDA the copies are queued on the current
-        stream, so compute that uses the layer runs after them with no host synchronisation;
-        reading the next layer overlaps them (the staging chunks guard their own reuse)."""
-        seconds = read_layer(self._store, i, flat, self._staging_buffers(), self.io_bandwidth,
-                             copy_events=self._copy_events)
-        self._count("load_s", seconds, loads=1, loaded_bytes=self.layer_bytes[i])
-        return seconds
-
-    def _staging_buffers(self) -> Staging | None:
-        if self.device.type == "cuda" and self._staging is None:
-            self._staging = Staging(staging_chunk_bytes(self.layer_bytes), self.device)
-        return self._staging
-
-    def staging_bytes(self) -> int:
-        """Pinned host bytes held for reads now (0 on CPU and after standby())."""
-        return self._staging.nbytes if self._staging is not None else 0
-
-    def _count(self, key: str, seconds: float, **counts) -> None:
-        """Add to the stats; the reader thread counts too, hence the lock."""
-        with self._lock:
-            self._stats[key] += seconds
-            for name, n in counts.items():
-                self._stats[name] += n
-
-    def _bind(self, i: int, flat: torch.Tensor) -> None:
-        if self._bound.get(i) is flat:  # same buffer, freshly read: the views are still right
-            return
-        refs = self._refs[i]
-        for name, view in self._store.layouts[i].views(flat).items():
-            refs[name].set(view)
-        self._bound[i] = flat
-
-    def _unbind(self, i: int) -> None:
-        self._bound.pop(i, None)
-        for ref in self._refs[i].values():
-            ref.set(_placeholder(ref.get().dtype, self.device))
-
-    def _buffer_bytes(self) -> int:
-        held = sum(reader.held_bytes for reader in (self._streamer, self._maps) if reader is not None)
-        return sum(t.numel() for t in self._own.values()) + held
-
-    def _note_peak(self) -> None:
+        self._tensors[i].bind(self._residency[i].acquire(i))
         if not self._model_bytes:
             self._model_bytes = tensor_bytes(module_tensors(self.model), self.device)
-        self._peak_bytes = max(self._peak_bytes, self._model_bytes + self._buffer_bytes())
+        self.counters.note_resident(self._model_bytes + self.buffer_bytes())
+        return self.layer_modules[i]
 
 
 def _injection_targets(num_layers: int, offloaded: list[int], distance: int) -> dict[int, int | None]:
@@ -1628,106 +1852,59 @@ def store_layers(model: nn.Module, layers: list[int], cache_dir: str | Path, mat
     return store
 
 
-def patch_model(model: nn.Module, layers, cache_dir: str | Path, alpha=1.0, mode: str = "session",
-                prefetch: int = 2, budget_bytes: int = 0, io_bandwidth: float | None = None,
-                inject_distance: int = 1, cold: bool = False, offload_embeddings: bool = False,
-                store: LayerStore | None = None, progress: bool = True, cpu_read: str = "map") -> OffloadController:
+def patch_model(model: nn.Module, layers, cache_dir: str | Path, *, config: OffloadConfig | None = None,
+                store: LayerStore | None = None, progress: bool = True, **options) -> OffloadController:
     """Offload `layers` of `model` to `cache_dir` and replace them by stubs, in place.
 
     layers: a list of indices or a select_layers pattern (``even``, ``every:3``, ``2-10``).
-    alpha: a float, or a dict {layer index: alpha} (layers not named get 1.0). A layer with
-    alpha 0 is removed: never read, never computed.
-    mode: ``session`` keeps a layer on the device from its first use until standby();
-    ``stream`` loads it just before use and releases it right after, except those that
-    fit in `budget_bytes`, which are kept like in a session.
-    prefetch: in stream mode, how many layers a background thread reads ahead (0: none); with
-    cpu_read="map", how many the kernel is advised to read into the page cache ahead (no
-    thread, no buffers).
-    io_bandwidth: bytes/s; throttle reads to emulate slower storage (None: as fast as it goes).
-    A mapped layer is not read, so on a CPU this needs cpu_read="copy" (a ValueError says so).
-    cold: drop each layer file from the page cache before reading it (posix_fadvise
-    DONTNEED), so reads come from the storage device, not from memory (Linux). A mapped layer
-    is read once and kept, so on a CPU this needs cpu_read="copy" (a ValueError says so).
-    cpu_read: how a CPU brings a layer in. ``map`` (default): its tensors are views of a
-    private, copy-on-write mapping of its file (LayerMaps): nothing is copied, the pages are
-    the page cache's; a session's and the budget's layers stay mapped until standby(), a
-    streamed layer is mapped for its compute only. ``copy``: read into a buffer of its own or
-    a stream slot, as before. Ignored off a CPU: a GPU needs the bytes copied to it, through
-    the pinned staging. Either way the views hold the stored bytes, so alpha = 1 stays exact.
-    inject_distance: k; a run's contribution sum_i alpha_i (L_i(x) - x) is added before the
-    k-th resident layer after it instead of the next (each layer still computed from its own
-    input x; k = 1 is the lerp above, exact at alpha = 1; k > 1 is a different model, summed
-    in fp32).
-    offload_embeddings: also put the input embedding's weight in a file; each forward reads only
-    the rows of its tokens (exact). When another module holds that weight too (an output head
-    tied to it needs the whole matrix every forward), it stays resident with a warning, nothing
-    is saved, and ``controller.embedding_residency`` says ``tied``.
+    How: an OffloadConfig, or its fields as keywords (alpha, mode, prefetch, budget_bytes,
+    io_bandwidth, inject_distance, cold, offload_embeddings, cpu_read: see OffloadConfig).
+    Either way the views hold the stored bytes, so alpha = 1 stays exact.
     store: the layers' files, already written by store_layers (a model too large for the
     device, loaded without them); the layers hold no tensors, only their structure.
     ``controller.load_peak_bytes`` is the most weight bytes on the device while the layers
     were stored: the model's whole weights if they were loaded, else store_layers' peak or
     the model's resident part, whichever is more.
     """
-    if mode not in ("session", "stream"):
-        raise ValueError(f"mode must be 'session' or 'stream', got {mode!r}")
-    if budget_bytes < 0:
-        raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
-    if prefetch < 0:
-        raise ValueError(f"prefetch must be >= 0, got {prefetch}")
-    if io_bandwidth is not None and io_bandwidth <= 0:
-        raise ValueError(f"io_bandwidth must be > 0 bytes/s, got {io_bandwidth}")
-    if cold and not hasattr(os, "posix_fadvise"):
-        raise ValueError("cold reads need os.posix_fadvise, which this platform lacks (it is Linux/Unix only)")
-    if not isinstance(inject_distance, int) or inject_distance < 1:
-        raise ValueError(f"inject_distance must be a whole number >= 1, got {inject_distance!r}")
-    if cpu_read not in CPU_READS:
-        raise ValueError(f"cpu_read must be 'map' or 'copy', got {cpu_read!r}")
+    if config is not None and options:
+        raise TypeError(f"patch_model takes an OffloadConfig or its fields, not both (got {sorted(options)})")
+    config = config if config is not None else OffloadConfig(**options)
     layer_list = find_decoder_layers(model)
     if any(isinstance(layer, OffloadedLayer) for layer in layer_list):
         raise ValueError("model is already patched; call unpatch() on its controller first")
     offloaded = select_layers(len(layer_list), layers) if isinstance(layers, str) else sorted(set(layers))
     if not offloaded or offloaded[0] < 0 or offloaded[-1] >= len(layer_list):
         raise ValueError(f"layers {layers!r} are not valid indices of a {len(layer_list)}-layer model")
-    alphas = _alphas(alpha, offloaded)
-    device = next(layer_list[offloaded[0]].parameters()).device if store is None else \
-        next(p.device for p in model.parameters() if p.device.type != "meta")
-    if io_bandwidth is not None and device.type == "cpu" and cpu_read == "map":
-        raise ValueError("io_bandwidth throttles layer reads, and a mapped layer is not read: "
-                         "pass cpu_read='copy' to emulate slower storage on a CPU")
-    if cold and device.type == "cpu" and cpu_read == "map":
-        # a mapped layer's pages come from the disk once, then stay mapped until standby(): the
-        # rest of the decode would read the page cache while the run says cold
-        raise ValueError("cold reads drop a layer file's pages before each read, and a mapped layer is read once and "
-                         "kept mapped until standby(): pass cpu_read='copy' for cold reads on a CPU")
+    config.alphas(offloaded)  # names only offloaded layers
+    device = layer_device(model, layer_list[offloaded[0]])
+    config.check_device(device)
     if device.type == "cpu":  # all of it, so resident_bytes() does not change at the first forward
         prepack_nf4_for_cpu(model)
-    embedding, residency = _embedding_to_offload(model) if offload_embeddings else (None, "resident")
     load_peak_bytes = tensor_bytes(module_tensors(model), device)
-    items: dict = {}
     if store is None:
         store = LayerStore(cache_dir, *model_fingerprint(model, device))
         items = {i: {name: ref.get() for name, ref in layer_tensor_refs(layer_list[i]).items()} for i in offloaded}
         _check_not_shared_with_resident(model, layer_list, items)
     else:
         _check_stored(store, layer_list, offloaded)
-        load_peak_bytes = max(load_peak_bytes, getattr(store, "peak_bytes", 0))
-    store.cold = cold
+        load_peak_bytes, items = max(load_peak_bytes, store.peak_bytes), {}
+    store.cold = config.cold
+    embedding = _embedding_to_offload(model) if config.offload_embeddings else None
     if embedding is not None:
         items[EMBEDDING] = {"weight": embedding.weight.data}
     if items:
-        store.sync(items, progress=progress)
+        store.sync(items, progress=progress, written_with=config.record())
     del items
-    controller = OffloadController(model, layer_list, offloaded, store, alphas, mode, budget_bytes, device,
-                                   prefetch, io_bandwidth, inject_distance, embedding, residency, cpu_read)
-    for i in offloaded:
-        controller._unbind(i)
-        layer_list[i] = OffloadedLayer(controller, i, controller._layers[i])
-    if embedding is not None:
-        controller._embedding.stand_in(OffloadedEmbedding(controller, embedding))
-    controller.standby()
-    controller.reset_stats()
+    controller = OffloadController(model, offloaded, store, config)
     controller.load_peak_bytes = load_peak_bytes
     return controller
+
+
+def layer_device(model: nn.Module, layer: nn.Module) -> torch.device:
+    """The device offloaded layers compute on: that of `layer`'s tensors, or, when it holds none
+    that are loaded (store_layers' meta structure), that of the model's first loaded one."""
+    loaded = (p.device for p in (*layer.parameters(), *model.parameters()) if p.device.type != "meta")
+    return next(loaded)
 
 
 def _check_stored(store: LayerStore, layer_list: nn.ModuleList, offloaded: list[int]) -> None:
@@ -1741,15 +1918,6 @@ def _check_stored(store: LayerStore, layer_list: nn.ModuleList, offloaded: list[
         if set(refs) != set(layout.entries):
             raise ValueError(f"layer {i}: the stored tensors {sorted(layout.entries)} are not the module's "
                              f"{sorted(refs)} ({store.path(i)})")
-
-
-def _alphas(alpha, offloaded: list[int]) -> dict[int, float]:
-    if isinstance(alpha, dict):
-        unknown = sorted(set(alpha) - set(offloaded))
-        if unknown:
-            raise ValueError(f"alpha names layers that are not offloaded: {unknown}")
-        return {i: float(alpha.get(i, 1.0)) for i in offloaded}
-    return {i: float(alpha) for i in offloaded}
 
 
 def _check_not_shared_with_resident(model: nn.Module, layer_list: nn.ModuleList, tensors: dict) -> None:
@@ -1784,9 +1952,9 @@ def _check_not_shared(i: int, tensors: dict, owners: dict) -> None:
         owners[key] = f"layer {i} tensor {name}"
 
 
-def _embedding_to_offload(model: nn.Module) -> tuple[nn.Module | None, str]:
-    """(the input embedding, "disk"); or (None, "tied") with a warning when another module holds
-    its weight too: a tied output head needs the whole matrix every forward, so it stays."""
+def _embedding_to_offload(model: nn.Module) -> nn.Module | None:
+    """The input embedding; or None, with a warning, when another module holds its weight too
+    (tied): a tied output head needs the whole matrix every forward, so it stays."""
     try:
         embedding = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
@@ -1802,8 +1970,8 @@ def _embedding_to_offload(model: nn.Module) -> tuple[nn.Module | None, str]:
             if ref.get().numel() and _storage_key(ref.get()) == key:
                 warnings.warn(f"the input embedding shares its weight with {name} (tied): it stays resident, "
                               "since that module needs the whole matrix; offloading it saves nothing", stacklevel=3)
-                return None, "tied"
-    return embedding, "disk"
+                return None
+    return embedding
 
 
 def _parent_slot(model: nn.Module, module: nn.Module) -> tuple[nn.Module, str]:
@@ -1817,3 +1985,4 @@ def _parent_slot(model: nn.Module, module: nn.Module) -> tuple[nn.Module, str]:
 
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
     return str(tensor.device), tensor.untyped_storage().data_ptr()
+

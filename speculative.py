@@ -610,7 +610,7 @@ def substitute_store(ctl, kind: str, cache_dir: str | Path) -> LayerStore:
     layer files' sha256s (a changed layer file means new substitutes) and the method."""
     import importlib.metadata
 
-    source = ctl.store._read_manifest()
+    source = ctl.store.read_manifest()
     library = "bitsandbytes" if kind == "nf4" else "hqq"
     identity = {"substitute": kind, library: importlib.metadata.version(library),
                 "source": ctl.store.identity, "source_sha256": {str(i): source["layers"][str(i)]["sha256"]

@@ -21,6 +21,7 @@ in NF4 (~5.5 GB) start on a 6 GB card.
 from __future__ import annotations
 
 import re
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -97,9 +98,15 @@ class _Absent(nn.Module):
     the layer's checkpoint tensors match nothing."""
 
 
+# what a Streamed model's loading hands from one step to the next, kept beside the model
+# rather than on it: the store (until load_streamed takes it) and the stored layers' modules
+_STORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STORED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _streamed_class(base: type, offloaded: list[int], layers_dir: Path, device: torch.device, progress: bool):
     """A subclass of the model class whose from_pretrained stores `offloaded` first (step 1)
-    and loads the rest without them (step 2); the store ends up in ``model._offload_store``."""
+    and loads the rest without them (step 2); the store ends up in ``_STORES[model]``."""
 
     class Streamed(base):
         @staticmethod
@@ -109,9 +116,9 @@ def _streamed_class(base: type, offloaded: list[int], layers_dir: Path, device: 
             layer_list = offload_skip.find_decoder_layers(model)
             prefix = decoder_layer_prefix(model)
             materialize = layer_materializer(CheckpointReader(checkpoint_files), prefix, device, load_config.dtype)
-            model._offload_store = offload_skip.store_layers(model, offloaded, layers_dir, materialize, device,
-                                                             progress=progress)
-            model._offload_stored = {i: layer_list[i] for i in offloaded}
+            _STORES[model] = offload_skip.store_layers(model, offloaded, layers_dir, materialize, device,
+                                                       progress=progress)
+            _STORED[model] = {i: layer_list[i] for i in offloaded}
             for i in offloaded:
                 layer_list[i] = _Absent()
             # the stored layers' checkpoint tensors are skipped on purpose: not "unexpected"
@@ -125,7 +132,7 @@ def _streamed_class(base: type, offloaded: list[int], layers_dir: Path, device: 
                 return base._finalize_model_loading(model, *args, **kwargs)
             finally:  # after the missing-weight initialisation and tying, which must not see them
                 layer_list = offload_skip.find_decoder_layers(model)
-                for i, layer in model.__dict__.pop("_offload_stored").items():
+                for i, layer in _STORED.pop(model).items():
                     layer_list[i] = layer
 
     Streamed.__name__ = Streamed.__qualname__ = base.__name__
@@ -151,5 +158,5 @@ def load_streamed(source: str, offloaded: list[int], layers_dir: Path, device: s
     cls = _streamed_class(base, sorted(offloaded), Path(layers_dir), torch.device(device), progress)
     model = cls.from_pretrained(source, config=config, **kwargs)
     model.__class__ = base  # Streamed holds no state of its own: the model is the base class's
-    store = model.__dict__.pop("_offload_store")
+    store = _STORES.pop(model)
     return model, store

@@ -97,12 +97,12 @@ def test_bound_tensors_are_views_of_the_mapped_file(mode, prefetch, kept, tmp_pa
 
     def capture(i):
         def hook(module, args):  # while the layer computes: bound, its file mapped (no view kept here)
-            address, nbytes = ctl._maps.regions()[i]
+            address, nbytes = ctl.residencies.maps.regions()[i]
             tensors = [ref.get() for ref in osk.layer_tensor_refs(module).values()]
             seen[i] = (address, nbytes, _mapping_of(address),
                        [(t.untyped_storage().data_ptr(), t.data_ptr(), t.nbytes) for t in tensors if t.numel()])
         return hook
-    hooks = [ctl._layers[i].register_forward_pre_hook(capture(i)) for i in LAYERS]
+    hooks = [ctl.layer_modules[i].register_forward_pre_hook(capture(i)) for i in LAYERS]
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*still views its mapped file")
         _logits(model, prompt_ids)
@@ -118,8 +118,8 @@ def test_bound_tensors_are_views_of_the_mapped_file(mode, prefetch, kept, tmp_pa
             assert address <= data and data + size <= address + nbytes
             assert data % osk.ALIGN_BYTES == 0
     assert allocated == []  # no buffer, no slot of a layer's size
-    assert ctl._streamer is None and ctl._own == {}
-    assert set(ctl._maps.regions()) == _held(ctl, mode)
+    assert ctl.residencies.streamer is None and ctl.residencies.kept.buffers == {}
+    assert set(ctl.residencies.maps.regions()) == _held(ctl, mode)
 
 
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
@@ -150,7 +150,7 @@ def test_map_equals_copy_and_the_unpatched_model(kind, mode, prefetch, kept, tmp
     logits, tokens = _logits(model, prompt_ids), _greedy(model, prompt_ids)
     for cpu_read in ("copy", "map"):
         ctl = _patch(model, tmp_path, mode, prefetch, kept, cpu_read=cpu_read)
-        assert ctl.cpu_read == cpu_read and (ctl._maps is not None) == (cpu_read == "map")
+        assert ctl.cpu_read == cpu_read and (ctl.residencies.maps is not None) == (cpu_read == "map")
         for _ in range(2):  # the second time mapped (or read) again, after standby
             assert torch.equal(_logits(model, prompt_ids), logits)
             assert torch.equal(_greedy(model, prompt_ids), tokens)  # KV cache on, through generate
@@ -164,10 +164,10 @@ def test_unpatched_reads_into_buffers_even_where_layers_are_mapped(tmp_path, pro
     logits = _logits(model, prompt_ids)
     ctl = _patch(model, tmp_path, mode="session")
     with ctl.unpatched():
-        assert ctl._maps.regions() == {} and sorted(ctl._own) == LAYERS
+        assert ctl.residencies.maps.regions() == {} and sorted(ctl.residencies.kept.buffers) == LAYERS
         assert torch.equal(_logits(model, prompt_ids), logits)
     assert torch.equal(_logits(model, prompt_ids), logits)
-    assert sorted(ctl._maps.regions()) == LAYERS
+    assert sorted(ctl.residencies.maps.regions()) == LAYERS
 
 
 # --------------------------------------------------------------------------- standby
@@ -185,15 +185,15 @@ def test_standby_unmaps_and_the_next_forward_maps_again(kind, mode, tmp_path, pr
         warnings.filterwarnings("error", message=".*still views its mapped file")  # a view left behind
         for round_ in range(2):
             assert torch.equal(_logits(model, prompt_ids), logits)
-            assert set(ctl._maps.regions()) == held
+            assert set(ctl.residencies.maps.regions()) == held
             assert ctl.resident_bytes() == standby + sum(ctl.layer_bytes[i] for i in held)
             assert len(made) == len(LAYERS) * (round_ + 1)  # mapped once per standby cycle, whatever the mode
             ctl.standby()
-            assert ctl._maps.regions() == {} and ctl.resident_bytes() == standby
+            assert ctl.residencies.maps.regions() == {} and ctl.resident_bytes() == standby
             gc.collect()
             assert all(_closed(ref) for _, ref in made)  # every mapping closed
             for i in LAYERS:  # the views unbound
-                assert all(t.numel() == 0 for t in osk.module_tensors(ctl._layers[i]))
+                assert all(t.numel() == 0 for t in osk.module_tensors(ctl.layer_modules[i]))
             assert len(made) == (round_ + 1) * len(LAYERS)
 
 
@@ -204,7 +204,7 @@ def test_a_view_held_elsewhere_keeps_its_mapping_until_it_goes(tmp_path, prompt_
     ctl = _patch(model, tmp_path, mode="session")
     made = _record_mappings(monkeypatch)
     _logits(model, prompt_ids)
-    weight = ctl._layers[4].mlp.up_proj.weight.detach()  # shares the mapped storage
+    weight = ctl.layer_modules[4].mlp.up_proj.weight.detach()  # shares the mapped storage
     expected = weight.clone()
     with pytest.warns(UserWarning, match=re.escape(f"layer 4: a tensor outside the model still views its mapped "
                                                    f"file {ctl.store.path(4)}")):
@@ -238,12 +238,12 @@ def test_a_truncated_file_is_a_named_cache_error(mode, when, tmp_path, prompt_id
         if when == "after a forward and standby":
             ctl.standby()
         else:
-            assert 4 in ctl._maps
+            assert 4 in ctl.residencies.maps
     os.truncate(path, 100)
     with pytest.raises(CacheError, match=_truncated(path)):
         _logits(model, prompt_ids)
     ctl.standby()
-    assert ctl._maps.regions() == {}
+    assert ctl.residencies.maps.regions() == {}
 
 
 def test_a_file_that_grew_under_its_mapping_is_named(tmp_path, prompt_ids):
@@ -332,5 +332,5 @@ def test_throttled_reads_need_the_copy_path(tmp_path, prompt_ids):
     model = make_model("llama-fp32", tmp_path)
     logits = _logits(model, prompt_ids)
     ctl = _patch(model, tmp_path, io_bandwidth=1e9, cpu_read="copy")
-    assert ctl._maps is None and torch.equal(_logits(model, prompt_ids), logits)
+    assert ctl.residencies.maps is None and torch.equal(_logits(model, prompt_ids), logits)
 

@@ -67,14 +67,14 @@ def test_every_read_goes_through_one_pinned_staging_kept_until_standby(mode, pre
     monkeypatch.setattr(osk.Staging, "read", lambda self, *args: (used.append(self), read(self, *args))[1])
     assert ctl.staging_bytes() == 0  # made by the first read
     assert torch.equal(logits(model, ids), reference)
-    staging = ctl._staging
+    staging = ctl.reader.staging
     buffers = [(b.data_ptr(), b.nbytes) for b in staging.buffers]
     assert all(b.is_pinned() for b in staging.buffers)
     assert ctl.staging_bytes() == 2 * osk.staging_chunk_bytes(ctl.layer_bytes)
     ctl.standby(release=False)  # between timed runs: the layers go, the staging stays
     assert torch.equal(logits(model, ids), reference)
     ctl.standby(release=False)  # no read ahead still in flight
-    assert ctl._staging is staging and [(b.data_ptr(), b.nbytes) for b in staging.buffers] == buffers
+    assert ctl.reader.staging is staging and [(b.data_ptr(), b.nbytes) for b in staging.buffers] == buffers
     assert len(used) == ctl.stats()["loads"] and {id(s) for s in used} == {id(staging)}
     ctl.standby()
     assert ctl.staging_bytes() == 0
@@ -121,7 +121,7 @@ def test_a_slot_is_refilled_only_after_the_compute_that_reads_it(prefetch, layer
     model, ids = _model_and_ids(prompt_ids)
     reference = logits(model, ids)
     ctl = patch_model(model, layers, tmp_path, mode="stream", prefetch=prefetch, progress=False)
-    _spin_before(ctl._layers[i] for i in layers)
+    _spin_before(ctl.layer_modules[i] for i in layers)
     refilled_while_read = []
     read = osk.LayerStreamer._read
 
@@ -131,7 +131,7 @@ def test_a_slot_is_refilled_only_after_the_compute_that_reads_it(prefetch, layer
     monkeypatch.setattr(osk.LayerStreamer, "_read", look_then_read)
     for _ in range(2):
         assert torch.equal(logits(model, ids), reference)
-    assert len(ctl._streamer.slots) == prefetch + 1 == len(layers) - 1
+    assert len(ctl.residencies.streamer.slots) == prefetch + 1 == len(layers) - 1
     assert any(refilled_while_read)  # what the exactness above rests on did happen
 
 
@@ -144,7 +144,7 @@ def test_read_ahead_hides_reads_behind_compute(prefetch, tmp_path, prompt_ids, m
     model, ids = _model_and_ids(prompt_ids)
     reference = logits(model, ids)
     ctl = patch_model(model, LAYERS, tmp_path, mode="stream", prefetch=prefetch, progress=False)
-    _spin_before(ctl._layers[i] for i in LAYERS)
+    _spin_before(ctl.layer_modules[i] for i in LAYERS)
     host_s = []  # each read's host seconds, as read_layer returns them
     read_layer = osk.read_layer
 

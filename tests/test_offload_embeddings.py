@@ -303,7 +303,7 @@ def test_unpatch_restores_the_embedding(kind, mode, tmp_path, prompt_ids):
     if keys is not None:
         assert model.state_dict().keys() == keys
     with pytest.raises(RuntimeError, match="unpatched"):
-        ctl._embed(prompt_ids)
+        ctl.on_embedding(prompt_ids)
 
 
 # --------------------------------------------------------------------------- accounting

@@ -285,7 +285,7 @@ def test_unpatch_restores_the_model(tmp_path, prompt_ids):
     assert restored.keys() == state.keys() and all(torch.equal(restored[k], state[k]) for k in state)
     assert torch.equal(_logits(model, prompt_ids), logits)
     with pytest.raises(RuntimeError, match="unpatched"):
-        ctl._on_stub(2, prompt_ids, (), {})
+        ctl.on_stub(2, prompt_ids, (), {})
 
 
 @pytest.mark.parametrize("mode", ["session", "stream"])
@@ -363,7 +363,7 @@ def test_stream_never_holds_more_slots_than_streamed_layers(layers, prefetch, sl
     ctl = patch_model(model, layers, tmp_path / "cache", mode="stream", prefetch=prefetch, cpu_read="copy",
                       progress=False)
     logits = _logits(model, prompt_ids)
-    assert len(ctl._streamer.slots) == slots
+    assert len(ctl.residencies.streamer.slots) == slots
     assert ctl.stats()["peak_resident_bytes"] - ctl._model_bytes == slots * max(ctl.layer_bytes.values())
     ctl.standby()
     assert torch.equal(_logits(model, prompt_ids), logits)
@@ -392,7 +392,7 @@ def test_reader_error_reaches_the_caller(tmp_path, prompt_ids):
     ctl = patch_model(model, "2,4,5", tmp_path / "cache", mode="stream", prefetch=2, cpu_read="copy", progress=False)
     _logits(model, prompt_ids)  # the reader is now ahead, at the next token's layers
     ctl.standby()
-    path = ctl._store.path(5)
+    path = ctl.store.path(5)
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CacheError, match=f"{path}: truncated layer file"):
         _logits(model, prompt_ids)
@@ -413,9 +413,9 @@ def test_throttle_delay(nbytes, bandwidth, elapsed_s, delay_s):
 def test_stats_overlap_definition(tmp_path, prompt_ids):
     model = make_model("llama-fp32", tmp_path)
     ctl = patch_model(model, "even", tmp_path / "cache", mode="stream", prefetch=0, progress=False)
-    ctl._stats.update(load_s=2.0, wait_s=0.5, forward_s=4.5)  # compute 4.0 s, 1.5 of 2.0 s read hidden
+    ctl.counters.totals.update(load_s=2.0, wait_s=0.5, forward_s=4.5)  # compute 4.0 s, 1.5 of 2.0 s read hidden
     assert ctl.stats()["overlap"] == pytest.approx(0.75)
-    ctl._stats.update(load_s=2.0, wait_s=2.0, forward_s=3.0)
+    ctl.counters.totals.update(load_s=2.0, wait_s=2.0, forward_s=3.0)
     assert ctl.stats()["overlap"] == 0.0
 
 
@@ -456,6 +456,82 @@ def test_patch_model_rejects(kwargs, message, tmp_path):
     kwargs = {"layers": "even", **kwargs}
     with pytest.raises(ValueError, match=message):
         patch_model(model, cache_dir=tmp_path / "cache", progress=False, **kwargs)
+
+
+CONFIG_ERRORS = [
+    (dict(mode="lazy"), "mode must be 'session' or 'stream'"),
+    (dict(budget_bytes=-1), "budget_bytes must be >= 0"),
+    (dict(prefetch=-1), "prefetch must be >= 0"),
+    (dict(io_bandwidth=0), "io_bandwidth must be > 0 bytes/s"),
+    (dict(inject_distance=0), "inject_distance must be a whole number >= 1"),
+    (dict(inject_distance=1.5), "inject_distance must be a whole number >= 1"),
+    (dict(cpu_read="mmap"), "cpu_read must be 'map' or 'copy'"),
+]
+
+
+@pytest.mark.parametrize("fields, message", CONFIG_ERRORS)
+def test_an_offload_config_is_checked_where_it_is_made(fields, message):
+    with pytest.raises(ValueError, match=message):
+        osk.OffloadConfig(**fields)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(io_bandwidth=1e9), "io_bandwidth throttles layer reads, and a mapped layer is not read"),
+    (dict(cold=True), "cold reads drop a layer file's pages before each read"),
+])
+def test_what_a_mapped_layer_cannot_do_is_refused_on_a_cpu(fields, message):
+    config = osk.OffloadConfig(**fields)
+    with pytest.raises(ValueError, match=message):
+        config.check_device(torch.device("cpu"))
+    osk.OffloadConfig(**fields, cpu_read="copy").check_device(torch.device("cpu"))
+    config.check_device(torch.device("meta"))  # off a CPU, cpu_read is ignored
+
+
+def test_a_config_or_its_fields_patch_alike_and_the_manifest_records_it(tmp_path, prompt_ids):
+    model = make_model("llama-fp32", tmp_path)
+    config = osk.OffloadConfig(alpha={2: 0.5}, mode="stream", prefetch=0, cpu_read="copy")
+    ctl = patch_model(model, "even", tmp_path / "cache", config=config, progress=False)
+    by_config = _logits(model, prompt_ids)
+    manifest = json.loads(ctl.store.manifest_path.read_text())
+    assert manifest["written_with"] == {
+        "alpha": {"2": 0.5}, "mode": "stream", "prefetch": 0, "budget_bytes": 0, "io_bandwidth": None,
+        "inject_distance": 1, "cold": False, "offload_embeddings": False, "cpu_read": "copy"}
+    assert ctl.config is config and ctl.alphas == {2: 0.5, 4: 1.0}
+    ctl.unpatch()
+    ctl = patch_model(model, "even", tmp_path / "cache", alpha={2: 0.5}, mode="stream", prefetch=0, cpu_read="copy",
+                      progress=False)
+    assert ctl.config == config and ctl.store.written == []  # the files do not depend on the config
+    assert torch.equal(_logits(model, prompt_ids), by_config)
+    ctl.unpatch()
+    with pytest.raises(TypeError, match=r"an OffloadConfig or its fields, not both \(got \['mode'\]\)"):
+        patch_model(model, "even", tmp_path / "cache", config=config, mode="session")
+
+
+@pytest.mark.parametrize("mode, cpu_read, kinds", [
+    ("session", "copy", {2: "KeptBuffers", 4: "KeptBuffers"}),
+    ("stream", "copy", {2: "LayerStreamer", 4: "LayerStreamer"}),
+    ("session", "map", {2: "LayerMaps", 4: "LayerMaps"}),
+    ("stream", "map", {2: "LayerMaps", 4: "LayerMaps"}),
+])
+def test_each_layer_has_one_residency_and_the_blocks_swap_in_their_own(mode, cpu_read, kinds, tmp_path, prompt_ids):
+    model = make_model("llama-fp32", tmp_path)
+    ctl = patch_model(model, "even", tmp_path / "cache", mode=mode, cpu_read=cpu_read, progress=False)
+    assert {i: type(ctl.residency(i)).__name__ for i in (2, 4)} == kinds
+    with ctl.session():
+        assert {type(ctl.residency(i)).__name__ for i in (2, 4)} == {"LayerMaps" if cpu_read == "map" else "KeptBuffers"}
+    with ctl.unpatched():
+        assert {type(ctl.residency(i)).__name__ for i in (2, 4)} == {"KeptBuffers"}
+    assert {i: type(ctl.residency(i)).__name__ for i in (2, 4)} == kinds
+
+
+def test_a_budget_keeps_the_layers_that_fit_and_streams_the_rest(tmp_path):
+    model = make_model("llama-fp32", tmp_path)
+    probe = patch_model(model, "2,4", tmp_path / "cache", progress=False)
+    budget = probe.layer_bytes[2]
+    probe.unpatch()
+    ctl = patch_model(model, "2,4", tmp_path / "cache", mode="stream", budget_bytes=budget, cpu_read="copy",
+                      progress=False)
+    assert ctl.keep == {2} and ctl.residency(2) is ctl.residencies.kept and ctl.residency(4) is ctl.residencies.streamer
 
 
 def test_unsupported_model_and_double_patch(tmp_path):
@@ -503,15 +579,15 @@ def test_cache_is_reused(tmp_path, prompt_ids):
     model = make_model("llama-fp32", tmp_path)
     logits = _logits(model, prompt_ids)
     ctl = patch_model(model, "even", tmp_path / "cache", progress=False)
-    assert ctl._store.written == [2, 4]
-    files = {p.name: p.stat().st_mtime_ns for p in ctl._store.dir.iterdir()}
-    manifest = json.loads((ctl._store.dir / "manifest.json").read_text())
+    assert ctl.store.written == [2, 4]
+    files = {p.name: p.stat().st_mtime_ns for p in ctl.store.dir.iterdir()}
+    manifest = json.loads((ctl.store.dir / "manifest.json").read_text())
     assert sorted(manifest["layers"]) == ["2", "4"]
     assert manifest["layers"]["2"]["tensors"]["mlp.up_proj.weight"] == {"dtype": "F32", "shape": [128, 64]}
     ctl.unpatch()
     again = patch_model(model, "even", tmp_path / "cache", progress=False)
-    assert again._store.written == []
-    assert {p.name: p.stat().st_mtime_ns for p in again._store.dir.iterdir()} == files
+    assert again.store.written == []
+    assert {p.name: p.stat().st_mtime_ns for p in again.store.dir.iterdir()} == files
     assert torch.equal(_logits(model, prompt_ids), logits)
 
 
@@ -522,11 +598,11 @@ def test_cache_of_another_model_is_not_reused(tmp_path, prompt_ids):
     second = tiny_model("llama", seed=7)
     logits = _logits(second, prompt_ids)
     ctl2 = patch_model(second, "even", tmp_path / "cache", progress=False)
-    assert ctl2._store.dir == ctl._store.dir and ctl2._store.written == [2, 4]
+    assert ctl2.store.dir == ctl.store.dir and ctl2.store.written == [2, 4]
     assert torch.equal(_logits(second, prompt_ids), logits)
     # another config or dtype: another folder
     third = tiny_model("llama", dtype=torch.bfloat16)
-    assert patch_model(third, "even", tmp_path / "cache", progress=False)._store.dir != ctl._store.dir
+    assert patch_model(third, "even", tmp_path / "cache", progress=False).store.dir != ctl.store.dir
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -536,7 +612,7 @@ def test_cache_of_another_model_is_not_reused(tmp_path, prompt_ids):
 def test_damaged_file_is_named_at_load(damage, message, tmp_path, prompt_ids):
     model = make_model("llama-fp32", tmp_path)
     ctl = patch_model(model, "even", tmp_path / "cache", mode="stream", progress=False)
-    path = ctl._store.path(4)
+    path = ctl.store.path(4)
     damage(path)
     with pytest.raises(CacheError, match=f"{path}: {message}.*; delete {path.parent} to rebuild$"):
         _logits(model, prompt_ids)
@@ -550,7 +626,7 @@ def test_damaged_file_is_named_at_load(damage, message, tmp_path, prompt_ids):
 def test_damaged_file_is_named_when_reused(damage, message, tmp_path):
     model = make_model("llama-fp32", tmp_path)
     ctl = patch_model(model, "even", tmp_path / "cache", progress=False)
-    path = ctl._store.path(2)
+    path = ctl.store.path(2)
     ctl.unpatch()
     damage(path)
     with pytest.raises(CacheError, match=f"{path}: {message}.*; delete {path.parent} to rebuild$"):
@@ -561,7 +637,7 @@ def test_corrupt_manifest_is_named(tmp_path):
     model = make_model("llama-fp32", tmp_path)
     ctl = patch_model(model, "even", tmp_path / "cache", progress=False)
     ctl.unpatch()
-    ctl._store.manifest_path.write_text("{not json")
+    ctl.store.manifest_path.write_text("{not json")
     with pytest.raises(CacheError, match="manifest.json: corrupt manifest"):
         patch_model(model, "even", tmp_path / "cache", progress=False)
 
@@ -569,7 +645,7 @@ def test_corrupt_manifest_is_named(tmp_path):
 def test_writes_leave_no_temporary_files(tmp_path):
     model = make_model("llama-fp32", tmp_path)
     ctl = patch_model(model, "even", tmp_path / "cache", progress=False)
-    assert sorted(p.name for p in ctl._store.dir.iterdir()) == \
+    assert sorted(p.name for p in ctl.store.dir.iterdir()) == \
         ["layer_2.safetensors", "layer_4.safetensors", "manifest.json"]
 
 
@@ -633,9 +709,16 @@ def test_reads_without_preadv(prefetch, tmp_path, prompt_ids, monkeypatch):
                       progress=False)
     for _ in range(2):
         assert torch.equal(_logits(model, prompt_ids), logits)
-    assert ctl._store._files  # the fallback ran
+    assert ctl.store._files  # the fallback ran
     ctl.standby()
-    assert ctl._store._files == []
+    assert ctl.store._files == []
+
+
+def _cpu_streamer(store, order: list[int], depth: int) -> osk.LayerStreamer:
+    """A streamer of its own over `store`'s files, outside any controller."""
+    cpu = torch.device("cpu")
+    reader = osk.LayerReader(store, cpu, None, osk.Counters(cpu), {i: store.layouts[i].data_bytes for i in order})
+    return osk.LayerStreamer(reader, order, depth)
 
 
 def _interrupt_the_wait_for(streamer, i: int, monkeypatch):
@@ -654,7 +737,7 @@ def _interrupt_the_wait_for(streamer, i: int, monkeypatch):
 def test_an_interrupted_wait_never_frees_a_slot_still_being_filled(tmp_path, monkeypatch):
     model = make_model("llama-fp32", tmp_path)
     ctl = patch_model(model, "2,4", tmp_path / "cache", mode="stream", prefetch=1, progress=False)
-    store, gate = ctl._store, threading.Event()
+    store, gate = ctl.store, threading.Event()
     real_read = store.read_into
 
     def slow_read(index, out):
@@ -662,7 +745,7 @@ def test_an_interrupted_wait_never_frees_a_slot_still_being_filled(tmp_path, mon
             gate.wait(30)
         real_read(index, out)
     monkeypatch.setattr(store, "read_into", slow_read)
-    streamer = osk.LayerStreamer(store, [2, 4], torch.device("cpu"), 1, None, lambda *a, **k: None)
+    streamer = _cpu_streamer(store, [2, 4], 1)
     streamer.acquire(2)  # read now; layer 4 is then read ahead in the background, held at the gate
     slot, job = _interrupt_the_wait_for(streamer, 4, monkeypatch)
     assert not job.done() and slot not in streamer.free_slots  # still being filled: not free
@@ -689,7 +772,7 @@ def test_a_read_that_raises_frees_its_slot_and_is_read_again(prefetch, tmp_path,
     """Synchronous (prefetch 0) or in the reader thread: the failed layer is not kept half read."""
     model = make_model("llama-fp32", tmp_path)
     ctl = patch_model(model, "2,4", tmp_path / "cache", mode="stream", prefetch=prefetch, progress=False)
-    store, failing = ctl._store, {4}
+    store, failing = ctl.store, {4}
     expected = {i: _layer(store, i) for i in (2, 4)}
     real_read = store.read_into
 
@@ -699,7 +782,7 @@ def test_a_read_that_raises_frees_its_slot_and_is_read_again(prefetch, tmp_path,
             raise OSError("disk gone")
         real_read(index, out, start)
     monkeypatch.setattr(store, "read_into", flaky_read)
-    streamer = osk.LayerStreamer(store, [2, 4], torch.device("cpu"), prefetch, None, lambda *a, **k: None)
+    streamer = _cpu_streamer(store, [2, 4], prefetch)
     streamer.acquire(2)
     streamer.release(2)
     with pytest.raises(OSError, match="disk gone"):
@@ -717,7 +800,7 @@ def test_a_cancelled_read_ahead_frees_its_slot_unfilled(tmp_path, monkeypatch):
     its slot is free at once, and the layer is read afresh when asked for again."""
     model = make_model("llama-fp32", tmp_path)
     ctl = patch_model(model, "2,4,6", tmp_path / "cache", mode="stream", prefetch=2, progress=False)
-    store, gate = ctl._store, threading.Event()
+    store, gate = ctl.store, threading.Event()
     expected = {i: _layer(store, i) for i in (2, 4, 6)}
     real_read = store.read_into
 
@@ -726,7 +809,7 @@ def test_a_cancelled_read_ahead_frees_its_slot_unfilled(tmp_path, monkeypatch):
             gate.wait(30)
         real_read(index, out, start)
     monkeypatch.setattr(store, "read_into", gated_read)
-    streamer = osk.LayerStreamer(store, [2, 4, 6], torch.device("cpu"), 2, None, lambda *a, **k: None)
+    streamer = _cpu_streamer(store, [2, 4, 6], 2)
     streamer.acquire(2)  # then 4 is read ahead (held at the gate) and 6 queued behind it
     slot6, job6 = _interrupt_the_wait_for(streamer, 6, monkeypatch)
     assert job6.cancelled() and slot6 in streamer.free_slots and _slots_accounted(streamer)
@@ -783,12 +866,12 @@ def test_no_staging_is_held_on_cpu_or_after_standby(tmp_path, prompt_ids):
         ctl = patch_model(model, "even", tmp_path / mode, mode=mode, progress=False)
         _logits(model, prompt_ids)
         assert ctl.staging_bytes() == 0  # CPU reads go straight into the layer's buffer
-        ctl._staging = osk.Staging(1024, torch.device("cpu"))  # as a CUDA run would hold it
+        ctl.reader.staging = osk.Staging(1024, torch.device("cpu"))  # as a CUDA run would hold it
         ctl.standby(release=False)
         assert ctl.staging_bytes() == 2048  # kept between timed runs
         ctl.standby()
         assert ctl.staging_bytes() == 0
-        ctl._staging = osk.Staging(1024, torch.device("cpu"))
+        ctl.reader.staging = osk.Staging(1024, torch.device("cpu"))
         ctl.unpatch()  # its reads are the last: nothing stays pinned for them
         assert ctl.staging_bytes() == 0
 
