@@ -9,14 +9,27 @@
 # forward, several times slower. The rows' cpu_isa column says which ran. The script defaults
 # are the quick main job (32 new tokens, 2,048 perplexity tokens); the headline rows use the
 # full protocol, spelled out below (FULL: 64 new tokens, 8,192 wiki tokens of perplexity).
+#
+#   bash reproduce.sh                # everything below, in order
+#   bash reproduce.sh --quickstart   # only the quick start's capture (results/quickstart.txt), then python report.py
+#                                    # copies it into README.md: run it alone on the machine, the model converted
 set -euo pipefail
 cd "$(dirname "$0")"
+case "${1:-}" in
+  "") QUICK=0 ;;
+  --quickstart) QUICK=1 ;;
+  *) echo "reproduce.sh: error: unknown argument '$1' (use --quickstart or nothing)" >&2; exit 2 ;;
+esac
 FULL="--max-new-tokens 64 --ppl-max-tokens 8192"
 QWEN="--max-new-tokens 16"
 NO_PPL="--ppl-max-tokens 0"
 
 # --- The quick start's output (README), captured with the runtime the user waits ------------
 TIMEFORMAT='runtime: %R s'; { time python run_kvcache.py 2>/dev/null; } 2>&1 | tee results/quickstart.txt
+if [ "$QUICK" = 1 ]; then python report.py; exit 0; fi
+# How long a user waits on this machine as it is (README's "how long" line): results/timings.csv
+python timings.py main-job
+python timings.py tests
 
 # --- Qwen2.5-Coder-1.5B (the reference architecture; even layers 2..24 = 12 of 28) ---------
 M=qwen2.5-coder-1.5b

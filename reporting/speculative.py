@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import bench
+import estimate
 
 from .tables import commits, machines, markdown_table, mb, missing, num, save_figure
 
@@ -94,6 +95,63 @@ def answers(results: Path, prompt_kinds: tuple[str, ...] | None = None,
             text += f"; the slowest, {worst['draft']}, at {bench.number(worst['vs_plain']):.2f}x"
         out.append(text + ".")
     return out + notes(results)
+
+
+def best_table(results: Path) -> str:
+    """The best draft per target, reads and prompt kind (at the default schedule where measured),
+    beside the slowest draft of the same group, as a markdown table ('' without rows)."""
+    pairs = best_rows(results)
+    if not pairs:
+        return ""
+    return markdown_table(
+        ["target", "reads", "prompts", "schedule", "best draft", "vs plain stream", "tokens per verify",
+         "streamed bytes per token", "draft MB", "slowest draft"],
+        [[b["quant"], reads(b), b["prompt_kind"], schedule(b), b["draft"],
+          num(b["vs_plain"], ".2f", "x"), num(b["accepted_per_verify"], ".1f"),
+          f"{bench.number(b['read_bytes_per_token']) / bench.number(b['plain_read_bytes_per_token']):.2f}x",
+          mb(b["draft_bytes"]), f"{w['draft']} {bench.number(w['vs_plain']):.2f}x" if w is not b else ""]
+         for b, w in pairs])
+
+
+HEADLINE = ("{machines}, {model} target: the best draft decodes at {page_vs}x plain stream decoding from the page "
+            "cache ({page_draft}, {page_quant}, {page_prompts} prompts, {page_tpv} tokens per verify, {default} "
+            "schedule) and at {cold_vs}x from a cold disk ({cold_draft}, {cold_quant}, {cold_schedule} schedule); at the "
+            "{default} schedule {slow} of {rows} rows run below {bar}x plain.")
+
+
+def headline(results: Path) -> str | None:
+    """HEADLINE filled from the best rows: the fastest from the page cache at the default schedule,
+    the fastest from a cold disk; None without rows."""
+    found, pairs = rows(results), best_rows(results)
+    page = [b for b, _ in pairs if reads(b) == "page cache" and schedule(b) == DEFAULT_SCHEDULE]
+    cold = [b for b, _ in pairs if reads(b) != "page cache"]
+    if not page or not cold:
+        return None
+    by = lambda r: bench.number(r["vs_plain"])  # noqa: E731
+    best_page, best_cold = max(page, key=by), max(cold, key=by)
+    default = [r for r in found if schedule(r) == DEFAULT_SCHEDULE]
+    return HEADLINE.format(
+        machines=machines(found), model=found[0]["model"], default=DEFAULT_SCHEDULE,
+        page_vs=f"{by(best_page):.2f}", page_draft=best_page["draft"], page_quant=best_page["quant"],
+        page_prompts=best_page["prompt_kind"], page_tpv=f"{bench.number(best_page['accepted_per_verify']):.1f}",
+        cold_vs=f"{by(best_cold):.2f}", cold_draft=best_cold["draft"], cold_quant=best_cold["quant"],
+        cold_schedule=schedule(best_cold), slow=sum(by(r) < SLOW for r in default), rows=len(default), bar=SLOW)
+
+
+def gpu_prediction(results: Path) -> str:
+    """The GPU prediction with the code acceptance of the draft that predicts fastest on the 3B
+    reference from NVMe (NF4 target: the reference's format)."""
+    measured = [a for a in estimate.measured_acceptance(bench.read_rows(results / CSV))
+                if a.prompt_kind == "code" and a.quant == "nf4"]
+    if not measured:
+        return ""
+    plain = estimate.speculative_predictions(None)
+    scored = [(a, estimate.speculative_predictions(a)) for a in measured]
+    best, predicted = max(scored, key=lambda s: (s[1][1].tok_s or 0))
+    cells = "; ".join(f"{p.setup}: {p.cell()}" for p in predicted)
+    return (f"GPU prediction (`estimate.py --speculative`, RTX 4050, read-ahead), with {best.draft.name}'s acceptance "
+            f"on code ({best.accepted_per_verify:.1f} tokens per verify): {cells}; plain stream "
+            + ", ".join(p.cell() for p in plain) + " tok/s.")
 
 
 def notes(results: Path) -> list[str]:

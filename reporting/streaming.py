@@ -104,16 +104,23 @@ def _paired(row: dict) -> str:
     return "" if median is None else f"{median:.3f}x ({q1:.3f}-{q3:.3f})"
 
 
-def cpu_read_answers(results: Path) -> list[str]:
-    """Per configuration with both ways measured: the copy path's ratio beside the map path's."""
+def cpu_read_pairs(results: Path) -> list[tuple[tuple, dict, dict]]:
+    """(key, copy row, map row) per configuration measured both ways, the newest row of each way;
+    key: (machine, model, quant, batch, prefetch)."""
     rows = [r for r in _cpu_read_rows(results) if bench.number(r["decode_ratio"])]
     out = []
     for key in dict.fromkeys(_cpu_read_key(r) for r in rows):
-        ways = {read_way(r): r for r in rows if _cpu_read_key(r) == key}  # the newest row of each way
-        if not {"copy", "map"} <= set(ways):
-            continue
+        ways = {read_way(r): r for r in rows if _cpu_read_key(r) == key}
+        if {"copy", "map"} <= set(ways):
+            out.append((key, ways["copy"], ways["map"]))
+    return out
+
+
+def cpu_read_answers(results: Path) -> list[str]:
+    """Per configuration with both ways measured: the copy path's ratio beside the map path's."""
+    out = []
+    for key, copy, mapped in cpu_read_pairs(results):
         machine, model, quant, batch, prefetch = key
-        copy, mapped = ways["copy"], ways["map"]
         text = (f"{model} {quant}, batch {batch}, prefetch {prefetch} ({machine}): stream decodes at "
                 f"{bench.number(copy['decode_ratio']):.2f}x the resident model when it copies, "
                 f"{bench.number(mapped['decode_ratio']):.2f}x when it maps")
@@ -127,6 +134,35 @@ def cpu_read_answers(results: Path) -> list[str]:
             text += f", while decoding at most {peaks[0] / 1e6:.1f} and {peaks[1] / 1e6:.1f} MB"
         out.append(text + ".")
     return out
+
+
+CPU_READ_LINE = ("{pairs} configurations measured both ways ({machines}): stream decodes at {map_ratios} the resident "
+                 "model's speed when it maps each layer file, {copy_ratios} when it copies it{growth}.")
+CPU_READ_GROWTH = "; while decoding, anonymous memory grows by at most {map_mb} MB mapping, {copy_mb} MB copying"
+
+
+def _ratio_range(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.2f}x" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}x to {high:.2f}x"
+
+
+def cpu_read_line(results: Path) -> str | None:
+    """CPU_READ_LINE over every pair of cpu_read_pairs; None without a pair."""
+    pairs = cpu_read_pairs(results)
+    if not pairs:
+        return None
+
+    def growth(row: dict) -> float | None:
+        peak, idle = bench.number(row.get("peak_rss_anon_bytes")), bench.number(row.get("rss_anon_bytes"))
+        return None if peak is None or idle is None else peak - idle
+    grown = {way: [growth(p[k]) for p in pairs] for way, k in (("copy", 1), ("map", 2))}
+    complete = all(None not in values for values in grown.values())
+    return CPU_READ_LINE.format(
+        pairs=len(pairs), machines=", ".join(dict.fromkeys(key[0] for key, _, _ in pairs)),
+        map_ratios=_ratio_range([bench.number(m["decode_ratio"]) for _, _, m in pairs]),
+        copy_ratios=_ratio_range([bench.number(c["decode_ratio"]) for _, c, _ in pairs]),
+        growth=CPU_READ_GROWTH.format(map_mb=f"{max(grown['map']) / 1e6:.1f}", copy_mb=f"{max(grown['copy']) / 1e6:.1f}")
+        if complete else "")
 
 
 def profile_section(results: Path) -> str:

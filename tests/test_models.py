@@ -153,3 +153,43 @@ def test_a_step_without_progress_of_its_own_says_how_long_it_runs():
     count = len(bar.postfixes)
     time.sleep(0.05)
     assert len(bar.postfixes) == count  # the thread ended with the step
+
+
+def test_embedded_model_names_the_known_aliases(tmp_path):
+    with pytest.raises(ValueError) as err:
+        bench.embedded_model("Qwen/Qwen2.5-0.5B-Instruct", tmp_path)
+    message = _one_line(err)
+    assert message.startswith("unknown embedded model 'Qwen/Qwen2.5-0.5B-Instruct': use one of ")
+    assert all(alias in message for alias in bench.EMBEDDED_MODELS)
+    assert not (tmp_path / "hf").exists()  # nothing fetched or made
+
+
+def test_embedded_model_returns_a_completed_checkpoint_as_is(tmp_path, monkeypatch):
+    """A checkpoint whose conversion finished (its marker file) is returned, nothing fetched;
+    the default cache is $OFFLOAD_SKIP_CACHE's."""
+    checkpoint_dir = tmp_path / "hf" / "gemma3-270m"
+    checkpoint_dir.mkdir(parents=True)
+    (checkpoint_dir / models._COMPLETE_MARKER).write_text("done\n")
+
+    def fail(*args):
+        raise AssertionError("fetched or converted again")
+
+    monkeypatch.setattr(fetch, "fetch", fail)
+    monkeypatch.setattr(models, "_convert_gguf", fail)
+    assert bench.embedded_model("gemma3-270m", tmp_path) == checkpoint_dir
+    monkeypatch.setenv("OFFLOAD_SKIP_CACHE", str(tmp_path))
+    assert bench.embedded_model("gemma3-270m") == checkpoint_dir
+    (checkpoint_dir.parent / bench.DEFAULT_MODEL).mkdir()
+    (checkpoint_dir.parent / bench.DEFAULT_MODEL / models._COMPLETE_MARKER).write_text("done\n")
+    assert bench.embedded_model() == checkpoint_dir.parent / bench.DEFAULT_MODEL
+
+
+def test_embedded_model_converts_an_incomplete_checkpoint(tmp_path, monkeypatch):
+    """A directory without the marker (a crashed conversion) is converted again from the fetched GGUF."""
+    (tmp_path / "hf" / "smollm2-135m").mkdir(parents=True)
+    calls = []
+    monkeypatch.setattr(fetch, "fetch", lambda spec, cache: calls.append(("fetch", spec.name)) or tmp_path / spec.name)
+    monkeypatch.setattr(models, "_convert_gguf", lambda gguf, out: calls.append(("convert", gguf.name, out)))
+    assert bench.embedded_model("smollm2-135m", tmp_path) == tmp_path / "hf" / "smollm2-135m"
+    name = bench.EMBEDDED_GGUFS["smollm2-135m"].name
+    assert calls == [("fetch", name), ("convert", name, tmp_path / "hf" / "smollm2-135m")]

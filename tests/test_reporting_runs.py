@@ -46,7 +46,12 @@ def test_lead_section_sets_our_rows_beside_the_original(tmp_path):
     assert "| layers offloaded | 16 of 36 (even 2..32) | 12 of 28 (even) |" in text
     assert '| 1.92 -> 1.34 "GB" (-30%) | 1.60 GB -> 1.30 GB (-19%) |' in text
     assert "session 1.60 GB; stream 1.33 GB (-17%) |" in text
-    assert "| 9.8765 unpatched -> 9.8765 streamed (wiki-embedded, 8176 tokens, ctx 512) |" in text
+    # perplexity: not in the table (the original's figure is five short sentences), a note of its own
+    assert "| perplexity |" not in text and "9.8765" not in text.split("\n\n")[1]
+    note = text.split("\n\n")[-1]
+    assert note.startswith("Perplexity is not comparable across these columns")
+    assert ("the original's 3.46 -> 3.43 scores five short sentences one by one; qwen2.5-coder-1.5b scores 8176 "
+            "tokens of wiki-embedded in windows of 512 (9.88 unpatched)") in note
     assert "0.60 vs 0.62 tok/s unpatched, same run: 0.97x" in text
     assert runs.lead_section([]).startswith("(no ")
     assert "dummy" not in text  # no column for the original's shape until it has rows
@@ -66,7 +71,7 @@ def test_the_originals_shape_gets_a_column_in_gib_and_a_units_note(tmp_path):
     assert header.endswith(f"| this repo: the original's shape, {runs.DUMMY_ORIGINAL} NF4 (dummy weights), CPU: A (avx2) |")
     assert "| 16 of 36 (even 2..32) | 2 of 28 (even) | 16 of 36 (even) |" in text
     assert "| 2.00 GiB (2.15 GB) -> 1.34 GiB (1.44 GB) (-33%) |" in text
-    assert "| none: dummy weights |" in text
+    assert "Perplexity is not comparable" not in text  # no real-weight baseline with a perplexity: no note
     assert text.endswith("read as GiB, 0.960x and 1.000x; read as 10^9 bytes, 0.894x and 0.931x.")
 
 

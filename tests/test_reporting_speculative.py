@@ -88,3 +88,21 @@ def test_plot(tmp_path):
     _write(tmp_path, [_row(), _row(draft="self:nf4", draft_bytes="300e6", vs_plain="3")])
     (path,) = speculative.plot(tmp_path)
     assert path == tmp_path / "speculative.png" and path.stat().st_size > 0
+
+
+def test_headline_names_the_best_draft_from_the_page_cache_and_from_a_cold_disk(tmp_path):
+    _write(tmp_path, [
+        _row(draft="lookup", schedule="adaptive", vs_plain="1.2", accepted_per_verify="1.5"),
+        _row(draft="qwen2.5-coder-0.5b", schedule="adaptive", vs_plain="0.8", draft_bytes="700e6"),
+        _row(draft="qwen2.5-coder-0.5b", cold_reads="True", schedule="constant", vs_plain="3.1"),
+        _row(draft="lookup", cold_reads="True", schedule="constant", vs_plain="1.1"),
+    ])
+    assert speculative.headline(tmp_path) == (
+        "CPU: test (avx2), qwen2.5-coder-1.5b target: the best draft decodes at 1.20x plain stream decoding from the "
+        "page cache (lookup, bf16, code prompts, 1.5 tokens per verify, adaptive schedule) and at 3.10x from a cold "
+        "disk (qwen2.5-coder-0.5b, bf16, constant schedule); at the adaptive schedule 1 of 2 rows run below 0.9x plain.")
+    table = speculative.best_table(tmp_path)
+    assert "| bf16 | page cache | code | adaptive | lookup | 1.20x | 1.5 | 0.50x | 0.0 | qwen2.5-coder-0.5b 0.80x |" in table
+    assert speculative.headline(_write(tmp_path, [_row(schedule="adaptive")])) is None  # nothing cold
+    (tmp_path / "none").mkdir()
+    assert speculative.best_table(tmp_path / "none") == ""

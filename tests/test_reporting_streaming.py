@@ -86,6 +86,21 @@ def test_cpu_read_block_sets_the_map_path_beside_the_copy_path(tmp_path):
     assert "0.100x" not in table
 
 
+def test_cpu_read_headline_is_one_line_over_every_pair(tmp_path):
+    _cpu_read_csv(tmp_path / "cpu_read.csv", [
+        dict(cpu_read="copy", decode_ratio=0.83, rss_anon_bytes=60e6, peak_rss_anon_bytes=70e6),
+        dict(cpu_read="map", decode_ratio=0.99, rss_anon_bytes=50e6, peak_rss_anon_bytes=52e6),
+        dict(cpu_read="copy", batch_size=16, decode_ratio=0.9, rss_anon_bytes=60e6, peak_rss_anon_bytes=90e6),
+        dict(cpu_read="map", batch_size=16, decode_ratio=1.05, rss_anon_bytes=50e6, peak_rss_anon_bytes=51e6),
+        dict(cpu_read="map", prefetch=2, decode_ratio=2.0),  # no pair: left out
+    ])
+    assert streaming.cpu_read_line(tmp_path) == (
+        "2 configurations measured both ways (CPU: A (avx2)): stream decodes at 0.99x to 1.05x the resident model's "
+        "speed when it maps each layer file, 0.83x to 0.90x when it copies it; while decoding, anonymous memory grows "
+        "by at most 2.0 MB mapping, 30.0 MB copying.")
+    assert streaming.cpu_read_line(tmp_path / "none") is None
+
+
 def test_rows_from_before_the_flag_copied():
     assert streaming.read_way({"cpu_read": ""}) == streaming.read_way({}) == "copy"
     assert streaming.read_way({"cpu_read": "map"}) == "map"

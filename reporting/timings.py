@@ -1,0 +1,86 @@
+"""How long a user waits, for README.md's quick start: the main job's captured output
+(results/quickstart.txt, written by reproduce.sh's first line) and its `runtime:` line, and the
+wall times `python timings.py JOB` appended to results/timings.csv on whatever machine ran it.
+Every number comes from one of those two files."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import bench
+
+QUICKSTART = "quickstart.txt"  # in the results folder
+TIMINGS = "timings.csv"
+CAPTURE_COMMAND = "bash reproduce.sh --quickstart"
+JOB_LABELS = {"main-job": "the main job (`python run_kvcache.py`)", "tests": "the tests (`python -m pytest`)"}
+
+IDLE = ("The main job took {runtime} on {machine}, alone on the machine with the model already converted "
+        "(`results/quickstart.txt`, from `{capture}`).")
+LOADED = "With `python timings.py` (`results/{csv}`): {clauses}."
+CLAUSE = "{label} took {wall} on {cpu_name}, {cpus} cores, load average {load_start} before and {load_end} after"
+UNTIMED = ("No other machine timed yet: `python timings.py main-job` and `python timings.py tests` append the wall "
+           "times, cores and load to `results/{csv}`.")
+
+
+def capture(results: Path) -> str | None:
+    """The main job's captured stdout, or None when nobody has captured it."""
+    path = Path(results) / QUICKSTART
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def quickstart_block(results: Path) -> str | None:
+    """The capture as a fenced block (README's quickstart markers); None without one."""
+    text = capture(results)
+    return None if text is None else "```\n" + text.rstrip("\n") + "\n```"
+
+
+def runtime_s(text: str) -> float | None:
+    """The seconds of the capture's `runtime: X s` line (bash's `time`, reproduce.sh)."""
+    found = re.search(r"^runtime: ([0-9.]+) s$", text, re.M)
+    return float(found.group(1)) if found else None
+
+
+def captured_machine(text: str) -> str | None:
+    """What the capture's first line says it ran on: `... on cpu (AMD EPYC, avx512_bf16), ...`."""
+    found = re.search(r" on (\w+)(?: \(([^)]*)\))?", text.splitlines()[0] if text else "")
+    if not found:
+        return None
+    device, detail = found.group(1).upper(), found.group(2)
+    if not detail:
+        return device
+    name, _, isa = detail.rpartition(", ")
+    return f"{device}: {name} ({isa})" if name else f"{device}: {detail}"
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min ({seconds:.0f} s)"
+
+
+def latest_timings(results: Path) -> dict[str, dict]:
+    """job -> its newest row that passed (exit code 0), in JOB_LABELS order."""
+    rows = [r for r in bench.read_rows(Path(results) / TIMINGS) if r.get("exit_code") == "0"]
+    newest = {}
+    for job in JOB_LABELS:
+        mine = [r for r in rows if r["job"] == job]
+        if mine:
+            newest[job] = max(mine, key=lambda r: r["timestamp"])
+    return newest
+
+
+def how_long(results: Path) -> str:
+    """README's "how long" sentences: IDLE from the capture, LOADED (or UNTIMED) from timings.csv."""
+    out = []
+    text = capture(results)
+    seconds = runtime_s(text) if text else None
+    if seconds is not None:
+        out.append(IDLE.format(runtime=duration(seconds), machine=captured_machine(text) or "its machine",
+                               capture=CAPTURE_COMMAND))
+    timed = latest_timings(results)
+    if timed:
+        out.append(LOADED.format(csv=TIMINGS, clauses="; ".join(
+            CLAUSE.format(label=JOB_LABELS[job], wall=duration(bench.number(r["wall_s"])), cpu_name=r["cpu_name"],
+                          cpus=r["cpus"], load_start=r["load_avg_start"], load_end=r["load_avg_end"])
+            for job, r in timed.items())))
+    else:
+        out.append(UNTIMED.format(csv=TIMINGS))
+    return " ".join(out)
