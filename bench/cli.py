@@ -15,7 +15,7 @@ import offload_skip
 from .base import RESULTS_DIR, UsageError, default_cache_dir, first_line
 from .dummy import SHAPES as DUMMY_SHAPES, is_dummy
 from .models import DEFAULT_MODEL, EMBEDDED_MODELS, HEAD_QUANTS, QUANTS, model_kind
-from .results import APPENDED, check_output, check_writable
+from .csvio import APPENDED, check_output, check_writable
 from .workload import DEFAULT_PROMPT, VARIANTS
 
 CUDA_DEFAULT_PREFETCH = 2

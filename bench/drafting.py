@@ -25,7 +25,8 @@ from .experiment import Run, inference, prompt_batch
 from .measure import decode, settle, synchronize, unpatched_fits, watch_cpu
 from .models import QUANTS, load_model, model_kind
 from .prompts import PROMPT_KINDS, load_prompts
-from .results import csv_row, device_name, environment
+from .provenance import device_name, environment
+from .schema import csv_row
 from .rowfiles import save_rows
 from .rows import saved_line
 

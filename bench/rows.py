@@ -1,5 +1,5 @@
 """A run's row: the Result filled from what open_run loaded and measure measured, appended to
---out and summarised. Kept apart from results, the schema, so that results needs nothing
+--out and summarised. Kept apart from the schema (bench.schema), so that it needs nothing
 from the modules that run and measure."""
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import statistics
 from .experiment import Run
 from .measure import Memory, Speed
 from .rowfiles import save_rows
-from .results import Result, device_name, environment, latest_baseline, process_age_s, summary
+from .provenance import device_name, environment, process_age_s
+from .schema import Result
+from .summary import latest_baseline, summary
 from .workload import VARIANT_MODES
 
 

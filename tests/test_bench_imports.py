@@ -57,7 +57,7 @@ LAYERS = _stated_layers()
 
 
 @pytest.mark.parametrize("source, expected", [
-    ("from .results import Result", {"results"}),
+    ("from .schema import Result", {"schema"}),
     ("from . import fetch, layer_loading", {"fetch", "layer_loading"}),
     ("from bench.measure import Speed", {"measure"}),
     ("import bench.cli as cli", {"cli"}),

@@ -37,9 +37,9 @@ def test_alpha_table_against_the_baseline_of_the_same_tokens(tmp_path):
 def test_reference_falls_back_to_an_exact_row_only():
     rows = [r.__dict__ for r in (_case(alpha=0.5, ppl=30.0), _case(layers="blocks:2", ppl=20.0),
                                  _case(distance=2, ppl=19.0), _case(skipped=(2,), ppl=18.0))]
-    rows = [{k: bench.results._cell(v) for k, v in r.items()} for r in rows]
+    rows = [{k: bench.csvio.cell(v) for k, v in r.items()} for r in rows]
     assert study.reference(rows[0], rows) is None  # none of them is exact
-    exact = {k: bench.results._cell(v) for k, v in _case(ppl=16.0).__dict__.items()}
+    exact = {k: bench.csvio.cell(v) for k, v in _case(ppl=16.0).__dict__.items()}
     assert study.reference(rows[0], rows + [exact]) == 16.0
     other_tokens = dict(exact, ppl_tokens="1020")
     assert study.reference(rows[0], rows + [other_tokens]) is None
@@ -49,7 +49,7 @@ def test_planner_table_follows_the_orders(tmp_path):
     removal = {i: 100.0 + i for i in range(N)}  # lower layers matter less
     for i in range(N):
         bench.append_row(tmp_path / "importance.csv", _case(layers=str(i), alpha=0.0, ppl=removal[i]))
-    influence = [bench.results.environment() for _ in range(N)]
+    influence = [bench.environment() for _ in range(N)]
     for i, env in enumerate(influence):
         from bench.importance import InfluenceRow
         bench.append_row(tmp_path / "block_influence.csv", InfluenceRow(
