@@ -30,6 +30,12 @@ def summary(row: Result, baseline: dict | None = None) -> str:
     """A few human lines: the row's numbers; memory as % and speed as a ratio of the row's own
     same-run baseline; perplexity against a comparable `baseline` row (latest_baseline) if it
     scored the same tokens."""
+    lines = [f"{row.variant}: {config_text(row)}", *memory_lines(row), *quality_and_speed_lines(row, baseline)]
+    return "\n".join(lines)
+
+
+def config_text(row: Result) -> str:
+    """What ran, in words: model, format, machine, the patch and how its layers come in."""
     machine = row.device_name.removeprefix("CPU: ") if row.device_name else ""
     if row.device == "cpu" and row.cpu_isa:
         machine += f", {row.cpu_isa}"  # which NF4 path bitsandbytes took, and so which speeds to expect
@@ -63,16 +69,21 @@ def summary(row: Result, baseline: dict | None = None) -> str:
         config += f"; batch {row.batch_size}"
     if row.kv_cache is False:  # None: nothing decoded
         config += "; no KV cache"
+    return config
 
-    def versus(value, base, what: str | None = None) -> str:
-        # `what` names the unpatched model's figure the bytes are compared with; speeds compare like with like
-        if value is None or not base:
-            return ""
-        if what is not None:
-            return f"  ({100 * value / base:.1f}% of the unpatched model's {what}, {_mb(base)})"
-        return f"  ({value / base:.3f}x the unpatched model's {_tok_s(base)} tok/s, same run)"
 
-    lines = [f"{row.variant}: {config}"]
+def _versus(value, base, what: str | None = None) -> str:
+    # `what` names the unpatched model's figure the bytes are compared with; speeds compare like with like
+    if value is None or not base:
+        return ""
+    if what is not None:
+        return f"  ({100 * value / base:.1f}% of the unpatched model's {what}, {_mb(base)})"
+    return f"  ({value / base:.3f}x the unpatched model's {_tok_s(base)} tok/s, same run)"
+
+
+def memory_lines(row: Result) -> list[str]:
+    """Device weight bytes and host RSS, against the unpatched model's in the same run; their parts."""
+    lines = []
     for label, value, base, what in (
             ("standby weights", row.standby_bytes, row.baseline_standby_bytes, "standby weights"),
             ("peak weights", row.peak_bytes, row.baseline_standby_bytes, "standby weights"),
@@ -81,7 +92,7 @@ def summary(row: Result, baseline: dict | None = None) -> str:
                                   (None, "none") else "")),
             ("idle RSS", row.rss_bytes, row.baseline_rss_bytes, "idle RSS")):
         if value is not None:
-            lines.append(f"  {label:<15} {_mb(value):>10}" + versus(value, base, what))
+            lines.append(f"  {label:<15} {_mb(value):>10}" + _versus(value, base, what))
     if row.rss_anon_bytes is not None:
         lines.append(f"  {'idle RSS parts':<15} anonymous {_mb(row.rss_anon_bytes)}, file-backed "
                      f"{_mb(row.rss_file_bytes)}" + (f"; unpatched model's anonymous {_mb(row.baseline_rss_anon_bytes)}"
@@ -92,6 +103,13 @@ def summary(row: Result, baseline: dict | None = None) -> str:
         lines.append(f"  {'standby parts':<15} embedding {_mb(row.embedding_bytes)}, head {_mb(row.head_bytes)}, "
                      f"resident layers {_mb(row.resident_layers_bytes)}, other {_mb(row.other_bytes)}; "
                      f"offloaded layers at the peak {_mb(row.offloaded_buffer_bytes)}")
+    return lines
+
+
+def quality_and_speed_lines(row: Result, baseline: dict | None) -> list[str]:
+    """Perplexity (against `baseline` when it scored the same tokens), speeds against the same
+    run's unpatched model, the layer traffic, and a warning when the machine was busy."""
+    lines = []
     if row.ppl is not None:
         same_tokens = baseline is not None and row.variant != "baseline" and all(
             baseline.get(k) == cell(getattr(row, k)) for k in ("ppl_dataset", "ppl_ctx", "ppl_stride", "ppl_tokens"))
@@ -101,20 +119,20 @@ def summary(row: Result, baseline: dict | None = None) -> str:
                      + (f"  (baseline row on this kind of machine: {base_ppl:.4g})" if base_ppl else ""))
     if row.decode_tok_s is not None:
         lines.append(f"  {'decode':<15} {_tok_s(row.decode_tok_s):>6} tok/s"
-                     + versus(row.decode_tok_s, row.baseline_decode_tok_s) + f"; prefill {row.prefill_s:.3f} s")
+                     + _versus(row.decode_tok_s, row.baseline_decode_tok_s) + f"; prefill {row.prefill_s:.3f} s")
     if row.paired_ratio_median is not None:
         lines.append(f"  {'paired':<15} {row.paired_ratio_median:.3f}x the unpatched model's speed, median of the "
                      f"back-to-back pairs (quartiles {row.paired_ratio_q1:.3f}-{row.paired_ratio_q3:.3f})")
     if row.generate_tok_s is not None:
         lines.append(f"  {'generate':<15} {_tok_s(row.generate_tok_s):>6} tok/s"
-                     + versus(row.generate_tok_s, row.baseline_generate_tok_s))
+                     + _versus(row.generate_tok_s, row.baseline_generate_tok_s))
     if row.loads:
         lines.append(f"  per run: {row.loads:g} layer loads, {_mb(row.loaded_bytes)}, {row.per_layer_load_ms:.2f} ms "
                      f"each; waited {row.wait_s:.3f} s of {row.forward_s:.3f} s forward, overlap {row.overlap:.2f}")
     if row.busy:
         lines.append(f"  BUSY: other processes used {100 * row.other_cpu_share:.0f}% of the CPU while timing; "
                      "the speed figures are not trusted (README tables leave this row out)")
-    return "\n".join(lines)
+    return lines
 
 
 def _tok_s(value: float) -> str:
