@@ -96,3 +96,12 @@ def test_patterns_answers_count_exact_rows_and_parallel_costs(tmp_path):
     assert line == "Non-adjacent patterns at alpha 1: 1 of 1 exact; adjacent layers in parallel (`blocks:N`) cost 2x at alpha 1."
     assert any("lowers the cost on every model for N = 2, and does not rescue it (at best +50%)" in d for d in details)
     assert study.answers(tmp_path / "none") == {}
+
+
+def test_plots_draws_a_figure_only_for_the_suites_with_rows(tmp_path):
+    assert study.plots(tmp_path) == []
+    for alpha, ppl in ((0.5, 38.5), (1.0, 16.0)):
+        bench.append_row(tmp_path / "alpha.csv", _case(alpha=alpha, ppl=ppl))
+    bench.append_row(tmp_path / "context.csv", _case(ppl_ctx=256, ppl=20.0))
+    assert study.plots(tmp_path) == [tmp_path / "study_alpha.png", tmp_path / "study_context.png"]
+    assert (tmp_path / "study_alpha.png").read_bytes()[:4] == b"\x89PNG"
