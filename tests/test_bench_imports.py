@@ -128,3 +128,15 @@ def test_the_private_reach_scanner_tells_own_members_from_others():
 @pytest.mark.parametrize("path", SCANNED, ids=lambda path: f"{path.parent.name}/{path.name}")
 def test_no_private_member_is_reached_from_outside(path):
     assert private_reaches(path.read_text(encoding="utf-8")) == []
+
+
+MAX_FUNCTION_LINES = 60  # longer ones get split where their concerns meet
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_no_function_is_longer_than_the_limit(module):
+    tree = ast.parse((BENCH / f"{module}.py").read_text(encoding="utf-8"))
+    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"bench/{module}.py: {long}"
