@@ -213,7 +213,7 @@ def _run(args, folder: Path) -> list[PeerRow]:
         systems["airllm"] = (airllm, None)
         extra["airllm"].update(idle=None, peak=None)
         same = "equal to" if torch.equal(timing.tokens, expected[:, :short]) else "DIFFERENT from"
-        notes["airllm"] = (f"AirLLM {bench.results._version('airllm')}: every layer streamed; one decode of {short} tokens after "
+        notes["airllm"] = (f"AirLLM {bench.package_version('airllm')}: every layer streamed; one decode of {short} tokens after "
                            f"the rounds, not interleaved; greedy tokens {same} the resident model's")
     env = bench.environment()
     rows = []

@@ -7,7 +7,8 @@ module imports only the modules before it, not even a type checker's import of a
 (tests/test_bench_imports.py checks it):
 
     base < hostmem < fetch < layer_loading < dummy < models < corpus < prompts < workload
-    < results < rowfiles < cli < experiment < measure < rows < drafting < importance < launch
+    < provenance < schema < csvio < summary < rowfiles < cli < experiment < measure < rows
+    < drafting < importance < launch
 
 - base: the one-line ``UsageError``, repo and cache locations
 - hostmem: the process's anonymous resident memory and its sampled peak; resident memory by kind of page
@@ -19,7 +20,10 @@ module imports only the modules before it, not even a type checker's import of a
 - corpus: perplexity corpora
 - prompts: a speculative-decoding benchmark's prompt sets, HumanEval code and Wikipedia openings
 - workload: the variants and their residency modes, the prompts decoded
-- results: the CSV row (``Result``) and its columns, CSV files, the printed summary, the environment
+- provenance: the machine, device, versions and commit a row records (``Environment``, ``environment()``)
+- schema: the CSV row types (``csv_row``, ``Result``), each column documented on its field (``column_docs``)
+- csvio: the CSV files: locked appends, schema checks, migration, reading rows back
+- summary: the lines a script prints for its row, against its same-run baseline
 - rowfiles: one row file per sweep case (``--row-file``), merged into the suite's CSV
 - cli: the shared command line
 - experiment: one invocation (``Run``, ``open_run``) and the variant's residency (``patch``)
@@ -43,9 +47,10 @@ from .measure import (DecodeTiming, Memory, Speed, cold_read_bytes_s, decode, ge
 from .models import (DEFAULT_MODEL, EMBEDDED_GGUFS, EMBEDDED_MODELS, QUANTS, embedded_model, load_model, model_kind,
                      resolve_model)
 from .prompts import PROMPT_KINDS, Prompt, load_prompts
-from .results import (BUSY_OTHER_CPU_SHARE, COLUMNS, ENVIRONMENT_FIELDS, FIELDS, Result, append_row, append_rows, check_csv,
-                      check_output, cpu_name, csv_row, device_name, environment, git_commit, latest_baseline,
-                      migrate_csv, number, read_rows, summary)
+from .csvio import append_row, append_rows, check_csv, check_output, migrate_csv, number, read_rows
+from .provenance import ENVIRONMENT_FIELDS, Environment, cpu_name, device_name, environment, git_commit, package_version
+from .schema import BUSY_OTHER_CPU_SHARE, FIELDS, Result, column_docs, csv_row
+from .summary import latest_baseline, summary
 from .rows import finish, make_result
 from .rowfiles import merge_row_files, row_dir, row_files, save_rows, write_row_file
 from .workload import BATCH_PROMPTS, DEFAULT_PROMPT, VARIANT_MODES, VARIANTS

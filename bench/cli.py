@@ -15,7 +15,7 @@ import offload_skip
 from .base import RESULTS_DIR, UsageError, default_cache_dir, first_line
 from .dummy import SHAPES as DUMMY_SHAPES, is_dummy
 from .models import DEFAULT_MODEL, EMBEDDED_MODELS, HEAD_QUANTS, QUANTS, model_kind
-from .results import APPENDED, check_output, check_writable
+from .csvio import APPENDED, check_output, check_writable
 from .workload import DEFAULT_PROMPT, VARIANTS
 
 CUDA_DEFAULT_PREFETCH = 2
@@ -104,6 +104,15 @@ def build_parser(variant: str | None = None, description: str | None = None,
     script that patches (session residency reads layers too).
     """
     parser = new_parser(prog, description)
+    # in this order: --help lists the flags as they are added
+    for add_group in (_model_arguments, _timing_arguments, _ppl_arguments, _residency_arguments, _output_arguments):
+        add_group(parser, variant)
+    parser.set_defaults(script_variant=variant)
+    return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser, variant: str | None) -> None:
+    """What runs: the model, its weight format and device, the layers offloaded and how."""
     add = parser.add_argument
     if variant is None:
         add("--variant", choices=VARIANTS, default="baseline",
@@ -131,6 +140,11 @@ def build_parser(variant: str | None = None, description: str | None = None,
              "approximate, it changes the model's logits)")
     add("--cache-dir", type=Path, default=default_cache_dir(),
         help="converted embedded models go to <cache-dir>/hf, offloaded layer files to <cache-dir>/layers")
+
+
+def _timing_arguments(parser: argparse.ArgumentParser, variant: str | None) -> None:
+    """The timed greedy decoding (not for eval_ppl.py, variant None)."""
+    add = parser.add_argument
     if variant is not None:
         add("--prompt", default=DEFAULT_PROMPT, help="prompt for the timed greedy decoding")
         add("--max-new-tokens", type=int_at_least(1), default=32,
@@ -140,6 +154,11 @@ def build_parser(variant: str | None = None, description: str | None = None,
                  "tok/s then counts the tokens of every sequence")
         add("--warmup", type=int_at_least(0), default=1, help="untimed runs before the measured ones")
         add("--repeats", type=int_at_least(1), default=3, help="measured runs; the median is reported")
+
+
+def _ppl_arguments(parser: argparse.ArgumentParser, variant: str | None) -> None:
+    """The perplexity pass."""
+    add = parser.add_argument
     add("--ppl-dataset", default=None, metavar="NAME|PATH",
         help="wikitext2, wiki-embedded, short (each text scored on its own) or a UTF-8 text file; "
              "default: wiki-embedded for an embedded alias or local directory, wikitext2 for a hub id")
@@ -149,6 +168,10 @@ def build_parser(variant: str | None = None, description: str | None = None,
              "with overlap only the new tokens are scored")
     add("--ppl-max-tokens", type=int_at_least(0), default=2048,
         help="score the first N tokens of the corpus; 0 skips perplexity (the headline rows: 8192, reproduce.sh)")
+
+
+def _residency_arguments(parser: argparse.ArgumentParser, variant: str | None) -> None:
+    """How offloaded layers are read (every patching script) and streamed (diskoffload)."""
     if variant != "baseline":
         reads = parser.add_argument_group("offloaded layer reads (kvcache, diskoffload)")
         reads.add_argument("--cpu-read", choices=offload_skip.CPU_READS, default="map",
@@ -174,6 +197,11 @@ def build_parser(variant: str | None = None, description: str | None = None,
         if variant is not None:  # perplexity never decodes
             stream.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
                                 help="recompute the whole sequence for every token (the original's slow variant)")
+
+
+def _output_arguments(parser: argparse.ArgumentParser, variant: str | None) -> None:
+    """Where the row goes, what the summary compares with, the seed."""
+    add = parser.add_argument
     add("--out", type=Path, default=None,
         help="CSV file to append the row to (default: results/<variant>.csv, results/ppl.csv for eval_ppl)")
     add("--row-file", type=Path, default=None, metavar="CSV",
@@ -185,8 +213,6 @@ def build_parser(variant: str | None = None, description: str | None = None,
              "(default: baseline.csv next to --out); speed and memory ratios come from this run itself")
     add("--seed", type=int, default=0,
         help="seed for torch/random/numpy (decoding is greedy, so only ties depend on it)")
-    parser.set_defaults(script_variant=variant)
-    return parser
 
 
 def default_ppl_dataset(model: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -25,7 +26,8 @@ from .experiment import Run, inference, prompt_batch
 from .measure import decode, settle, synchronize, unpatched_fits, watch_cpu
 from .models import QUANTS, load_model, model_kind
 from .prompts import PROMPT_KINDS, load_prompts
-from .results import csv_row, device_name, environment
+from .provenance import device_name, environment
+from .schema import csv_row
 from .rowfiles import save_rows
 from .rows import saved_line
 
@@ -170,12 +172,37 @@ def _timed_speculative(run: Run, ctl, drafter, schedule, ids: torch.Tensor):
     return total_s - out.prefill_s, out
 
 
+@dataclass
+class DraftTimings:
+    """What the timed rounds recorded, per prompt name: decode seconds of speculative, plain
+    stream and (when it fits) unpatched decoding, the speculative outputs, the plain tokens."""
+    resident: bool
+    spec_s: dict[str, list[float]]
+    plain_s: dict[str, list[float]]
+    resident_s: dict[str, list[float]]
+    outs: dict[str, list]
+    plain_tokens: dict[str, list]
+    cpu: list = field(default_factory=list)  # watch_cpu's reading over the timed rounds
+
+
 def measure_drafts(run: Run, ctl, drafter) -> SpeculativeRow:
-    args, model, n = run.args, run.model, run.args.max_new_tokens
+    """Time `drafter` against plain stream decoding (and the unpatched model where it fits) over
+    the prompts, then compare each prompt's tokens with plain decoding's."""
     kind, prompts = _prompts(run)
+    schedule = make_schedule(run.args)
+    timings = time_rounds(run, ctl, drafter, schedule, prompts)
+    settle(run, ctl)
+    first = {name: runs[0] for name, runs in timings.outs.items()}
+    differing = _differences(run, ctl, prompts, first, timings.plain_tokens)
+    return _draft_row(run, ctl, drafter, schedule, (kind, len(prompts)), timings, first, differing)
+
+
+def time_rounds(run: Run, ctl, drafter, schedule, prompts) -> DraftTimings:
+    """--warmup untimed rounds over the first prompt, then --repeats timed rounds over every
+    prompt: each round the unpatched model (if it fits), plain stream decoding, the draft."""
+    args, model, n = run.args, run.model, run.args.max_new_tokens
     resident = unpatched_fits(run, ctl)
-    schedule = make_schedule(args)
-    plain_s, spec_s, resident_s, outs, plain_tokens = ({name: [] for name, _ in prompts} for _ in range(5))
+    timings = DraftTimings(resident, *({name: [] for name, _ in prompts} for _ in range(5)))
     bar = tqdm(total=(args.warmup + args.repeats * len(prompts)) * (3 if resident else 2), unit="run",
                desc=f"timing draft {drafter.name}", leave=False)
 
@@ -192,12 +219,12 @@ def measure_drafts(run: Run, ctl, drafter) -> SpeculativeRow:
         plain = step(f"{name}, plain stream", decode, model, ids, n, True, inference(ctl))
         seconds, out = step(f"{name}, draft {drafter.name}", _timed_speculative, run, ctl, drafter, schedule, ids)
         if record:
-            spec_s[name].append(seconds)
-            outs[name].append(out)
-            plain_s[name].append(plain.decode_s)
-            plain_tokens[name].append(plain.tokens)
+            timings.spec_s[name].append(seconds)
+            timings.outs[name].append(out)
+            timings.plain_s[name].append(plain.decode_s)
+            timings.plain_tokens[name].append(plain.tokens)
             if resident:
-                resident_s[name].append(unpatched.decode_s)
+                timings.resident_s[name].append(unpatched.decode_s)
 
     for _ in range(args.warmup):
         one_round(*prompts[0], record=False)
@@ -206,26 +233,40 @@ def measure_drafts(run: Run, ctl, drafter) -> SpeculativeRow:
             for name, ids in prompts:
                 one_round(name, ids, record=True)
     bar.close()
-    settle(run, ctl)
+    timings.cpu = cpu
+    return timings
 
-    def tok_s(seconds: dict) -> float | None:  # the prompts' median decode times summed
-        total = sum(statistics.median(s) for s in seconds.values() if s)
-        return (n - 1) * len(seconds) / total if total else None
 
-    first = {name: runs[0] for name, runs in outs.items()}
-    forwards = sum(o.target_forwards for o in first.values())
-    verifies = forwards - len(first)
-    drafted = sum(o.drafted for o in first.values())
+def _differences(run: Run, ctl, prompts, first: dict, plain_tokens: dict) -> list[tuple[str, int, float]]:
+    """(prompt, position, the target's top-2 logit gap there) where the draft's first output
+    differs from plain decoding's."""
     differing = []
     for name, ids in prompts:
         position = speculative.first_difference(first[name].tokens, plain_tokens[name][0])
         if position is not None:  # how near a tie the target's choice was there, decoding plainly (untimed)
             with inference(ctl)():
-                _, gaps = speculative.greedy_reference(model, ids, position + 1)
+                _, gaps = speculative.greedy_reference(run.model, ids, position + 1)
             differing.append((name, position, gaps[position]))
+    return differing
+
+
+def _tok_s(seconds: dict, n: int) -> float | None:
+    """The prompts' median decode times summed, as tokens/s of the n - 1 tokens after each prompt's."""
+    total = sum(statistics.median(s) for s in seconds.values() if s)
+    return (n - 1) * len(seconds) / total if total else None
+
+
+def _draft_row(run: Run, ctl, drafter, schedule, prompt_set: tuple[str, int], timings: DraftTimings, first: dict,
+               differing: list) -> SpeculativeRow:
+    """The row: the draft's settings, its counts from the first timed round, the speeds."""
+    args, n = run.args, run.args.max_new_tokens
+    forwards = sum(o.target_forwards for o in first.values())
+    verifies = forwards - len(first)
+    drafted = sum(o.drafted for o in first.values())
     streamed = ctl.read_bytes_per_forward()
     new_tokens = n * len(first)
-    speed, plain, res = tok_s(spec_s), tok_s(plain_s), tok_s(resident_s) if resident else None
+    speed, plain = _tok_s(timings.spec_s, n), _tok_s(timings.plain_s, n)
+    res = _tok_s(timings.resident_s, n) if timings.resident else None
     layers = getattr(drafter, "substitutes", None)
     return SpeculativeRow(
         model=run.info["model"], quant=run.info["quant"], device=run.device.type, device_name=device_name(run.device),
@@ -233,7 +274,7 @@ def measure_drafts(run: Run, ctl, drafter) -> SpeculativeRow:
         draft_quant=args.draft_quant if drafter.name not in ("lookup", *SELF_DRAFTS) else None,
         draft_layers=" ".join(map(str, sorted(layers))) if layers is not None else "",
         draft_tokens=str(args.draft_tokens) if args.draft_tokens else "auto", schedule=schedule.name,
-        prompt_kind=kind, prompts=len(prompts),
+        prompt_kind=prompt_set[0], prompts=prompt_set[1],
         max_new_tokens=n, repeats=args.repeats, cpu_read=ctl.cpu_read, prefetch=ctl.prefetch, cold_reads=bool(args.cold),
         draft_bytes=drafter.resident_bytes,
         substituted_bytes=sum(ctl.layer_bytes[i] for i in layers) if layers is not None else None,
@@ -249,7 +290,7 @@ def measure_drafts(run: Run, ctl, drafter) -> SpeculativeRow:
         tokens_equal=not differing, prompts_differing=len(differing),
         first_diff=" ".join(f"{name}@{position}" for name, position, _ in differing),
         max_diff_gap=max((gap for *_, gap in differing), default=None),
-        other_cpu_share=cpu[0].other_cpu_share, busy=cpu[0].busy, run_id=run.run_id,
+        other_cpu_share=timings.cpu[0].other_cpu_share, busy=timings.cpu[0].busy, run_id=run.run_id,
         command=getattr(args, "command", ""), **environment())
 
 

@@ -139,7 +139,7 @@ def _move_buffers(model: nn.Module, device: torch.device) -> None:
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer is not None and buffer.device != device:
-                module._buffers[name] = buffer.to(device)
+                setattr(module, name, buffer.to(device))  # nn.Module keeps it a buffer, persistent or not
 
 
 def _make_rest(model: nn.Module, reader: DummyReader, prefix: str, device: torch.device) -> None:
@@ -152,7 +152,7 @@ def _make_rest(model: nn.Module, reader: DummyReader, prefix: str, device: torch
             continue
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
-        owner._parameters[attr] = nn.Parameter(reader.get(name).to(param.dtype), requires_grad=False)
+        setattr(owner, attr, nn.Parameter(reader.get(name).to(param.dtype), requires_grad=False))  # for the meta one
     if model.config.get_text_config().tie_word_embeddings:
         model.tie_weights()
 

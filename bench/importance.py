@@ -11,7 +11,8 @@ from torch import nn
 
 import offload_skip
 
-from .results import csv_row, environment
+from .provenance import environment
+from .schema import csv_row
 
 
 class InfluenceMeter:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .base import REPO_DIR, UsageError
-from .results import read_rows
+from .csvio import read_rows
 from .rowfiles import merge_row_files, row_dir, row_files
 
 SUBMITIT_INSTALL = "pip install submitit"

@@ -21,7 +21,7 @@ from speculative import cache_keyword, last_logits_only
 from .base import UsageError
 from .experiment import Run, inference
 from .hostmem import AnonPeak, rss_split_bytes
-from .results import BUSY_OTHER_CPU_SHARE
+from .schema import BUSY_OTHER_CPU_SHARE
 
 
 def synchronize(device: torch.device) -> None:

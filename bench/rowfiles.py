@@ -16,7 +16,7 @@ from pathlib import Path
 import offload_skip
 
 from .base import UsageError
-from .results import append_rows, csv_header, csv_line, csv_lock, read_rows, row_line, save_elsewhere
+from .csvio import append_rows, csv_header, csv_line, csv_lock, read_rows, row_line, save_elsewhere
 
 
 def row_dir(out: Path) -> Path:

@@ -1,5 +1,5 @@
 """A run's row: the Result filled from what open_run loaded and measure measured, appended to
---out and summarised. Kept apart from results, the schema, so that results needs nothing
+--out and summarised. Kept apart from the schema (bench.schema), so that it needs nothing
 from the modules that run and measure."""
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import statistics
 from .experiment import Run
 from .measure import Memory, Speed
 from .rowfiles import save_rows
-from .results import Result, device_name, environment, latest_baseline, process_age_s, summary
+from .provenance import device_name, environment, process_age_s
+from .schema import Result
+from .summary import latest_baseline, summary
 from .workload import VARIANT_MODES
 
 
@@ -18,25 +20,24 @@ def _ratio(value: float | None, base: float | None) -> float | None:
 
 def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=None,
                 baseline_memory: Memory | None = None, cold_read_bytes_s: float | None = None) -> Result:
-    """The row for a run. ppl: an eval_ppl.Perplexity or None. Peak bytes come from the
-    timed runs, or from the perplexity pass when nothing was timed (eval_ppl.py).
-    baseline_memory: the unpatched model's, measured in this process before patching; the
-    baseline speed comes with `speed` (measure_speed times both)."""
-    args = run.args
-    patched = ctl is not None
-    stream = patched and ctl.mode == "stream"
-    stats = speed.stats if speed is not None else {}
-    if not patched:
-        peak = memory.standby_bytes  # nothing moves: the resident weights are the peak
-    elif speed is not None:
-        peak = speed.peak_bytes
-    else:
-        peak = getattr(ppl, "peak_bytes", None)
-    loads = stats.get("loads")
-    timed = speed is not None
-    base = speed.baseline if timed else None
-    cpu = speed.cpu if timed else None
-    return Result(
+    """The row for a run, merged from its sources' columns. ctl: the OffloadController, None for
+    the baseline. ppl: an eval_ppl.Perplexity or None. baseline_memory: the unpatched model's,
+    measured in this process; the baseline speed comes with `speed` (measure_speed times both)."""
+    parts = (run_columns(run, speed), controller_columns(run, ctl, cold_read_bytes_s),
+             memory_columns(run, memory, peak_bytes(ctl, memory, speed, ppl), speed, baseline_memory),
+             ppl_columns(ppl), speed_columns(speed), traffic_columns(speed), environment())
+    columns = {}
+    for part in parts:
+        twice = columns.keys() & part.keys()
+        assert not twice, f"columns {sorted(twice)} come from two sources"  # one would silently win
+        columns.update(part)
+    return Result(**columns)
+
+
+def run_columns(run: Run, speed: Speed | None) -> dict:
+    """What ran: the model as loaded, the variant, and how it was timed (None: not timed)."""
+    args, timed = run.args, speed is not None
+    return dict(
         variant=run.variant,
         model=run.info["model"],
         weights=run.info["weights"],
@@ -44,21 +45,9 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         quant_head=getattr(args, "quant_head", "none"),
         device=run.device.type,
         device_name=device_name(run.device),
-        layers=args.layers if patched else "",
-        layers_offloaded=" ".join(map(str, run.layers)) if patched else "",
         n_layers=run.info["n_layers"],
-        alpha=args.alpha if patched else None,
-        skipped_layers=" ".join(map(str, ctl.skipped_layers)) if patched else "",
-        inject_distance=ctl.inject_distance if patched else None,
-        embedding_residency=ctl.embedding_residency if patched else "resident",
         tied_embeddings=run.info.get("tied_embeddings"),
         mode=VARIANT_MODES[run.variant],
-        cpu_read=ctl.cpu_read if patched else None,
-        prefetch=ctl.prefetch if stream else None,
-        budget_bytes=args.budget if stream else None,
-        io_bandwidth=args.io_bandwidth if stream else None,
-        cold_reads=bool(args.cold) if stream else None,
-        cold_read_bytes_s=cold_read_bytes_s,
         kv_cache=bool(args.kv_cache) if timed else None,
         max_new_tokens=args.max_new_tokens if timed else None,
         batch_size=run.input_ids.shape[0] if timed else None,
@@ -68,6 +57,48 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         seed=args.seed,
         command=getattr(args, "command", ""),
         run_id=run.run_id,
+        load_s=run.info["load_s"],
+    )
+
+
+def controller_columns(run: Run, ctl, cold_read_bytes_s: float | None) -> dict:
+    """The patch: which layers, how they come in and what a forward reads; empty or None for
+    the baseline (ctl None), the stream settings None outside stream residency."""
+    args, patched = run.args, ctl is not None
+    stream = patched and ctl.mode == "stream"
+    return dict(
+        layers=args.layers if patched else "",
+        layers_offloaded=" ".join(map(str, run.layers)) if patched else "",
+        alpha=args.alpha if patched else None,
+        skipped_layers=" ".join(map(str, ctl.skipped_layers)) if patched else "",
+        inject_distance=ctl.inject_distance if patched else None,
+        embedding_residency=ctl.embedding_residency if patched else "resident",
+        cpu_read=ctl.cpu_read if patched else None,
+        prefetch=ctl.prefetch if stream else None,
+        budget_bytes=args.budget if stream else None,
+        io_bandwidth=args.io_bandwidth if stream else None,
+        cold_reads=bool(args.cold) if stream else None,
+        cold_read_bytes_s=cold_read_bytes_s,
+        read_bytes_per_token=ctl.read_bytes_per_forward() if patched else None,
+    )
+
+
+def peak_bytes(ctl, memory: Memory, speed: Speed | None, ppl) -> int | None:
+    """Peak device weight bytes: from the timed runs, or from the perplexity pass when nothing
+    was timed (eval_ppl.py); the baseline's are its standby bytes."""
+    if ctl is None:
+        return memory.standby_bytes  # nothing moves: the resident weights are the peak
+    if speed is not None:
+        return speed.peak_bytes
+    return getattr(ppl, "peak_bytes", None)
+
+
+def memory_columns(run: Run, memory: Memory, peak: int | None, speed: Speed | None,
+                   baseline_memory: Memory | None) -> dict:
+    """Device and host bytes: idle (`memory`), at the peak, while loading (run.info), while
+    decoding (`speed`), and the unpatched model's in this process (`baseline_memory`)."""
+    timed = speed is not None
+    return dict(
         standby_bytes=memory.standby_bytes,
         peak_bytes=peak,
         embedding_bytes=memory.parts.get("embedding_bytes"),
@@ -88,12 +119,22 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         baseline_standby_bytes=getattr(baseline_memory, "standby_bytes", None),
         baseline_rss_bytes=getattr(baseline_memory, "rss_bytes", None),
         baseline_rss_anon_bytes=getattr(baseline_memory, "rss_anon_bytes", None),
-        read_bytes_per_token=ctl.read_bytes_per_forward() if patched else None,
-        ppl=getattr(ppl, "ppl", None),
-        ppl_dataset=getattr(ppl, "dataset", None),
-        ppl_ctx=getattr(ppl, "ctx", None),
-        ppl_stride=getattr(ppl, "stride", None),
-        ppl_tokens=getattr(ppl, "n_tokens", None),
+    )
+
+
+def ppl_columns(ppl) -> dict:
+    """The perplexity pass's (an eval_ppl.Perplexity), all None without one."""
+    return dict(ppl=getattr(ppl, "ppl", None), ppl_dataset=getattr(ppl, "dataset", None),
+                ppl_ctx=getattr(ppl, "ctx", None), ppl_stride=getattr(ppl, "stride", None),
+                ppl_tokens=getattr(ppl, "n_tokens", None))
+
+
+def speed_columns(speed: Speed | None) -> dict:
+    """The timed runs': speeds, the same-run baseline's and the ratios, the machine's load."""
+    timed = speed is not None
+    base = speed.baseline if timed else None
+    cpu = speed.cpu if timed else None
+    return dict(
         prefill_s=speed.prefill_s if timed else None,
         decode_tok_s=speed.decode_tok_s if timed else None,
         decode_ms_per_tok=speed.decode_ms_per_tok if timed else None,
@@ -107,7 +148,14 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         load_1m_after=getattr(cpu, "load_1m_after", None),
         other_cpu_share=getattr(cpu, "other_cpu_share", None),
         busy=getattr(cpu, "busy", None),
-        load_s=run.info["load_s"],
+    )
+
+
+def traffic_columns(speed: Speed | None) -> dict:
+    """The controller's offload traffic over the timed runs, means per run (speed.stats)."""
+    stats = speed.stats if speed is not None else {}
+    loads = stats.get("loads")
+    return dict(
         loads=loads,
         loaded_bytes=stats.get("loaded_bytes"),
         layer_load_s=stats.get("load_s"),
@@ -115,7 +163,6 @@ def make_result(run: Run, ctl, memory: Memory, speed: Speed | None = None, ppl=N
         wait_s=stats.get("wait_s"),
         forward_s=stats.get("forward_s"),
         overlap=stats.get("overlap"),
-        **environment(),
     )
 
 

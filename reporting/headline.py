@@ -135,7 +135,7 @@ def load_peaks(results: Path, link: str) -> str:
         mine = [r for r in rows if (r["model"], r["quant"]) == (model, quant)]
         base = unpatched_row(rows, mine[0])
         parts = [f"{r['variant']} {mb(r['load_peak_bytes'])} MB"
-                 + (f" (saved {mb(load._saved(r, base, 'load_peak_bytes'))} MB, perplexity "
+                 + (f" (saved {mb(load.saved_bytes(r, base, 'load_peak_bytes'))} MB, perplexity "
                     + ("= unpatched" if r["ppl"] == base["ppl"] else "differs") + ")" if base is not None else "")
                  for r in mine if r is not base]
         lead = f"{model} {quant}: load peak" + (f" {mb(base['load_peak_bytes'])} MB unpatched" if base else "")

@@ -14,7 +14,7 @@ from reporting.tables import commits, machine_kind, machines, markdown_table, mb
 SUITE = "load"
 
 
-def _saved(row: dict, base: dict | None, column: str) -> int | None:
+def saved_bytes(row: dict, base: dict | None, column: str) -> float | None:
     """How many bytes below the same-model baseline's `column` the row's is (None: no baseline)."""
     if base is None or row is base or not row[column] or not base[column]:
         return None
@@ -32,7 +32,7 @@ def load_section(results: Path) -> str:
         # same-run baseline_standby_bytes also counts the layer files' alignment padding)
         before = base["standby_bytes"] if base is not None else row["baseline_standby_bytes"]
         offloaded = bench.number(before) - bench.number(row["standby_bytes"]) if row["variant"] != "baseline" else None
-        saved, host_saved = _saved(row, base, "load_peak_bytes"), _saved(row, base, "load_peak_host_bytes")
+        saved, host_saved = saved_bytes(row, base, "load_peak_bytes"), saved_bytes(row, base, "load_peak_host_bytes")
         same_ppl = "" if base is None or row is base else ("= baseline" if row["ppl"] == base["ppl"] else "differs")
         lines.append([row["model"], row["quant"], row["variant"], mb(row["load_peak_bytes"]), mb(row["standby_bytes"]),
                       mb(offloaded), mb(saved), "" if saved is None else ("yes" if saved >= offloaded else "no"),

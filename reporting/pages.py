@@ -373,9 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.columns:
-        width = max(map(len, bench.COLUMNS))
-        for name in bench.FIELDS:
-            print(f"{name:<{width}}  {bench.COLUMNS[name]}")
+        docs = bench.column_docs(bench.Result)
+        width = max(map(len, docs))
+        for name, doc in docs.items():
+            print(f"{name:<{width}}  {doc}")
         return 0
     results = args.results
     for out, added in sweep.merge_results(results):  # rows sweep cases left in results/<suite>.d

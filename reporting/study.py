@@ -242,100 +242,129 @@ def sections(results_dir: Path) -> dict[str, str]:
 # --------------------------------------------------------------------------- plots
 
 def plots(results_dir: Path) -> list[Path]:
+    """results/study_*.png, one per suite with rows (the importance and planner figures also
+    need their scores); the paths written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     results_dir = Path(results_dir)
     rows = {suite: suite_rows(results_dir, suite) for suite in sweep.SUITES}
+    figures = (  # drawn and saved one at a time, in this order
+        ("study_alpha.png", lambda: _alpha_figure(plt, rows["alpha"])),
+        ("study_importance.png", lambda: _importance_figure(plt, importance_scores(
+            rows["importance"], bench.read_rows(results_dir / "block_influence.csv")))),
+        ("study_planner.png", lambda: _planner_figure(plt, planner_curves(
+            rows["planner"], sweep.planner_importances(results_dir)))),
+        ("study_context.png", lambda: _context_figure(plt, rows["context"])),
+        ("study_patterns.png", lambda: _patterns_figure(plt, rows["patterns"])))
     paths = []
-
-    def save(fig, name):
-        paths.append(save_figure(fig, results_dir / name))
-
-    if rows["alpha"]:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for model in _models(rows["alpha"]):
-            points = sorted((_alpha_key(r), _ppl(r)) for r in rows["alpha"]
-                            if r["model"] == model and r["variant"] == "kvcache")
-            line, = ax.plot([a for a, _ in points], [p for _, p in points], "o-", label=model)
-            ref = reference(points and next(r for r in rows["alpha"] if r["model"] == model), rows["alpha"])
-            if ref:
-                ax.axhline(ref, color=line.get_color(), ls=":", lw=1)
-        ax.set_yscale("log")
-        ax.set_xlabel("alpha (even layers offloaded; 1 = exact)")
-        ax.set_ylabel("perplexity (log), dotted: unpatched")
-        ax.set_title("Perplexity vs alpha")
-        ax.legend(fontsize=8)
-        save(fig, "study_alpha.png")
-
-    influence = bench.read_rows(results_dir / "block_influence.csv")
-    scored = {m: s for m, s in importance_scores(rows["importance"], influence).items() if s[0] and s[1]}
-    if scored:
-        fig, axes = plt.subplots(len(scored), 1, figsize=(9, 3.2 * len(scored)), squeeze=False)
-        for ax, (model, (removal, bi)) in zip(axes[:, 0], scored.items()):
-            layers = sorted(removal)
-            ax.bar(layers, [removal[i] for i in layers], color="tab:blue", label="PPL with the layer removed")
-            ax.set_yscale("log")
-            ax.set_ylabel("PPL, layer removed (log)", color="tab:blue")
-            twin = ax.twinx()
-            twin.plot(sorted(bi), [bi[i] for i in sorted(bi)], "o-", color="tab:red", label="Block Influence")
-            twin.set_ylabel("Block Influence", color="tab:red")
-            twin.set_yscale("log")
-            ax.set_title(f"{model}: layer importance, two ways")
-            ax.set_xlabel("decoder layer")
-        save(fig, "study_importance.png")
-
-    curves = planner_curves(rows["planner"], sweep.planner_importances(results_dir))
-    if curves:
-        fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5), squeeze=False)
-        for ax, (model, orders) in zip(axes[0], curves.items()):
-            for order, points in orders.items():
-                points = sorted(points)
-                ax.plot([mb for mb, _, _ in points], [p for _, p, _ in points], "o-", label=order)
-            ax.set_yscale("log")
-            ax.set_xlabel("MB of layer files read per token (stream)")
-            ax.set_ylabel("perplexity (log)")
-            ax.set_title(f"{model}: planner, even layers off the device")
-            ax.legend(fontsize=8)
-        save(fig, "study_planner.png")
-
-    if rows["context"]:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for model in _models(rows["context"]):
-            mine = [r for r in rows["context"] if r["model"] == model]
-            for label in dict.fromkeys(map(_context_label, mine)):
-                points = sorted((int(r["ppl_ctx"]), _ppl(r)) for r in mine if _context_label(r) == label)
-                ax.plot([c for c, _ in points], [p for _, p in points], "o-", label=f"{model}: {label}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context (tokens per window)")
-        ax.set_ylabel("perplexity (log)")
-        ax.set_title("Perplexity vs context length")
-        ax.legend(fontsize=7)
-        save(fig, "study_context.png")
-
-    if rows["patterns"]:
-        fig, ax = plt.subplots(figsize=(10, 4.5))
-        models = _models(rows["patterns"])
-        width = 0.8 / len(models)
-        labels = list(dict.fromkeys(f"{_pattern_label(r)}\nalpha {bench.number(r['alpha']):.3g}" for r in rows["patterns"]))
-        for k, model in enumerate(models):
-            values = []
-            for label in labels:
-                row = next((r for r in rows["patterns"] if r["model"] == model and
-                            f"{_pattern_label(r)}\nalpha {bench.number(r['alpha']):.3g}" == label), None)
-                ref = reference(row, rows["patterns"]) if row else None
-                values.append(_ppl(row) / ref if row and ref else 0)
-            ax.bar([i + (k - (len(models) - 1) / 2) * width for i in range(len(labels))], values, width, label=model)
-        ax.axhline(1, color="black", lw=0.8)
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
-        ax.set_ylabel("PPL / unpatched PPL (log)")
-        ax.set_title("Layer patterns and parallel blocks (blocks:N = N adjacent layers off, N kept)")
-        ax.legend(fontsize=8)
-        save(fig, "study_patterns.png")
+    for name, draw in figures:
+        fig = draw()
+        if fig is not None:
+            paths.append(save_figure(fig, results_dir / name))
     return paths
+
+
+def _alpha_figure(plt, rows: list[dict]):
+    """Perplexity against alpha per model, the unpatched model's dotted; None without rows."""
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in _models(rows):
+        points = sorted((_alpha_key(r), _ppl(r)) for r in rows
+                        if r["model"] == model and r["variant"] == "kvcache")
+        line, = ax.plot([a for a, _ in points], [p for _, p in points], "o-", label=model)
+        ref = reference(points and next(r for r in rows if r["model"] == model), rows)
+        if ref:
+            ax.axhline(ref, color=line.get_color(), ls=":", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("alpha (even layers offloaded; 1 = exact)")
+    ax.set_ylabel("perplexity (log), dotted: unpatched")
+    ax.set_title("Perplexity vs alpha")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _importance_figure(plt, scores: dict):
+    """Per model: perplexity with each layer removed (bars) and its Block Influence (line)."""
+    scored = {m: s for m, s in scores.items() if s[0] and s[1]}
+    if not scored:
+        return None
+    fig, axes = plt.subplots(len(scored), 1, figsize=(9, 3.2 * len(scored)), squeeze=False)
+    for ax, (model, (removal, bi)) in zip(axes[:, 0], scored.items()):
+        layers = sorted(removal)
+        ax.bar(layers, [removal[i] for i in layers], color="tab:blue", label="PPL with the layer removed")
+        ax.set_yscale("log")
+        ax.set_ylabel("PPL, layer removed (log)", color="tab:blue")
+        twin = ax.twinx()
+        twin.plot(sorted(bi), [bi[i] for i in sorted(bi)], "o-", color="tab:red", label="Block Influence")
+        twin.set_ylabel("Block Influence", color="tab:red")
+        twin.set_yscale("log")
+        ax.set_title(f"{model}: layer importance, two ways")
+        ax.set_xlabel("decoder layer")
+    return fig
+
+
+def _planner_figure(plt, curves: dict):
+    """Per model: perplexity against the bytes read per token, one line per skip order."""
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5), squeeze=False)
+    for ax, (model, orders) in zip(axes[0], curves.items()):
+        for order, points in orders.items():
+            points = sorted(points)
+            ax.plot([mb for mb, _, _ in points], [p for _, p, _ in points], "o-", label=order)
+        ax.set_yscale("log")
+        ax.set_xlabel("MB of layer files read per token (stream)")
+        ax.set_ylabel("perplexity (log)")
+        ax.set_title(f"{model}: planner, even layers off the device")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def _context_figure(plt, rows: list[dict]):
+    """Perplexity against the context length, per model and variant."""
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in _models(rows):
+        mine = [r for r in rows if r["model"] == model]
+        for label in dict.fromkeys(map(_context_label, mine)):
+            points = sorted((int(r["ppl_ctx"]), _ppl(r)) for r in mine if _context_label(r) == label)
+            ax.plot([c for c, _ in points], [p for _, p in points], "o-", label=f"{model}: {label}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens per window)")
+    ax.set_ylabel("perplexity (log)")
+    ax.set_title("Perplexity vs context length")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _patterns_figure(plt, rows: list[dict]):
+    """Each layer pattern's perplexity over the unpatched model's, bars per model."""
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    models = _models(rows)
+    width = 0.8 / len(models)
+    labels = list(dict.fromkeys(f"{_pattern_label(r)}\nalpha {bench.number(r['alpha']):.3g}" for r in rows))
+    for k, model in enumerate(models):
+        values = []
+        for label in labels:
+            row = next((r for r in rows if r["model"] == model and
+                        f"{_pattern_label(r)}\nalpha {bench.number(r['alpha']):.3g}" == label), None)
+            ref = reference(row, rows) if row else None
+            values.append(_ppl(row) / ref if row and ref else 0)
+        ax.bar([i + (k - (len(models) - 1) / 2) * width for i in range(len(labels))], values, width, label=model)
+    ax.axhline(1, color="black", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("PPL / unpatched PPL (log)")
+    ax.set_title("Layer patterns and parallel blocks (blocks:N = N adjacent layers off, N kept)")
+    ax.legend(fontsize=8)
+    return fig
 
 
 # --------------------------------------------------------------------------- answers

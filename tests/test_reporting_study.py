@@ -37,9 +37,9 @@ def test_alpha_table_against_the_baseline_of_the_same_tokens(tmp_path):
 def test_reference_falls_back_to_an_exact_row_only():
     rows = [r.__dict__ for r in (_case(alpha=0.5, ppl=30.0), _case(layers="blocks:2", ppl=20.0),
                                  _case(distance=2, ppl=19.0), _case(skipped=(2,), ppl=18.0))]
-    rows = [{k: bench.results._cell(v) for k, v in r.items()} for r in rows]
+    rows = [{k: bench.csvio.cell(v) for k, v in r.items()} for r in rows]
     assert study.reference(rows[0], rows) is None  # none of them is exact
-    exact = {k: bench.results._cell(v) for k, v in _case(ppl=16.0).__dict__.items()}
+    exact = {k: bench.csvio.cell(v) for k, v in _case(ppl=16.0).__dict__.items()}
     assert study.reference(rows[0], rows + [exact]) == 16.0
     other_tokens = dict(exact, ppl_tokens="1020")
     assert study.reference(rows[0], rows + [other_tokens]) is None
@@ -49,7 +49,7 @@ def test_planner_table_follows_the_orders(tmp_path):
     removal = {i: 100.0 + i for i in range(N)}  # lower layers matter less
     for i in range(N):
         bench.append_row(tmp_path / "importance.csv", _case(layers=str(i), alpha=0.0, ppl=removal[i]))
-    influence = [bench.results.environment() for _ in range(N)]
+    influence = [bench.environment() for _ in range(N)]
     for i, env in enumerate(influence):
         from bench.importance import InfluenceRow
         bench.append_row(tmp_path / "block_influence.csv", InfluenceRow(
@@ -96,3 +96,12 @@ def test_patterns_answers_count_exact_rows_and_parallel_costs(tmp_path):
     assert line == "Non-adjacent patterns at alpha 1: 1 of 1 exact; adjacent layers in parallel (`blocks:N`) cost 2x at alpha 1."
     assert any("lowers the cost on every model for N = 2, and does not rescue it (at best +50%)" in d for d in details)
     assert study.answers(tmp_path / "none") == {}
+
+
+def test_plots_draws_a_figure_only_for_the_suites_with_rows(tmp_path):
+    assert study.plots(tmp_path) == []
+    for alpha, ppl in ((0.5, 38.5), (1.0, 16.0)):
+        bench.append_row(tmp_path / "alpha.csv", _case(alpha=alpha, ppl=ppl))
+    bench.append_row(tmp_path / "context.csv", _case(ppl_ctx=256, ppl=20.0))
+    assert study.plots(tmp_path) == [tmp_path / "study_alpha.png", tmp_path / "study_context.png"]
+    assert (tmp_path / "study_alpha.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,8 +1,12 @@
-"""bench.results: the row dataclass, its CSV files and the printed summary."""
+"""The row and its files: bench.schema (the row dataclasses, each column documented on its field),
+bench.csvio (the CSV files), bench.summary (the printed lines), bench.provenance (the environment
+columns); and the committed results/*.csv, which read back under this version's row types."""
 import csv
 import dataclasses
+import importlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +31,73 @@ ISSUE4 = ("mode prefetch budget_bytes io_bandwidth kv_cache max_new_tokens repea
 
 def test_columns_document_every_field():
     assert bench.FIELDS == tuple(f.name for f in dataclasses.fields(bench.Result))
-    assert list(bench.COLUMNS) == list(bench.FIELDS)
+    docs = bench.column_docs(bench.Result)
+    assert list(docs) == list(bench.FIELDS)
     assert set(CONTRACT) | set(ISSUE4) | set(ISSUE8) <= set(bench.FIELDS)
-    assert all(text.strip() for text in bench.COLUMNS.values())
+    assert all(text.strip() for text in docs.values())
     assert dataclasses.is_dataclass(bench.Result) and bench.Result.__dataclass_params__.frozen
+
+
+
+def test_the_busy_column_states_the_threshold_it_is_decided_by():
+    # the comment cannot interpolate BUSY_OTHER_CPU_SHARE, so the two are checked here
+    assert f"other_cpu_share > {bench.BUSY_OTHER_CPU_SHARE}: " in bench.column_docs(bench.Result)["busy"]
+
+
+@bench.csv_row
+class _Documented:
+    # a heading at the fields' indentation is nobody's doc
+    a: int  # first line
+        # continued below, indented deeper
+    b: str
+    c: float  # alone
+    # a heading here ends c's doc
+    d: int  # last
+
+
+def test_column_docs_read_each_fields_comment_and_its_continuation():
+    assert bench.column_docs(_Documented) == {
+        "a": "first line continued below, indented deeper", "c": "alone", "d": "last",
+        "torch": "torch version", "transformers": "transformers version",
+        "bitsandbytes": "bitsandbytes version (empty if not installed)", "python": "Python version",
+        "torch_threads": "torch.get_num_threads()", "machine": "host name and CPU model",
+        "cpu_isa": "widest CPU vector extension that matters here: avx512_bf16 (bitsandbytes' fused NF4 kernel), "
+                   "avx512f, avx2 or other; NF4 results differ between them",
+        "commit": "git rev-parse --short HEAD, '-dirty' if tracked .py files have uncommitted changes",
+        "timestamp": "UTC time the row was written (ISO 8601)"}
+    docs = bench.column_docs(bench.SpeculativeRow)
+    assert docs["draft"] == "lookup, self:<kind>, or the draft model's name" and "model" not in docs
+    assert list(bench.ENVIRONMENT_FIELDS) == [f.name for f in dataclasses.fields(bench.Environment)]
+    assert bench.ENVIRONMENT_FIELDS["torch_threads"] is int and bench.ENVIRONMENT_FIELDS["commit"] is str
+
+
+# results/<stem>.csv -> (module, row type) for the files that are not Result rows
+OTHER_ROW_TYPES = {"block_influence": ("bench.importance", "InfluenceRow"), "exactness": ("check_exact", "Exactness"),
+                   "peers": ("run_peers", "PeerRow"), "profile": ("profile_step", "ProfileRow"),
+                   "speculative": ("bench.drafting", "SpeculativeRow")}
+COMMITTED = sorted((bench.RESULTS_DIR).glob("*.csv"))
+
+
+def test_every_committed_csv_has_a_row_type():
+    stems = {path.stem for path in COMMITTED}
+    assert set(OTHER_ROW_TYPES) <= stems and len(stems - set(OTHER_ROW_TYPES)) >= 10
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda path: path.name)
+def test_a_committed_csv_reads_back_unchanged_under_its_row_type(path, tmp_path):
+    module, name = OTHER_ROW_TYPES.get(path.stem, ("bench", "Result"))
+    row_type = getattr(importlib.import_module(module), name)
+    fields = [f.name for f in dataclasses.fields(row_type)]
+    with path.open(newline="", encoding="utf-8") as f:
+        assert next(csv.reader(f)) == fields
+    bench.check_csv(path, row_type)
+    rows = bench.read_rows(path)
+    # DictReader files a cell beyond the header under None and leaves a missing one None
+    assert rows and all(list(row) == fields and None not in row.values() for row in rows)
+    copy = tmp_path / path.name
+    shutil.copyfile(path, copy)
+    assert bench.migrate_csv(copy, row_type) is False
+    assert copy.read_bytes() == path.read_bytes()
 
 
 # The rows' machine, fixed: the tests must pass on either CPU kind, whichever runs them.

@@ -514,13 +514,13 @@ def test_an_unwritable_output_is_refused_before_loading(module, setup, tmp_path,
 
 def test_a_row_that_cannot_be_appended_at_the_end_is_saved_elsewhere(setup, tmp_path, capsys, monkeypatch):
     out = tmp_path / "kvcache.csv"
-    append_row = bench.results.append_row
+    append_row = bench.csvio.append_row
 
     def out_refused(path, row):
         if path == out:
             raise PermissionError(13, "Permission denied")
         return append_row(path, row)
-    monkeypatch.setattr(bench.results, "append_row", out_refused)
+    monkeypatch.setattr(bench.csvio, "append_row", out_refused)
     with pytest.raises(SystemExit) as exit_:
         run_kvcache.main(_argv(setup, out))
     assert exit_.value.code == 2
