@@ -18,6 +18,9 @@ IDLE = ("The main job took {runtime} on {machine}, alone on the machine with the
         "(`results/quickstart.txt`, from `{capture}`).")
 LOADED = "With `python timings.py` (`results/{csv}`): {clauses}."
 CLAUSE = "{label} took {wall} on {cpu_name}, {cpus} cores, load average {load_start} before and {load_end} after"
+# the fastest and the slowest passing run of a job on one machine: an idle and a busy figure
+SPAN = ("{label} took {fast} with load average {fast_start} before and {fast_end} after, and {slow} with "
+        "{slow_start} and {slow_end}, on {cpu_name}, {cpus} cores")
 UNTIMED = ("No other machine timed yet: `python timings.py main-job` and `python timings.py tests` append the wall "
            "times, cores and load to `results/{csv}`.")
 
@@ -56,15 +59,31 @@ def duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min ({seconds:.0f} s)"
 
 
-def latest_timings(results: Path) -> dict[str, dict]:
-    """job -> its newest row that passed (exit code 0), in JOB_LABELS order."""
+def latest_timings(results: Path) -> dict[str, list[dict]]:
+    """job -> its passing rows (exit code 0) on the machine of its newest one (same cpu_name
+    and cores), fastest first, in JOB_LABELS order."""
     rows = [r for r in bench.read_rows(Path(results) / TIMINGS) if r.get("exit_code") == "0"]
-    newest = {}
+    timed = {}
     for job in JOB_LABELS:
         mine = [r for r in rows if r["job"] == job]
         if mine:
-            newest[job] = max(mine, key=lambda r: r["timestamp"])
-    return newest
+            newest = max(mine, key=lambda r: r["timestamp"])
+            same = [r for r in mine if (r["cpu_name"], r["cpus"]) == (newest["cpu_name"], newest["cpus"])]
+            timed[job] = sorted(same, key=lambda r: bench.number(r["wall_s"]))
+    return timed
+
+
+def timing_clause(job: str, rows: list[dict]) -> str:
+    """One job's figure (CLAUSE), or its fastest and slowest (SPAN) when it ran more than once."""
+    fast, slow = rows[0], rows[-1]
+    if len(rows) == 1:
+        return CLAUSE.format(label=JOB_LABELS[job], wall=duration(bench.number(fast["wall_s"])),
+                             cpu_name=fast["cpu_name"], cpus=fast["cpus"], load_start=fast["load_avg_start"],
+                             load_end=fast["load_avg_end"])
+    return SPAN.format(label=JOB_LABELS[job], fast=duration(bench.number(fast["wall_s"])),
+                       fast_start=fast["load_avg_start"], fast_end=fast["load_avg_end"],
+                       slow=duration(bench.number(slow["wall_s"])), slow_start=slow["load_avg_start"],
+                       slow_end=slow["load_avg_end"], cpu_name=fast["cpu_name"], cpus=fast["cpus"])
 
 
 def how_long(results: Path) -> str:
@@ -78,9 +97,7 @@ def how_long(results: Path) -> str:
     timed = latest_timings(results)
     if timed:
         out.append(LOADED.format(csv=TIMINGS, clauses="; ".join(
-            CLAUSE.format(label=JOB_LABELS[job], wall=duration(bench.number(r["wall_s"])), cpu_name=r["cpu_name"],
-                          cpus=r["cpus"], load_start=r["load_avg_start"], load_end=r["load_avg_end"])
-            for job, r in timed.items())))
+            timing_clause(job, rows) for job, rows in timed.items())))
     else:
         out.append(UNTIMED.format(csv=TIMINGS))
     return " ".join(out)
