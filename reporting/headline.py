@@ -7,7 +7,7 @@ from pathlib import Path
 import bench
 import estimate
 from reporting import beyond, load, runs, speculative, streaming, study
-from reporting.tables import by_machine, machine_kind, machines, markdown_table, mb, num, suite_rows, unpatched_row
+from reporting.tables import by_machine, fullest_machine, machine_kind, machines, markdown_table, mb, num, suite_rows, unpatched_row
 
 
 def _ratio(cell) -> str:
@@ -46,14 +46,15 @@ def exactness(rows: list[dict], link: str) -> str:
 
 
 def streaming_memory(rows: list[dict], link: str) -> str:
-    """Per model on the newest machine kind: what session and stream residency hold, idle and
-    while generating, and their same-run decode ratio."""
+    """Per model on one machine kind (the one with the most models measured, the newest among
+    equals: a short block that still compares models): what session and stream residency hold,
+    idle and while generating, and their same-run decode ratio."""
     # dummy weights have a table of their own (the original's shape, the larger-than-the-device rows)
     timed = [r for r in rows if r["busy"] != "True" and r["variant"] in ("kvcache", "diskoffload")
              and r["weights"] != "dummy"]
     if not timed:
         return "No variant rows yet: run `python run_kvcache.py` and `python run_diskoffload.py`."
-    machine = machine_kind(max(timed, key=lambda r: r["timestamp"]))
+    machine = fullest_machine(timed, lambda r: (r["model"], r["quant"]))
     lines = []
     for key in dict.fromkeys((r["model"], r["quant"]) for r in timed if machine_kind(r) == machine):
         mine = [r for r in timed if (r["model"], r["quant"]) == key and machine_kind(r) == machine]

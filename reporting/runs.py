@@ -16,7 +16,7 @@ import estimate
 import offload_skip
 import sweep
 from reporting import streaming
-from reporting.tables import by_machine, column_table, machine_kind, mb, num, percent
+from reporting.tables import by_machine, column_table, fullest_machine, machine_kind, mb, num, percent
 
 # (header, cell) of the table's columns; a cell gets the row dict of CSV strings.
 TABLE = (
@@ -290,8 +290,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
              and r["weights"] != "dummy"]
     if not timed:
         return []
-    newest = max(timed, key=lambda r: r["timestamp"])  # plots show one machine kind: the latest one measured
-    machine = machine_kind(newest)
+    machine = fullest_machine(timed, lambda r: (r["model"], r["quant"], r["device"]))  # plots show one machine kind
     timed = [r for r in timed if machine_kind(r) == machine]
     several = len({(r["model"], r["quant"], r["device"]) for r in timed}) > 1
     latest = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 import bench
 import estimate
 
-from .tables import commits, machines, markdown_table, mb, missing, num, save_figure
+from .tables import commits, machine_kind, machines, markdown_table, mb, missing, num, save_figure
 
 CSV = "speculative.csv"
 COMMAND = "python sweep.py speculative"
@@ -128,10 +128,13 @@ def headline(results: Path) -> str | None:
     if not page or not cold:
         return None
     by = lambda r: bench.number(r["vs_plain"])  # noqa: E731
-    best_page, best_cold = max(page, key=by), max(cold, key=by)
-    default = [r for r in found if schedule(r) == DEFAULT_SCHEDULE]
+    best_page = max(page, key=by)
+    # the block speaks of one target on one machine kind: the best page-cache row's
+    same = [r for r in found if (r["model"], machine_kind(r)) == (best_page["model"], machine_kind(best_page))]
+    best_cold = max([b for b in cold if b in same] or cold, key=by)
+    default = [r for r in same if schedule(r) == DEFAULT_SCHEDULE]
     return HEADLINE.format(
-        machines=machines(found), model=found[0]["model"], default=DEFAULT_SCHEDULE,
+        machines=machines([best_page, best_cold]), model=best_page["model"], default=DEFAULT_SCHEDULE,
         page_vs=f"{by(best_page):.2f}", page_draft=best_page["draft"], page_quant=best_page["quant"],
         page_prompts=best_page["prompt_kind"], page_tpv=f"{bench.number(best_page['accepted_per_verify']):.1f}",
         cold_vs=f"{by(best_cold):.2f}", cold_draft=best_cold["draft"], cold_quant=best_cold["quant"],

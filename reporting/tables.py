@@ -62,6 +62,15 @@ def by_machine(rows: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
+def fullest_machine(rows: list[dict], configuration) -> str:
+    """The machine kind whose rows cover the most configurations (configuration(row): a
+    hashable), the newest among equals: what a one-machine block or plot shows, so that a few
+    new rows on another machine do not replace a whole comparison."""
+    kinds = {machine_kind(r) for r in rows}
+    return max(kinds, key=lambda kind: (len({configuration(r) for r in rows if machine_kind(r) == kind}),
+                                        max(r["timestamp"] for r in rows if machine_kind(r) == kind)))
+
+
 def machines(rows: list[dict]) -> str:
     """The machine kinds of some rows, for a block's source line."""
     return ", ".join(sorted({machine_kind(r) for r in rows}))
