@@ -38,6 +38,7 @@ class Timing:
     wall_s: float         # wall seconds from start to exit
     cpus: int             # cores this process may use
     cpu_name: str         # /proc/cpuinfo's model name
+    cpu_isa: str          # the machine kind for NF4 (bench.cpu_isa(): avx2, avx512_bf16, amx)
     load_avg_start: float  # 1-minute load average just before the job
     load_avg_end: float    # ... and just after it
     commit: str           # the repo's commit (-dirty: tracked code differed)
@@ -56,7 +57,7 @@ def record(job: str, out: Path = CSV, run=subprocess.run) -> Timing:
     code = run(argv, cwd=bench.REPO_DIR).returncode
     wall = time.perf_counter() - start
     row = Timing(job=job, command=" ".join(["python", *JOBS[job]]), exit_code=code, wall_s=round(wall, 3),
-                 cpus=cpus(), cpu_name=bench.cpu_name(), load_avg_start=round(load_start, 2),
+                 cpus=cpus(), cpu_name=bench.cpu_name(), cpu_isa=bench.cpu_isa(), load_avg_start=round(load_start, 2),
                  load_avg_end=round(os.getloadavg()[0], 2), commit=bench.git_commit(),
                  timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     bench.append_row(out, row)
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=CSV, help="CSV the row is appended to")
     args = parser.parse_args(argv)
     row = record(args.job, args.out)
-    print(f"{row.job}: {row.wall_s:.1f} s on {row.cpu_name} ({row.cpus} cores, load average {row.load_avg_start:g} "
+    print(f"{row.job}: {row.wall_s:.1f} s on {row.cpu_name}, {row.cpu_isa} ({row.cpus} cores, load average {row.load_avg_start:g} "
           f"before, {row.load_avg_end:g} after), exit {row.exit_code}; row appended to {args.out}")
     return 0 if row.exit_code == 0 else 1
 

@@ -48,7 +48,7 @@ from .models import (DEFAULT_MODEL, EMBEDDED_GGUFS, EMBEDDED_MODELS, QUANTS, emb
                      resolve_model)
 from .prompts import PROMPT_KINDS, Prompt, load_prompts
 from .csvio import append_row, append_rows, check_csv, check_output, migrate_csv, number, read_rows
-from .provenance import ENVIRONMENT_FIELDS, Environment, cpu_name, device_name, environment, git_commit, package_version
+from .provenance import ENVIRONMENT_FIELDS, Environment, cpu_isa, cpu_name, device_name, environment, git_commit, package_version
 from .schema import BUSY_OTHER_CPU_SHARE, FIELDS, Result, column_docs, csv_row
 from .summary import latest_baseline, summary
 from .rows import finish, make_result

@@ -17,10 +17,10 @@ JOB_LABELS = {"main-job": "the main job (`python run_kvcache.py`)", "tests": "th
 IDLE = ("The main job took {runtime} on {machine}, alone on the machine with the model already converted "
         "(`results/quickstart.txt`, from `{capture}`).")
 LOADED = "With `python timings.py` (`results/{csv}`): {clauses}."
-CLAUSE = "{label} took {wall} on {cpu_name}, {cpus} cores, load average {load_start} before and {load_end} after"
+CLAUSE = "{label} took {wall} on {cpu_name} ({cpu_isa}), {cpus} cores, load average {load_start} before and {load_end} after"
 # the fastest and the slowest passing run of a job on one machine: an idle and a busy figure
 SPAN = ("{label} took {fast} with load average {fast_start} before and {fast_end} after, and {slow} with "
-        "{slow_start} and {slow_end}, on {cpu_name}, {cpus} cores")
+        "{slow_start} and {slow_end}, on {cpu_name} ({cpu_isa}), {cpus} cores")
 UNTIMED = ("No other machine timed yet: `python timings.py main-job` and `python timings.py tests` append the wall "
            "times, cores and load to `results/{csv}`.")
 
@@ -60,15 +60,16 @@ def duration(seconds: float) -> str:
 
 
 def latest_timings(results: Path) -> dict[str, list[dict]]:
-    """job -> its passing rows (exit code 0) on the machine of its newest one (same cpu_name
-    and cores), fastest first, in JOB_LABELS order."""
+    """job -> its passing rows (exit code 0) on the machine of its newest one (same cpu_name,
+    cpu_isa and cores), fastest first, in JOB_LABELS order."""
     rows = [r for r in bench.read_rows(Path(results) / TIMINGS) if r.get("exit_code") == "0"]
     timed = {}
     for job in JOB_LABELS:
         mine = [r for r in rows if r["job"] == job]
         if mine:
             newest = max(mine, key=lambda r: r["timestamp"])
-            same = [r for r in mine if (r["cpu_name"], r["cpus"]) == (newest["cpu_name"], newest["cpus"])]
+            machine = lambda r: (r["cpu_name"], r["cpu_isa"], r["cpus"])  # noqa: E731
+            same = [r for r in mine if machine(r) == machine(newest)]
             timed[job] = sorted(same, key=lambda r: bench.number(r["wall_s"]))
     return timed
 
@@ -78,12 +79,14 @@ def timing_clause(job: str, rows: list[dict]) -> str:
     fast, slow = rows[0], rows[-1]
     if len(rows) == 1:
         return CLAUSE.format(label=JOB_LABELS[job], wall=duration(bench.number(fast["wall_s"])),
-                             cpu_name=fast["cpu_name"], cpus=fast["cpus"], load_start=fast["load_avg_start"],
+                             cpu_name=fast["cpu_name"], cpu_isa=fast["cpu_isa"], cpus=fast["cpus"],
+                             load_start=fast["load_avg_start"],
                              load_end=fast["load_avg_end"])
     return SPAN.format(label=JOB_LABELS[job], fast=duration(bench.number(fast["wall_s"])),
                        fast_start=fast["load_avg_start"], fast_end=fast["load_avg_end"],
                        slow=duration(bench.number(slow["wall_s"])), slow_start=slow["load_avg_start"],
-                       slow_end=slow["load_avg_end"], cpu_name=fast["cpu_name"], cpus=fast["cpus"])
+                       slow_end=slow["load_avg_end"], cpu_name=fast["cpu_name"], cpu_isa=fast["cpu_isa"],
+                       cpus=fast["cpus"])
 
 
 def how_long(results: Path) -> str:

@@ -74,7 +74,7 @@ def test_column_docs_read_each_fields_comment_and_its_continuation():
 # results/<stem>.csv -> (module, row type) for the files that are not Result rows
 OTHER_ROW_TYPES = {"block_influence": ("bench.importance", "InfluenceRow"), "exactness": ("check_exact", "Exactness"),
                    "peers": ("run_peers", "PeerRow"), "profile": ("profile_step", "ProfileRow"),
-                   "speculative": ("bench.drafting", "SpeculativeRow")}
+                   "speculative": ("bench.drafting", "SpeculativeRow"), "timings": ("timings", "Timing")}
 COMMITTED = sorted((bench.RESULTS_DIR).glob("*.csv"))
 
 
