@@ -97,39 +97,6 @@ def test_the_core_imports_nothing_from_bench():
     assert bench_imports((REPO / "offload_skip.py").read_text(encoding="utf-8")) == set()
 
 
-# Modules another engineer's refactor covers; their private reaches are that work's to remove.
-PRIVATE_REACH_EXEMPT = {"layer_loading"}
-SCANNED = [path for folder in (BENCH, REPO / "reporting") for path in sorted(folder.glob("*.py"))
-           if path.stem not in PRIVATE_REACH_EXEMPT]
-
-
-def private_reaches(source: str) -> list[str]:
-    """Each ``obj._name`` in `source` where obj is not self, cls or super(): a private member
-    reached from outside its class or module (dunders are public protocol)."""
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") or node.attr.endswith("__"):
-            continue
-        owner = node.value
-        if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
-            continue
-        if isinstance(owner, ast.Call) and isinstance(owner.func, ast.Name) and owner.func.id == "super":
-            continue  # a subclass extending its base (argparse's help formatter)
-        found.append(f"{node.lineno}: {ast.unparse(node)}")
-    return found
-
-
-def test_the_private_reach_scanner_tells_own_members_from_others():
-    source = ("self._a\ncls._b\nsuper()._c(x)\nobj.__dict__\nload._saved(r)\nmodule._buffers[n] = b\n"
-              "from .x import y\ny._z.w")
-    assert private_reaches(source) == ["5: load._saved", "6: module._buffers", "8: y._z"]
-
-
-@pytest.mark.parametrize("path", SCANNED, ids=lambda path: f"{path.parent.name}/{path.name}")
-def test_no_private_member_is_reached_from_outside(path):
-    assert private_reaches(path.read_text(encoding="utf-8")) == []
-
-
 MAX_FUNCTION_LINES = 60  # longer ones get split where their concerns meet
 
 
