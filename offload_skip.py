@@ -1316,8 +1316,7 @@ class EmbeddingRows:
     def restore(self, copy: bool = False) -> nn.Module:
         """Put the module back with its whole weight read from the file (in a storage of its own
         if `copy`); returns the stand-in it replaces."""
-        flat = torch.empty(self.file_bytes, dtype=torch.uint8)
-        self._store.read_into(EMBEDDING, flat)
+        flat = self._store.read_host(EMBEDDING)
         self._ref.set(self._store.layouts[EMBEDDING].views(flat)["weight"].to(self._device, copy=copy))
         stub = getattr(*self._slot)
         setattr(*self._slot, self.module)
