@@ -139,7 +139,7 @@ def run(args) -> bench.Result:
         raise bench.UsageError("--block-influence scores the unpatched model's layers; use --variant baseline")
     bench.check_output(args.influence_out, importance.InfluenceRow)
     run_ = bench.open_run(args)
-    ctl = bench.patch(run_)
+    ctl = bench.patch_run(run_)  # --device-budget: the plan's residency (bench.planning)
     unpatched = bench.measure_unpatched(run_, ctl)  # this process's model, unpatched: the row's baseline
     meter = importance.InfluenceMeter(run_.model) if args.block_influence else contextlib.nullcontext()
     with meter:

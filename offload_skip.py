@@ -1145,6 +1145,7 @@ class LayerStreamer:
 # --------------------------------------------------------------------------- mapped layers (CPU)
 
 CPU_READS = ("map", "copy")  # patch_model's cpu_read: how a CPU brings a layer in
+RUNS = ("parallel", "sequential")  # OffloadConfig.runs: how a run of adjacent offloaded layers computes
 
 
 class LayerMaps:
@@ -1346,6 +1347,10 @@ class OffloadConfig:
     # the kernel is advised to read into the page cache ahead (no thread, no buffers)
     prefetch: int = 2
     budget_bytes: int = 0
+    # stream mode: the offloaded layers kept resident from their first use until standby(),
+    # named (a Plan's resident layers) instead of fitted to budget_bytes first-first; None:
+    # budget_bytes decides
+    keep: tuple[int, ...] | None = None
     # bytes/s; reads throttled to emulate slower storage (None: as fast as it goes). A mapped
     # layer is not read, so on a CPU this needs cpu_read="copy"
     io_bandwidth: float | None = None
@@ -1353,6 +1358,11 @@ class OffloadConfig:
     # after it instead of the next (each layer still computed from its own input x; k = 1 is
     # exact at alpha = 1; k > 1 is a different model, summed in fp32)
     inject_distance: int = 1
+    # how a run of adjacent offloaded layers computes: "parallel", each layer from the run's input
+    # x (x + sum_i alpha_i (L_i(x) - x): the original's method, a different model when a run has
+    # two layers or more), or "sequential", each from the one before it (lerp(y, L_i(y), alpha_i)
+    # in turn: at alpha = 1 exactly the original model, whatever layers are offloaded; a Plan's)
+    runs: str = "parallel"
     # drop each layer file from the page cache before reading it (posix_fadvise DONTNEED), so
     # reads come from the storage device (Linux); a mapped layer is read once and kept, so on a
     # CPU this needs cpu_read="copy"
@@ -1381,6 +1391,16 @@ class OffloadConfig:
             raise ValueError(f"inject_distance must be a whole number >= 1, got {self.inject_distance!r}")
         if self.cpu_read not in CPU_READS:
             raise ValueError(f"cpu_read must be 'map' or 'copy', got {self.cpu_read!r}")
+        if self.runs not in RUNS:
+            raise ValueError(f"runs must be 'parallel' or 'sequential', got {self.runs!r}")
+        if self.runs == "sequential" and self.inject_distance != 1:
+            raise ValueError("runs='sequential' computes each layer from the one before it, and inject_distance > 1 "
+                             "adds a run's contribution later: pick one")
+        if self.keep is not None:
+            if self.mode != "stream" or self.budget_bytes:
+                raise ValueError("keep names the layers a stream keeps: it needs mode='stream' and no budget_bytes "
+                                 "(which would choose them too)")
+            object.__setattr__(self, "keep", tuple(sorted(set(int(i) for i in self.keep))))
 
     def check_device(self, device: torch.device) -> None:
         """What a mapped layer cannot do, refused on a CPU with cpu_read="map"."""
@@ -1551,7 +1571,10 @@ class OffloadController:
         self.mode, self.prefetch, self.inject_distance = config.mode, config.prefetch, config.inject_distance
         self.layer_bytes = {i: store.layouts[i].data_bytes for i in layers}
         computed_bytes = {i: self.layer_bytes[i] for i in self.computed_layers}
-        self.keep = fit_budget(computed_bytes, config.budget_bytes) if config.mode == "stream" else set(layers)
+        if config.keep is not None and not set(config.keep) <= set(layers):
+            raise ValueError(f"keep names layers that are not offloaded: {sorted(set(config.keep) - set(layers))}")
+        self.keep = set(layers) if config.mode != "stream" else set(config.keep) & set(self.computed_layers) \
+            if config.keep is not None else fit_budget(computed_bytes, config.budget_bytes)
         # A GPU needs the bytes copied to it; a CPU computes on host memory, where the file's pages are.
         self.cpu_read = config.cpu_read if self.device.type == "cpu" else None
         self.layer_modules = {i: layer_list[i] for i in layers}  # the real modules, behind the stubs
@@ -1708,13 +1731,19 @@ class OffloadController:
     def reset_stats(self) -> None:
         self.counters.reset(self.resident_bytes())
 
-    def unpatch(self) -> nn.Module:
-        """Put the original layers back, each tensor in a storage of its own, and return the model."""
+    def unpatch(self, restore: bool = True) -> nn.Module:
+        """Put the original layers back, each tensor in a storage of its own, and return the model.
+        restore=False puts them back empty (placeholders, as store_layers leaves a model), their
+        files kept: for patch_model(model, layers, store=controller.store, ...) with another
+        config, without the whole model ever on the device (the embedding, if offloaded, comes back)."""
         self.standby()
         for i, tensors in self._tensors.items():
-            flat = torch.empty(self.layer_bytes[i], dtype=torch.uint8, device=self.device)
-            self.reader.read(i, flat)
-            self._layer_list[i] = tensors.restore(flat)
+            if restore:
+                flat = torch.empty(self.layer_bytes[i], dtype=torch.uint8, device=self.device)
+                self.reader.read(i, flat)
+                self._layer_list[i] = tensors.restore(flat)
+            else:
+                self._layer_list[i] = tensors.module
         if self._embedding is not None:
             self._embedding.restore(copy=True)
         self.store.close()
@@ -1756,18 +1785,23 @@ class OffloadController:
         return self._embedding.forward_rows(input_ids)
 
     def _inject(self, x: torch.Tensor, pending: list) -> torch.Tensor:
-        if len(pending) == 1:
-            i, args, kwargs = pending[0]
-            y = self._compute(i, x, args, kwargs)
-            if self.alphas[i] == 1.0:  # what lerp(x, y, 1) returns, minus four small ops
-                return y
-            # lerp(x, y, 1) is y and lerp(x, y, 0) is x, exactly; x + (y - x) is not.
-            return torch.lerp(x.float(), y.float(), self.alphas[i]).to(x.dtype)
+        if len(pending) == 1 or self.config.runs == "sequential":
+            for i, args, kwargs in pending:  # each from the one before: at alpha 1 the original model
+                x = self._step(i, x, args, kwargs)
+            return x
         x32 = x.float()
         out = x32.clone()
         for i, args, kwargs in pending:
             out += self.alphas[i] * (self._compute(i, x, args, kwargs).float() - x32)
         return out.to(x.dtype)
+
+    def _step(self, i: int, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+        """lerp(x, L_i(x), alpha_i): L_i(x) itself at alpha 1."""
+        y = self._compute(i, x, args, kwargs)
+        if self.alphas[i] == 1.0:  # what lerp(x, y, 1) returns, minus four small ops
+            return y
+        # lerp(x, y, 1) is y and lerp(x, y, 0) is x, exactly; x + (y - x) is not.
+        return torch.lerp(x.float(), y.float(), self.alphas[i]).to(x.dtype)
 
     def _compute(self, i: int, x: torch.Tensor, args, kwargs) -> torch.Tensor:
         layer = self._acquire(i)
@@ -1855,7 +1889,9 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, *, config: Offl
                 store: LayerStore | None = None, progress: bool = True, **options) -> OffloadController:
     """Offload `layers` of `model` to `cache_dir` and replace them by stubs, in place.
 
-    layers: a list of indices or a select_layers pattern (``even``, ``every:3``, ``2-10``).
+    layers: a list of indices or a select_layers pattern (``even``, ``every:3``, ``2-10``), or a
+    Plan (plan(): every layer offloaded, its resident ones kept; options then add fields such
+    as alpha or cold to its config).
     How: an OffloadConfig, or its fields as keywords (alpha, mode, prefetch, budget_bytes,
     io_bandwidth, inject_distance, cold, offload_embeddings, cpu_read: see OffloadConfig).
     Either way the views hold the stored bytes, so alpha = 1 stays exact.
@@ -1867,6 +1903,10 @@ def patch_model(model: nn.Module, layers, cache_dir: str | Path, *, config: Offl
     """
     if config is not None and options:
         raise TypeError(f"patch_model takes an OffloadConfig or its fields, not both (got {sorted(options)})")
+    if isinstance(layers, Plan):  # every layer offloaded, the plan's resident ones kept
+        if config is not None:
+            raise TypeError("patch_model takes a Plan or an OffloadConfig, not both")
+        config, layers = layers.config(**options), list(range(len(layers.shape.layer_bytes)))
     config = config if config is not None else OffloadConfig(**options)
     layer_list = find_decoder_layers(model)
     if any(isinstance(layer, OffloadedLayer) for layer in layer_list):
@@ -1985,3 +2025,308 @@ def _parent_slot(model: nn.Module, module: nn.Module) -> tuple[nn.Module, str]:
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
     return str(tensor.device), tensor.untyped_storage().data_ptr()
 
+
+
+# --------------------------------------------------------------------------- fitting a model to a device
+
+@dataclass(frozen=True)
+class ModelBytes:
+    """What a plan places: each decoder layer's bytes as the controller counts them (its file's
+    data section), the parts that always stay, and the KV cache's bytes per token."""
+
+    layer_bytes: tuple[int, ...]
+    embedding_bytes: int        # the input embedding's matrix (a tied head's: here, and head_bytes 0)
+    head_bytes: int
+    other_bytes: int            # final norm, rotary tables, an embedding's buffers (Gemma's embed_scale)
+    tied: bool                  # the head shares the embedding's matrix: the embedding cannot leave
+    kv_bytes_per_token: int     # K and V of every layer, one token of one sequence
+
+    @classmethod
+    def of(cls, model: nn.Module, device: torch.device | str, store: LayerStore | None = None) -> "ModelBytes":
+        """From a loaded model: each layer's file data section, from its stored layout (a layer
+        stored and empty, store_layers') or as serialize_layer would lay its tensors out. On a
+        CPU, NF4 weights are repacked first, as patch_model does before it stores them."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            prepack_nf4_for_cpu(model)
+        layers = find_decoder_layers(model)
+        per_layer = tuple(store.layouts[i].data_bytes if store is not None and i in store.layouts
+                          else layer_data_bytes(layer) for i, layer in enumerate(layers))
+        parts = weight_breakdown(model, device)
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+        tied = head is not None and head.weight is embedding.weight
+        # only the matrix leaves with offload_embeddings (Gemma's embed_scale buffer stays): the rest is "other"
+        matrix = tensor_bytes([embedding.weight], device)
+        return cls(per_layer, matrix, parts["head_bytes"], parts["other_bytes"] + parts["embedding_bytes"] - matrix,
+                   tied, kv_bytes_per_token(model.config, _compute_dtype(model)))
+
+
+def layer_data_bytes(layer: nn.Module) -> int:
+    """The data section serialize_layer would write for `layer`: its tensors in order, each
+    starting on an ALIGN_BYTES boundary."""
+    offset = 0
+    for ref in layer_tensor_refs(layer).values():
+        offset += -offset % ALIGN_BYTES
+        tensor = ref.get()
+        offset += tensor.numel() * tensor.element_size()
+    return offset
+
+
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
+    return max(set(floats), key=floats.count) if floats else torch.float32
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes a dynamic KV cache holds per token of one sequence: K and V of every layer."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class Rates:
+    """The measured rates a plan's times come from (bench.planning probes and caches them)."""
+
+    layer_compute_s: float      # one decoder layer's forward in one decode step (the planned batch and context)
+    fixed_compute_s: float      # the rest of a step: embedding, final norm, output head
+    read_Bps: float             # a layer file into a device buffer: from the page cache, or the storage (cold)
+    # the share of a read's time that is a copy on the compute device's own cores (a CPU's
+    # memcpy out of the page cache: a background read slows compute by that long); 0 on a GPU,
+    # whose copy engine and DMA leave the SMs alone
+    read_compute_share: float = 1.0
+    h2d_Bps: float | None = None  # GPU: pinned host -> device; None on a CPU
+    stream_overhead_s: float = 0.0  # a streamed layer's cost in the compute thread beyond its read (binding its views)
+    source: str = ""            # where they were measured (recorded beside the plan)
+
+
+def stream_step_s(layer_compute_s: list[float], fixed_compute_s: float, read_s: dict[int, float],
+                  depth: int, read_compute_share: float = 0.0, tokens: int = 6) -> float:
+    """Seconds per decode step of stream residency, by replaying LayerStreamer: the layers
+    compute in forward order; a streamed layer (a key of `read_s`, its read's seconds) that is
+    not read ahead is read in the compute thread (compute waits); with depth d >= 1 one reader
+    thread reads the next d streamed layers (the order wraps into the next token) into
+    min(d + 1, streamed) slots, each freed when its layer's compute ends. A background read
+    slows the compute it overlaps by read_compute_share of the overlap (a CPU copying while it
+    computes). Steady state: the mean of the last tokens of `tokens`."""
+    order = sorted(read_s)
+    n = len(order)
+    if not n:
+        return sum(layer_compute_s) + fixed_compute_s
+    slots = min(depth + 1, n)
+    t, reader_t, busy = 0.0, 0.0, []           # compute clock, reader free at, reader (start, end)
+    jobs: dict[int, float] = {}                 # global stream index -> read done at
+    free = slots
+    ends = []
+
+    def read_ahead(g: int, steps: int, now: float) -> None:
+        nonlocal reader_t, free
+        if not depth:
+            return
+        for h in range(g + 1, g + steps + 1):
+            if h in jobs:
+                continue
+            if not free:
+                break
+            free -= 1
+            start = max(now, reader_t)
+            reader_t = start + read_s[order[h % n]]
+            jobs[h] = reader_t
+            busy.append((start, reader_t))
+
+    def slowed(start: float, seconds: float) -> float:
+        overlap = sum(max(0.0, min(e, start + seconds) - max(s, start)) for s, e in busy)
+        return seconds + read_compute_share * overlap
+
+    for token in range(tokens):
+        for i, c in enumerate(layer_compute_s):
+            if i not in read_s:
+                t += slowed(t, c)
+                continue
+            g = token * n + order.index(i)
+            if g not in jobs:                   # not read ahead: drain, then read in the caller
+                t = max([t, *jobs.values()])
+                free += len(jobs)
+                jobs.clear()
+                free -= 1
+                t += read_s[i]
+                jobs[g] = t
+            t = max(t, jobs[g])
+            read_ahead(g, depth, t)
+            t += slowed(t, c)
+            del jobs[g]
+            free += 1
+            read_ahead(g, depth + 1, t)
+        t += slowed(t, fixed_compute_s)
+        ends.append(t)
+    last = ends[len(ends) // 2:]
+    return (last[-1] - ends[len(ends) // 2 - 1]) / len(last)
+
+
+PLACEMENTS = ("interleaved", "first-fit", "last")
+
+
+def placement_streamed(n_layers: int, n_streamed: int, placement: str) -> tuple[int, ...]:
+    """Which n_streamed of n_layers stream: ``first-fit`` keeps the first ones (fit_budget's rule),
+    so the last stream; ``last`` keeps the last ones; ``interleaved`` spreads them evenly, each
+    streamed layer after resident ones that compute while it is read."""
+    if placement == "first-fit":
+        return tuple(range(n_layers - n_streamed, n_layers))
+    if placement == "last":
+        return tuple(range(n_streamed))
+    if placement == "interleaved":
+        return tuple(sorted({int((k + 0.5) * n_layers / n_streamed) for k in range(n_streamed)})) if n_streamed else ()
+    raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration a plan weighed: its bytes on the device and its predicted step time."""
+
+    placement: str
+    streamed: tuple[int, ...]
+    prefetch: int
+    cpu_read: str | None
+    offload_embeddings: bool
+    weights_bytes: int          # peak weights on the device: resident parts, kept layers, stream slots
+    kv_bytes: int               # the KV cache reserved for the planned context and batch
+    step_s: float               # predicted seconds per decode step
+
+    @property
+    def device_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes
+
+
+def candidate(shape: ModelBytes, rates: Rates, streamed: tuple[int, ...], prefetch: int, cpu_read: str | None,
+              offload_embeddings: bool, kv_bytes: int, placement: str = "") -> Candidate:
+    """A configuration's bytes (as the controller counts its peak) and predicted step time.
+    A mapped CPU layer is held until standby(), counted as a buffer: so with map every streamed
+    layer counts, and reads cost nothing from the page cache."""
+    layers = shape.layer_bytes
+    embedding = 0 if offload_embeddings and not shape.tied else shape.embedding_bytes
+    fixed = embedding + shape.head_bytes + shape.other_bytes
+    kept = sum(n for i, n in enumerate(layers) if i not in streamed)
+    if cpu_read == "map":
+        held, read_s = sum(layers[i] for i in streamed), {}
+    else:
+        held = min(prefetch + 1, len(streamed)) * max((layers[i] for i in streamed), default=0)
+        copy_Bps = rates.h2d_Bps
+        read_s = {i: layers[i] / rates.read_Bps + (layers[i] / copy_Bps if copy_Bps else 0.0) for i in streamed}
+    overhead_s = rates.stream_overhead_s if cpu_read != "map" else 0.0  # a mapped layer is bound once
+    compute_s = [rates.layer_compute_s + (overhead_s if i in streamed else 0.0)
+                 for i in range(len(layers))]
+    step = stream_step_s(compute_s, rates.fixed_compute_s, read_s, prefetch, rates.read_compute_share)
+    return Candidate(placement, streamed, prefetch, cpu_read, offload_embeddings and not shape.tied,
+                     fixed + kept + held, kv_bytes, step)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What stays, what streams and how, for a device of device_bytes: the fastest predicted
+    candidate that fits, from exact levers only (which layers stream, read-ahead depth, copy or
+    map, the input embedding's rows from disk). Every layer is offloaded; the resident ones are
+    kept (OffloadConfig.keep) from their first use in an inference until standby(), so idle the
+    device holds only the parts that always stay. patch_model(model, plan, cache_dir) applies it."""
+
+    device_bytes: int
+    shape: ModelBytes
+    rates: Rates
+    context_tokens: int
+    batch_size: int
+    chosen: Candidate
+    candidates: tuple[Candidate, ...]   # every one weighed, the chosen among them
+
+    @property
+    def streamed(self) -> tuple[int, ...]:
+        return self.chosen.streamed
+
+    @property
+    def resident(self) -> tuple[int, ...]:
+        return tuple(i for i in range(len(self.shape.layer_bytes)) if i not in self.chosen.streamed)
+
+    @property
+    def predicted_tok_s(self) -> float:
+        return self.batch_size / self.chosen.step_s
+
+    def config(self, **fields) -> OffloadConfig:
+        """The OffloadConfig that runs this plan (other fields, e.g. alpha or cold, as given)."""
+        return OffloadConfig(mode="stream", keep=self.resident, runs="sequential", prefetch=self.chosen.prefetch,
+                             cpu_read=self.chosen.cpu_read or "map",
+                             offload_embeddings=self.chosen.offload_embeddings, **fields)
+
+    def record(self) -> str:
+        """The plan in one line, for a CSV cell."""
+        c = self.chosen
+        return (f"streamed={_ranges(c.streamed) or 'none'} placement={c.placement} prefetch={c.prefetch} "
+                f"cpu_read={c.cpu_read or '-'} embedding={'disk' if c.offload_embeddings else 'resident'}")
+
+    def __str__(self) -> str:
+        c, s = self.chosen, self.shape
+        embedding = 0 if c.offload_embeddings else s.embedding_bytes
+        kept = sum(n for i, n in enumerate(s.layer_bytes) if i not in c.streamed)
+        slots = c.weights_bytes - embedding - s.head_bytes - s.other_bytes - kept
+        rows = [("resident layers", _ranges(self.resident) or "none", kept),
+                ("streamed layers", f"{_ranges(c.streamed) or 'none'} ({c.placement}, prefetch {c.prefetch}"
+                                    f"{', ' + c.cpu_read if c.cpu_read else ''})", slots),
+                ("input embedding", "disk (rows per token)" if c.offload_embeddings else "resident", embedding),
+                ("output head", "tied to the embedding" if s.tied else "resident", s.head_bytes),
+                ("norms, rotary", "resident", s.other_bytes),
+                (f"KV cache", f"{self.context_tokens} tokens x {self.batch_size}", c.kv_bytes)]
+        lines = [f"plan for {self.device_bytes / 2**30:.2f} GiB ({self.device_bytes:,} bytes):"]
+        lines += [f"  {part:<16} {what:<44} {nbytes / 2**20:>9.1f} MiB" for part, what, nbytes in rows]
+        lines.append(f"  {'total':<16} {'':<44} {c.device_bytes / 2**20:>9.1f} MiB; predicted "
+                     f"{self.predicted_tok_s:.2f} tok/s ({len(self.candidates)} candidates weighed; rates: "
+                     f"{self.rates.source or 'given'})")
+        return "\n".join(lines)
+
+
+def _ranges(indices) -> str:
+    """2 3 4 7 -> '2-4,7'."""
+    out, run = [], []
+    for i in sorted(indices):
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [i]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+def plan(model: nn.Module | ModelBytes, device_bytes: int, *, rates: Rates, context_tokens: int = 512,
+         batch_size: int = 1, device: torch.device | str = "cpu", store: LayerStore | None = None,
+         prefetch_depths: tuple[int, ...] = (0, 1, 2)) -> Plan:
+    """Fit `model` (or its ModelBytes) to a device of `device_bytes`, the KV cache of
+    `context_tokens` x `batch_size` reserved: for each read-ahead depth, copy or map, and
+    placement, the fewest streamed layers that fit, timed by stream_step_s from `rates`;
+    the fastest that fits wins (ties: fewer streamed bytes, then the order of PLACEMENTS).
+    Streaming nothing is a candidate too. The input embedding's rows are read from disk
+    when anything streams and it is not tied (a few KB per token). Raises ValueError when
+    nothing fits: the parts that always stay, the cache and one stream slot."""
+    device = torch.device(device)
+    shape = model if isinstance(model, ModelBytes) else ModelBytes.of(model, device, store)
+    kv = shape.kv_bytes_per_token * context_tokens * batch_size
+    n_layers = len(shape.layer_bytes)
+    reads = ("copy", "map") if device.type == "cpu" else (None,)
+    weighed = [candidate(shape, rates, (), 0, None, False, kv, "none")]
+    for depth in prefetch_depths:
+        for cpu_read in reads:
+            for placement in PLACEMENTS:
+                for n in range(1, n_layers + 1):
+                    streamed = placement_streamed(n_layers, n, placement)
+                    c = candidate(shape, rates, streamed, depth, cpu_read, True, kv, placement)
+                    if c.device_bytes <= device_bytes or n == n_layers:
+                        weighed.append(c)
+                        break
+    fitting = [c for c in weighed if c.device_bytes <= device_bytes]
+    if not fitting:
+        least = min(weighed, key=lambda c: c.device_bytes)
+        raise ValueError(f"nothing fits {device_bytes:,} bytes: streaming every layer still needs "
+                         f"{least.device_bytes:,} (weights {least.weights_bytes:,}, KV cache {kv:,} for "
+                         f"{context_tokens} tokens x {batch_size})")
+    best = min(fitting, key=lambda c: (round(c.step_s, 9), sum(shape.layer_bytes[i] for i in c.streamed),
+                                        PLACEMENTS.index(c.placement) if c.placement in PLACEMENTS else -1))
+    return Plan(device_bytes, shape, rates, context_tokens, batch_size, best, tuple(weighed))

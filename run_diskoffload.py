@@ -22,7 +22,7 @@ VARIANT = "diskoffload"
 def run(args) -> bench.Result | bench.SpeculativeRow:
     run_ = bench.open_run(args)
     # offload_skip.patch_model(mode="stream", prefetch=..., budget_bytes=..., io_bandwidth=...)
-    ctl = bench.patch(run_)
+    ctl = bench.patch_run(run_)  # --device-budget: the plan's residency (bench.planning)
     if args.draft != "none":
         return bench.run_drafts(run_, ctl)
     unpatched = bench.measure_unpatched(run_, ctl)  # this process's model, unpatched: the row's baseline

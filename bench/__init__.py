@@ -7,8 +7,8 @@ module imports only the modules before it, not even a type checker's import of a
 (tests/test_bench_imports.py checks it):
 
     base < hostmem < fetch < layer_loading < dummy < models < corpus < prompts < workload
-    < provenance < schema < csvio < summary < rowfiles < cli < experiment < measure < rows
-    < drafting < importance < launch
+    < provenance < schema < csvio < summary < rowfiles < cli < experiment < measure < planning
+    < rows < drafting < importance < launch
 
 - base: the one-line ``UsageError``, repo and cache locations
 - hostmem: the process's anonymous resident memory and its sampled peak; resident memory by kind of page
@@ -28,6 +28,7 @@ module imports only the modules before it, not even a type checker's import of a
 - cli: the shared command line
 - experiment: one invocation (``Run``, ``open_run``) and the variant's residency (``patch``)
 - measure: the decode loop, timers, memory
+- planning: --device-budget: this machine's rates probed (cached) and offload_skip.plan's choice patched in
 - rows: a run's ``Result`` (``make_result``), appended and summarised (``finish``)
 - drafting: speculative decoding over stream residency (--draft), timed against plain stream decoding
 - importance: Block Influence, rank correlation, the planner's skip orders
@@ -44,6 +45,7 @@ from .drafting import SpeculativeRow, run_drafts
 from .experiment import Run, inference, open_run, patch, prompt_batch, select
 from .measure import (DecodeTiming, Memory, Speed, cold_read_bytes_s, decode, generate, measure_memory, measure_speed,
                       measure_unpatched, synchronize, unpatched_fits, weight_bytes)
+from .planning import patch_run, patch_to_fit, rates_for
 from .models import (DEFAULT_MODEL, EMBEDDED_GGUFS, EMBEDDED_MODELS, QUANTS, embedded_model, load_model, model_kind,
                      resolve_model)
 from .prompts import PROMPT_KINDS, Prompt, load_prompts

@@ -138,6 +138,12 @@ def _model_arguments(parser: argparse.ArgumentParser, variant: str | None) -> No
     add("--quant-head", choices=HEAD_QUANTS, default="none",
         help="output head format: none (as loaded) or nf4 (bitsandbytes 4-bit, a copy of its own: "
              "approximate, it changes the model's logits)")
+    add("--device-budget", type=_size_arg, default=None, metavar="SIZE",
+        help=f"fit the model to a device of SIZE bytes (6GiB, 6GB or bytes; {SIZE_HELP}): a plan chooses, from "
+             "exact levers and rates probed on this machine (cached), which layers stay and stream, read-ahead, "
+             "--cpu-read and the embedding's rows from disk, with the KV cache of the run reserved; it prints the "
+             "plan and replaces --layers, --budget, --prefetch, --cpu-read and --offload-embeddings. Stream "
+             "residency (run_diskoffload.py, eval_ppl.py --variant diskoffload)")
     add("--cache-dir", type=Path, default=default_cache_dir(),
         help="converted embedded models go to <cache-dir>/hf, offloaded layer files to <cache-dir>/layers")
 
@@ -248,6 +254,8 @@ def finish_args(args: argparse.Namespace, row_type=None) -> argparse.Namespace:
                          "the baseline is the unpatched model")
     if not hasattr(args, "kv_cache"):
         args.kv_cache = True
+    if args.device_budget is not None:
+        check_device_budget(args)
     if not hasattr(args, "prefetch"):  # scripts without the stream flags
         args.prefetch, args.budget, args.io_bandwidth, args.cold = None, None, None, False
     elif args.prefetch == "auto":
@@ -268,6 +276,31 @@ def finish_args(args: argparse.Namespace, row_type=None) -> argparse.Namespace:
     if getattr(args, "row_file", None) is not None:
         check_writable(args.row_file)
     return args
+
+
+# flags whose choice --device-budget makes: (flag, attribute, the default it must be left at)
+PLANNED_FLAGS = (("--layers", "layers", "even"), ("--budget", "budget", 0), ("--prefetch", "prefetch", "auto"),
+                 ("--offload-embeddings", "offload_embeddings", False), ("--alpha", "alpha", 1.0),
+                 ("--skip", "skip", None), ("--inject-distance", "inject_distance", 1))
+
+
+def check_device_budget(args: argparse.Namespace) -> None:
+    """--device-budget plans stream residency from exact levers: it needs the stream variant and
+    makes the choices of the flags in PLANNED_FLAGS, which must be left at their defaults."""
+    if args.variant != "diskoffload":
+        raise UsageError(f"--device-budget plans stream residency, and the {args.variant} variant "
+                         + ("is the unpatched model" if args.variant == "baseline" else
+                            "holds every offloaded layer during an inference")
+                         + ": use run_diskoffload.py (or eval_ppl.py --variant diskoffload)")
+    if args.device_budget <= 0:
+        raise UsageError("--device-budget must be more than 0 bytes")
+    if getattr(args, "draft", "none") != "none":
+        raise UsageError("--device-budget does not plan a draft yet: leave out --draft")
+    for flag, name, default in PLANNED_FLAGS:
+        if getattr(args, name, default) != default:
+            raise UsageError(f"--device-budget makes the choice {flag} names (the plan uses exact levers only): "
+                             f"leave out {flag}")
+    args.layers = "plan"
 
 
 def main(run: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,

@@ -82,7 +82,8 @@ def open_run(args: argparse.Namespace, whole: bool = False) -> Run:
     set_seed(args.seed)
     model_kind(args.model)
     n_layers = _config_layers(args.model, args.cache_dir)
-    layers = select(args.layers, n_layers)
+    # --device-budget: every layer stored, the plan's resident ones kept (bench.planning)
+    layers = list(range(n_layers)) if args.layers == "plan" else select(args.layers, n_layers)
     skipped = select_skipped(getattr(args, "skip", None), layers, n_layers)
     docs, ppl_dataset = load_corpus(args.ppl_dataset, args.cache_dir) if args.ppl_max_tokens else (None, None)
     streamed = not whole and VARIANT_MODES[args.variant] != "resident"

@@ -80,7 +80,15 @@ def controller_columns(run: Run, ctl, cold_read_bytes_s: float | None) -> dict:
         cold_reads=bool(args.cold) if stream else None,
         cold_read_bytes_s=cold_read_bytes_s,
         read_bytes_per_token=ctl.read_bytes_per_forward() if patched else None,
+        **plan_columns(run.info.get("plan")),
     )
+
+
+def plan_columns(plan) -> dict:
+    """--device-budget: the offload_skip.Plan the run followed (None: no plan)."""
+    return dict(device_budget_bytes=plan.device_bytes if plan else None, plan=plan.record() if plan else None,
+                predicted_decode_tok_s=plan.predicted_tok_s if plan else None,
+                predicted_peak_bytes=plan.chosen.weights_bytes if plan else None)
 
 
 def peak_bytes(ctl, memory: Memory, speed: Speed | None, ppl) -> int | None:

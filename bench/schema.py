@@ -96,6 +96,12 @@ class Result:
     prefetch: int | None  # stream: layers read ahead by the background reader (resolved from auto)
     budget_bytes: int | None  # stream: bytes of offloaded layers allowed to stay resident
     io_bandwidth: int | None  # stream: emulated storage bandwidth in bytes/s (empty: unthrottled)
+    device_budget_bytes: int | None  # --device-budget: the device bytes the plan fitted the run to (weights at the
+        # peak plus the KV cache reserved for the run's context); empty without a plan
+    plan: str | None  # --device-budget: the plan's choices (offload_skip.Plan.record: streamed layers, placement,
+        # read-ahead, cpu_read, embedding); every layer has a file, the others kept from first use to standby
+    predicted_decode_tok_s: float | None  # --device-budget: the plan's predicted decode speed, from the probed rates
+    predicted_peak_bytes: int | None  # --device-budget: the plan's predicted peak weights, counted as peak_bytes is
     cold_reads: bool | None  # stream: True when every layer read first dropped the file from the page cache (--cold),
         # so its bytes came from the storage device
     cold_read_bytes_s: float | None  # stream --cold: bytes/s of reading each streamed layer file once, cold, one after

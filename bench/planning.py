@@ -1,0 +1,213 @@
+"""Fitting a model to a device (--device-budget): the probe that measures this machine's rates
+for a model, cached per machine and model, and the patch that runs offload_skip.plan's choice.
+
+The probe streams every layer (copy, no read-ahead: each read in the compute thread, so reads
+and compute add up and can be told apart) through a short greedy decode of the run's own
+prompt, and times the output head alone:
+
+    read rate        the controller's loaded_bytes / load_s over the decode (page cache, or
+                     the storage with --cold / --io-bandwidth)
+    head             median of a [batch, 1, hidden] forward through the output head
+    per layer        (decode seconds per step - one step's reads - head) / layers
+
+A probe's rates are kept in <cache-dir>/probes/<key>.json, the key naming what they depend
+on: the machine and device, torch, the layer files' fingerprint, batch, prompt and decode
+length, and how reads come (cold, throttled). A file that does not parse, or holds another
+key, is an error naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import offload_skip
+
+from .base import UsageError
+from .experiment import Run, inference, layers_dir, load_peak_bytes, patch
+from .measure import decode, synchronize, watch_cpu
+from .provenance import cpu_isa, device_name
+
+PROBE_TOKENS = 16       # tokens each probe decode decodes (15 timed steps after the prefill)
+PROBE_DECODES = 4       # per configuration: the first untimed, the median of the others
+PROBE_FORMAT = 4        # a probe file's layout; another one is measured again
+
+
+def patch_run(run: Run):
+    """The run's residency: the plan for --device-budget, else experiment.patch's."""
+    return patch_to_fit(run) if getattr(run.args, "device_budget", None) else patch(run)
+
+
+def patch_to_fit(run: Run):
+    """Probe (or read the cached probe), plan for --device-budget, print the plan and patch the
+    model with it; the Plan goes into run.info["plan"] for the row."""
+    args, store = run.args, run.info["store"]
+    context, batch = run.input_ids.shape[1] + args.max_new_tokens, run.input_ids.shape[0]
+    shape = offload_skip.ModelBytes.of(run.model, run.device, store)
+    unmeasured = offload_skip.Rates(1.0, 1.0, 1.0, source="bytes only")
+    try:  # bytes do not depend on the rates: refuse a budget nothing fits before probing
+        offload_skip.plan(shape, args.device_budget, rates=unmeasured, context_tokens=context,
+                          batch_size=batch, device=run.device)
+    except ValueError as err:
+        raise UsageError(f"--device-budget {args.device_budget:,}: {err}") from None
+    rates = rates_for(run, store)
+    plan = offload_skip.plan(shape, args.device_budget, rates=rates, context_tokens=context, batch_size=batch,
+                             device=run.device)
+    print(plan, flush=True)
+    ctl = offload_skip.patch_model(run.model, plan, layers_dir(args), store=store, cold=args.cold,
+                                   io_bandwidth=args.io_bandwidth)
+    run.info["plan"] = plan
+    run.info["load_peak_bytes"] = max(run.info["load_peak_bytes"], load_peak_bytes(run.device, ctl.load_peak_bytes))
+    return ctl
+
+
+def probe_key(run: Run, store: offload_skip.LayerStore) -> dict:
+    """What a probe's rates depend on."""
+    args = run.args
+    return dict(format=PROBE_FORMAT, device=device_name(run.device), cpu_isa=cpu_isa(), threads=torch.get_num_threads(),
+                torch=torch.__version__, layers=store.dir.name, batch=int(run.input_ids.shape[0]),
+                prompt_tokens=int(run.input_ids.shape[1]), max_new_tokens=int(args.max_new_tokens),
+                cold=bool(args.cold), io_bandwidth=args.io_bandwidth)
+
+
+def probe_path(cache_dir: Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(cache_dir) / "probes" / f"{digest}.json"
+
+
+def read_probe(path: Path, key: dict) -> offload_skip.Rates | None:
+    """The cached rates for `key`, None when there are none; a bad file is a CacheError naming it."""
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        if saved["key"] != key:
+            raise ValueError("it holds another probe's key")
+        return offload_skip.Rates(**saved["rates"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise offload_skip.CacheError(f"{path}: bad probe file ({err}); delete it to measure again") from None
+
+
+def rates_for(run: Run, store: offload_skip.LayerStore) -> offload_skip.Rates:
+    """This machine's rates for the run's model: cached, or probed now and cached."""
+    key = probe_key(run, store)
+    path = probe_path(run.args.cache_dir, key)
+    rates = read_probe(path, key)
+    if rates is None:
+        with watch_cpu() as load:
+            rates = measure_rates(run, store, source=f"probe {path.name}")
+        if load[0].busy:  # measured beside other work: used once, not kept
+            print(f"{run.args.command.split()[1] if run.args.command else 'probe'}: other work used "
+                  f"{load[0].other_cpu_share:.0%} of the machine while probing; the rates are used for this run "
+                  "only, not cached", file=sys.stderr)
+            return dataclasses.replace(rates, source=rates.source + " (busy, not cached)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        offload_skip.atomic_write(path, [json.dumps({"key": key, "rates": rates.__dict__}, indent=1).encode()])
+    return rates
+
+
+def measure_rates(run: Run, store: offload_skip.LayerStore, source: str = "") -> offload_skip.Rates:
+    """The probe (module docstring): the model must have every layer stored and empty
+    (open_run for --device-budget); it is left so. Two configurations: every layer streamed,
+    then all but one kept (a CPU) or the first that fit the budget (a GPU); their difference per
+    streamed layer is
+    a streamed layer's cost in the compute thread (its read, binding its views), and the read
+    alone is the counters' loaded_bytes / load_s."""
+    args, model = run.args, run.model
+    n_layers = len(offload_skip.find_decoder_layers(model))
+    everything = probe_decode(run, store, keep=())
+    shape = offload_skip.ModelBytes.of(model, run.device, store)
+    if run.device.type == "cpu":  # host memory: all but one layer kept, the widest difference
+        keep = tuple(range(n_layers - 1))
+    else:  # a GPU must not run out: the first layers that fit the budget beside one slot
+        fixed_bytes = shape.embedding_bytes + shape.head_bytes + shape.other_bytes + max(shape.layer_bytes)
+        room = args.device_budget - fixed_bytes - shape.kv_bytes_per_token * (
+            run.input_ids.shape[1] + args.max_new_tokens)
+        keep = tuple(sorted(offload_skip.fit_budget(dict(enumerate(shape.layer_bytes)), max(room, 0))))[:n_layers - 1]
+    part = probe_decode(run, store, keep=keep) if keep else None
+    read_Bps = everything["loaded_bytes"] / everything["load_s"]
+    head = head_s(model, run.device, int(run.input_ids.shape[0]))
+    read_s = sum(shape.layer_bytes) / n_layers / read_Bps  # one layer's
+    if part is not None:
+        streamed_s = (everything["step_s"] - part["step_s"]) / len(keep)  # one streamed layer's extra
+    else:
+        streamed_s = read_s
+    layer_s = max((everything["step_s"] - head) / n_layers - streamed_s, 0.0)
+    return offload_skip.Rates(layer_compute_s=layer_s, fixed_compute_s=head, read_Bps=read_Bps,
+                              stream_overhead_s=max(streamed_s - read_s, 0.0),
+                              read_compute_share=read_compute_share(run, store, shape, read_Bps), source=source)
+
+
+def read_compute_share(run: Run, store: offload_skip.LayerStore, shape: offload_skip.ModelBytes,
+                       read_Bps: float) -> float:
+    """How much of a read occupies the cores: on a GPU none (DMA); on a CPU reading the page
+    cache all of it (a memcpy); reading the storage (--cold) or a throttled one, the share of
+    the read that is the memcpy out of the page cache (hot rate against this rate)."""
+    if run.device.type != "cpu":
+        return 0.0
+    if not (run.args.cold or run.args.io_bandwidth):
+        return 1.0
+    return min(1.0, read_Bps / hot_read_Bps(store, shape.layer_bytes))
+
+
+def probe_decode(run: Run, store: offload_skip.LayerStore, keep: tuple[int, ...]) -> dict:
+    """Seconds per decode step (the median of PROBE_DECODES - 1 decodes of PROBE_TOKENS, after
+    one untimed) and the last one's read counters, every layer but `keep` streamed by copy
+    without read-ahead."""
+    args, model = run.args, run.model
+    n_layers = len(offload_skip.find_decoder_layers(model))
+    config = offload_skip.OffloadConfig(mode="stream", keep=keep, runs="sequential", prefetch=0, cpu_read="copy",
+                                        cold=args.cold, io_bandwidth=args.io_bandwidth)
+    ctl = offload_skip.patch_model(model, list(range(n_layers)), layers_dir(args), config=config, store=store,
+                                   progress=False)
+    try:
+        steps = []
+        for _ in range(PROBE_DECODES):
+            ctl.reset_stats()
+            timing = decode(model, run.input_ids, PROBE_TOKENS, context=inference(ctl), attention_mask=run.attention_mask)
+            steps.append(timing.decode_s / (PROBE_TOKENS - 1))
+        stats = ctl.stats()
+    finally:
+        ctl.unpatch(restore=False)
+    return {**stats, "step_s": statistics.median(steps[1:])}
+
+
+def hot_read_Bps(store: offload_skip.LayerStore, layer_bytes: tuple[int, ...]) -> float:
+    """Reading one layer file from the page cache (read once first, then timed): a memcpy's rate."""
+    i = max(range(len(layer_bytes)), key=layer_bytes.__getitem__)
+    buffer = torch.empty(layer_bytes[i], dtype=torch.uint8)
+    cold, store.cold = store.cold, False
+    try:
+        store.read_into(i, buffer)
+        seconds = []
+        for _ in range(PROBE_DECODES):
+            start = time.perf_counter()
+            store.read_into(i, buffer)
+            seconds.append(time.perf_counter() - start)
+    finally:
+        store.cold = cold
+        store.close()
+    return layer_bytes[i] / statistics.median(seconds)
+
+
+def head_s(model, device: torch.device, batch: int, repeats: int = 5) -> float:
+    """Median seconds of the output head on one token per sequence."""
+    head = model.get_output_embeddings()
+    dtype = model.get_input_embeddings().weight.dtype  # the compute dtype (an NF4 head's weight is uint8)
+    hidden = torch.randn(batch, 1, head.in_features, dtype=dtype, device=device)
+    seconds = []
+    with torch.no_grad():
+        head(hidden)
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            head(hidden)
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
