@@ -8,7 +8,8 @@ command. Each suite appends to results/<suite>.csv.
 
 Resumable: a case whose exact command line is already in its suite's CSV (the `command`
 column every row carries) is skipped. Suites: alpha, patterns, importance, planner,
-distance, context, beyond, load. The planner's cases depend on the importance suite's rows: run
+distance, context, beyond, load, cpu_read, speculative, fit (run_fit.py: the device-budget plan
+against a grid). The planner's cases depend on the importance suite's rows: run
 ``importance`` first.
 """
 from __future__ import annotations
@@ -89,8 +90,21 @@ SPECULATIVE_LOW_BITS = {"bf16": ("self:hqq2",), "nf4": ("self:hqq3", "self:hqq2"
 SPECULATIVE_FP32 = ("qwen2.5-coder-0.5b",)
 SPECULATIVE_PROMPTS = 3
 SPECULATIVE_TOKENS = 32
+# fit: offload_skip.plan's configuration against a grid of hand ones (run_fit.py), each case one
+# model, format, device budget (a share of the model's bytes) and read source, its configurations
+# timed in interleaved rounds in one process: real weights at shares of their bytes, from the page
+# cache and cold; the dummy 7B/14B NF4 shapes at a 6 GiB device.
+FIT_SHARES = (0.25, 0.5, 0.75)
+FIT_READS = {"page cache": (), "cold": ("--cold",)}
+FIT_MODELS = (("smollm2-135m", "bf16"), ("smollm2-135m", "nf4"), ("qwen2.5-coder-1.5b", "bf16"),
+              ("qwen2.5-coder-1.5b", "nf4"))
+FIT_DUMMIES = (("dummy:qwen2.5-7b", "nf4"), ("dummy:qwen2.5-14b", "nf4"))
+FIT_DEVICE_BYTES = "6GiB"
+FIT_ROUNDS = 4
+FIT_TOKENS = 24
 LOCAL_WORKERS = 2  # --launcher local's processes: this machine's 2 cores
-SUITES = ("alpha", "patterns", "importance", "planner", "distance", "context", "beyond", "load", "cpu_read", "speculative")
+SUITES = ("alpha", "patterns", "importance", "planner", "distance", "context", "beyond", "load", "cpu_read", "speculative",
+          "fit")
 
 
 Case = launch.Case  # one command line: the script and its arguments, --out among them
@@ -146,6 +160,14 @@ def suite_cases(suite: str, out: Path, importances: dict | None = None) -> list[
                   for draft in drafts]
         cases += [spec("fp32", draft, "page cache", "code", "constant") for draft in SPECULATIVE_FP32]
         return cases
+    if suite == "fit":
+        def fit(model, quant, budget, reads):
+            return Case(suite, ("run_fit.py", "--model", model, "--quant", quant, *budget, *FIT_READS[reads],
+                                "--rounds", str(FIT_ROUNDS), "--max-new-tokens", str(FIT_TOKENS), "--out", str(out)))
+        cases = [fit(model, quant, ("--budget-share", str(share)), reads) for model, quant in FIT_MODELS
+                 for reads in FIT_READS for share in FIT_SHARES]
+        return cases + [fit(model, quant, ("--device-budget", FIT_DEVICE_BYTES), reads) for model, quant in FIT_DUMMIES
+                        for reads in FIT_READS]
     if suite == "beyond":
         return [Case(suite, (script, "--model", model, "--quant", "nf4", "--max-new-tokens", str(spec["new_tokens"]),
                              "--repeats", str(BEYOND_REPEATS), "--ppl-max-tokens", str(spec["tokens"]), *flags,
