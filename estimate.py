@@ -24,6 +24,7 @@ its assumptions are listed in one place, the section "speculative decoding".
     python estimate.py                      # Qwen2.5-3B NF4, even layers 2..32, RTX 4050 laptop
     python estimate.py --check results      # predictions next to this machine's measurements
     python estimate.py --speculative results  # + speculative: 3B reference, 7B and 14B on a 6 GB card
+    python estimate.py --plan               # + offload_skip.plan for the 3B, 7B and 14B on a 6 GB card
 
 report.py puts both tables into results/README.md.
 """
@@ -580,6 +581,58 @@ def speculative_table(results_dir: Path, csv_name: str = "speculative.csv") -> s
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- --plan: offload_skip.plan on a 6 GB card
+#
+# offload_skip.plan with the card's rates instead of probed ones: per-layer compute from
+# COMPUTE_Bps (the 3B reference's rate), reads from the storage (or host memory for the page
+# cache) plus PCIe, added (the GPU reader overlaps the two in chunks: pessimistic), no compute
+# lost to a copy (the copy engine). The device is the card less VRAM_RESERVE_BYTES; the KV
+# cache of CONTEXT_TOKENS is reserved. An assumption, not measured here: host memory delivers
+# HOST_MEMORY_Bps to the pinned staging when the layer files are in the page cache.
+HOST_MEMORY_Bps = 50 * GB
+PLAN_STORAGE = {"page cache": HOST_MEMORY_Bps, NVME: STORAGE[NVME]}
+
+
+def card_shape(model: dict):
+    """offload_skip.ModelBytes of a QWEN25_* shape in NF4 (bf16 embedding and head)."""
+    import offload_skip
+
+    embedding = model["vocab"] * model["hidden"] * 2
+    head_dim = model["hidden"] // model["n_heads"]
+    kv_per_token = 2 * model["n_layers"] * model["n_kv_heads"] * head_dim * 2
+    return offload_skip.ModelBytes((layer_nf4_bytes(model),) * model["n_layers"], embedding,
+                                   0 if model["tied_head"] else head_bytes(model), 2 * model["hidden"],
+                                   model["tied_head"], kv_per_token)
+
+
+def card_plan(model: dict, read_Bps: float):
+    import offload_skip
+
+    rates = offload_skip.Rates(layer_compute_s=layer_nf4_bytes(model) / COMPUTE_Bps,
+                               fixed_compute_s=(head_bytes(model) + 2 * model["hidden"]) / COMPUTE_Bps,
+                               read_Bps=read_Bps, h2d_Bps=RTX4050["h2d_Bps"], read_compute_share=0.0,
+                               source="RTX 4050 laptop rates (estimate.py)")
+    return offload_skip.plan(card_shape(model), CARD_VRAM_BYTES - VRAM_RESERVE_BYTES, rates=rates,
+                             context_tokens=CONTEXT_TOKENS, device="cuda")
+
+
+def plan_table() -> str:
+    """The plan for the reference setup's model, the 7B and the 14B on a 6 GB RTX 4050 laptop."""
+    lines = [f"RTX 4050 laptop, {CARD_VRAM_BYTES / 2**30:.0f} GiB less a {VRAM_RESERVE_BYTES / 2**30:g} GiB reserve; "
+             f"PCIe {RTX4050['h2d_Bps'] / GB:.0f} GB/s; compute at the 3B reference's "
+             f"{COMPUTE_Bps / GB:.1f} GB/s of weights; KV cache for {CONTEXT_TOKENS} tokens; page cache read at "
+             f"{HOST_MEMORY_Bps / GB:.0f} GB/s (assumed)."]
+    for name, model in (("Qwen2.5-3B", QWEN25_3B), ("Qwen2.5-7B", QWEN25_7B), ("Qwen2.5-14B", QWEN25_14B)):
+        for storage, rate in PLAN_STORAGE.items():
+            try:
+                plan = card_plan(model, rate)
+            except ValueError as err:
+                lines.append(f"\n{name} NF4, layers from {storage}: {err}")
+                continue
+            lines.append(f"\n{name} NF4, layers from {storage}:\n{plan}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", type=Path, metavar="RESULTS_DIR",
@@ -587,8 +640,12 @@ def main(argv=None) -> None:
                              "(and RESULTS_DIR/large.csv: the dummy 7B and 14B shapes)")
     parser.add_argument("--speculative", type=Path, metavar="RESULTS_DIR",
                         help="also predict speculative decoding with the acceptance in RESULTS_DIR/speculative.csv")
+    parser.add_argument("--plan", action="store_true",
+                        help="also print offload_skip.plan for the 3B, 7B and 14B on a 6 GB RTX 4050 laptop")
     args = parser.parse_args(argv)
     print(reference_table())
+    if args.plan:
+        print("\nFit to a 6 GB card (offload_skip.plan, the card's rates stated):\n" + plan_table())
     if args.speculative:
         print("\nSpeculative decoding over stream residency, predicted:\n" + speculative_table(args.speculative))
     if args.check:

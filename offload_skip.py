@@ -2267,8 +2267,8 @@ class Plan:
         kept = sum(n for i, n in enumerate(s.layer_bytes) if i not in c.streamed)
         slots = c.weights_bytes - embedding - s.head_bytes - s.other_bytes - kept
         rows = [("resident layers", _ranges(self.resident) or "none", kept),
-                ("streamed layers", f"{_ranges(c.streamed) or 'none'} ({c.placement}, prefetch {c.prefetch}"
-                                    f"{', ' + c.cpu_read if c.cpu_read else ''})", slots),
+                ("streamed layers", f"{_ranges(c.streamed)} ({c.placement}, prefetch {c.prefetch}"
+                                    f"{', ' + c.cpu_read if c.cpu_read else ''})" if c.streamed else "none", slots),
                 ("input embedding", "disk (rows per token)" if c.offload_embeddings else "resident", embedding),
                 ("output head", "tied to the embedding" if s.tied else "resident", s.head_bytes),
                 ("norms, rotary", "resident", s.other_bytes),

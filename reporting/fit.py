@@ -1,0 +1,99 @@
+"""Fit to a device (--device-budget): offload_skip.plan's configuration against its grid, from
+results/fit.csv (sweep.py fit, run_fit.py). Every number comes from a row."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import bench
+from reporting.tables import commits, machine_kind, machines, markdown_table, missing, num
+
+FILE = "fit.csv"
+COMMAND = "python sweep.py fit"
+
+
+def cases(results: Path) -> dict[str, list[dict]]:
+    """case_id -> its rows (the plan's first), the cases not marked busy."""
+    found: dict[str, list[dict]] = {}
+    for row in bench.read_rows(results / FILE):
+        found.setdefault(row["case_id"], []).append(row)
+    return {k: sorted(v, key=lambda r: r["config"] != "plan") for k, v in found.items()
+            if any(r["config"] == "plan" for r in v) and not any(r["busy"] == "True" for r in v)}
+
+
+def _budget(row: dict) -> str:
+    share = f" ({float(row['budget_share']):.0%})" if row["budget_share"] else ""
+    return f"{int(row['device_budget_bytes']) / 2**20:,.0f} MiB{share}"
+
+
+def _reads(row: dict) -> str:
+    return "cold" if row["cold_reads"] == "True" else "page cache"
+
+
+def _config(row: dict) -> str:
+    if row["placement"] == "none":
+        return "nothing streamed"
+    streamed = len(row["streamed_layers"].split())
+    read = f", {row['cpu_read']}" if row["cpu_read"] else ""
+    return f"{streamed} streamed, {row['placement']}, prefetch {row['prefetch']}{read}"
+
+
+def case_lines(results: Path) -> list[list[str]]:
+    lines = []
+    for rows in cases(results).values():
+        plan = rows[0]
+        fastest = next((r for r in rows if r["fastest_fitting"] == "True"), None)
+        default = next((r for r in rows if r["config"] == "default-copy"), None)
+        lines.append([
+            machine_kind(plan), f"{plan['model']} {plan['quant']}", _reads(plan), _budget(plan), _config(plan),
+            num(plan["decode_tok_s"], ".2f"), num(plan["predicted_decode_tok_s"], ".2f"),
+            num(plan["predicted_over_measured"], ".2f"),
+            f"{fastest['config']} {float(fastest['decode_tok_s']):.2f}" if fastest else "none fits",
+            num(plan["plan_over_fastest"], ".2f") + ("x" if plan["plan_over_fastest"] else ""),
+            (f"{float(default['decode_tok_s']):.2f}" + ("" if default["fits"] == "True" else " (over)"))
+            if default else "",
+            f"{(int(plan['peak_bytes']) + int(plan['kv_reserve_bytes'])) / 2**20:,.1f} MiB"
+            + (" fits" if plan["fits"] == "True" else " OVER"),
+        ])
+    return lines
+
+
+HEADERS = ["machine", "model", "reads", "device budget", "plan", "plan tok/s", "predicted", "predicted / measured",
+           "fastest that fits (tok/s)", "plan / fastest", "today's defaults, copy (tok/s)", "plan's peak + KV"]
+
+
+def section(results: Path) -> str:
+    found = cases(results)
+    if not found:
+        return missing(FILE, COMMAND)
+    rows = [r for rs in found.values() for r in rs]
+    fitting = [r for r in rows if r["fits"] == "True"]
+    errors = [abs(float(r["predicted_over_measured"]) - 1) for r in fitting]
+    return (f"From results/fit.csv (`{COMMAND}`; {machines(rows)}; commit {commits(rows)}). Each case's "
+            "configurations were timed in one process, round by round in a rotating order "
+            f"({next(iter(found.values()))[0]['rounds']} timed rounds of "
+            f"{next(iter(found.values()))[0]['max_new_tokens']} tokens); a configuration fits when its peak weights "
+            "(controller accounting) plus the KV cache reserved for the run's context are within the budget. "
+            f"Predicted against measured over the {len(fitting)} configurations that fit: median error "
+            f"{statistics.median(errors):.0%}, largest {max(errors):.0%}.\n\n"
+            + markdown_table(HEADERS, case_lines(results)) + "\n\n" + every_row(rows))
+
+
+def every_row(rows: list[dict]) -> str:
+    lines = [[f"{r['model']} {r['quant']}", _reads(r), _budget(r), r["config"], _config(r),
+              num(r["decode_tok_s"], ".2f"), num(r["predicted_decode_tok_s"], ".2f"),
+              f"{int(r['peak_bytes']) / 2**20:,.1f}", r["fits"], r["rates"]] for r in rows]
+    return ("Every configuration:\n\n"
+            + markdown_table(["model", "reads", "budget", "config", "what", "tok/s", "predicted", "peak MiB", "fits",
+                              "probed rates"], lines))
+
+
+def headline(results: Path) -> str | None:
+    """README's table: one line per case."""
+    lines = case_lines(results)
+    if not lines:
+        return None
+    short = [[line[1], line[2], line[3], line[4], line[5], line[6], line[8], line[9], line[10], line[11]]
+             for line in lines]
+    return markdown_table(["model", "reads", "device budget", "plan", "plan tok/s", "predicted", "fastest that fits",
+                           "plan / fastest", "today's defaults, copy", "plan's peak + KV"], short)
