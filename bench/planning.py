@@ -1,19 +1,22 @@
 """Fitting a model to a device (--device-budget): the probe that measures this machine's rates
 for a model, cached per machine and model, and the patch that runs offload_skip.plan's choice.
 
-The probe streams every layer (copy, no read-ahead: each read in the compute thread, so reads
-and compute add up and can be told apart) through a short greedy decode of the run's own
-prompt, and times the output head alone:
+The probe times short greedy decodes of the run's own prompt with every layer streamed by
+copy, and the output head alone:
 
-    read rate        the controller's loaded_bytes / load_s over the decode (page cache, or
-                     the storage with --cold / --io-bandwidth)
+    read rate        the controller's loaded_bytes / load_s, no read-ahead (page cache, or the
+                     storage with --cold / --io-bandwidth)
+    streamed layer   the step time with every layer streamed, less that with all but one kept
+                     (a GPU: those that fit the budget), per layer streamed: its read and binding
+    per layer        (step with every layer streamed - head) / layers - one streamed layer's cost
     head             median of a [batch, 1, hidden] forward through the output head
-    per layer        (decode seconds per step - one step's reads - head) / layers
+    read's share     a CPU: one layer read ahead, the share of a background read's time that the
+                     compute loses (fitted so stream_step_s gives that step time); a GPU: 0
 
 A probe's rates are kept in <cache-dir>/probes/<key>.json, the key naming what they depend
 on: the machine and device, torch, the layer files' fingerprint, batch, prompt and decode
 length, and how reads come (cold, throttled). A file that does not parse, or holds another
-key, is an error naming it.
+key, is an error naming it; a probe taken while other work used the machine is not kept.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from .provenance import cpu_isa, device_name
 
 PROBE_TOKENS = 16       # tokens each probe decode decodes (15 timed steps after the prefill)
 PROBE_DECODES = 4       # per configuration: the first untimed, the median of the others
-PROBE_FORMAT = 4        # a probe file's layout; another one is measured again
+PROBE_FORMAT = 5        # a probe file's layout; another one is measured again
 
 
 def patch_run(run: Run):
@@ -139,30 +142,42 @@ def measure_rates(run: Run, store: offload_skip.LayerStore, source: str = "") ->
     else:
         streamed_s = read_s
     layer_s = max((everything["step_s"] - head) / n_layers - streamed_s, 0.0)
-    return offload_skip.Rates(layer_compute_s=layer_s, fixed_compute_s=head, read_Bps=read_Bps,
-                              stream_overhead_s=max(streamed_s - read_s, 0.0),
-                              read_compute_share=read_compute_share(run, store, shape, read_Bps), source=source)
+    rates = offload_skip.Rates(layer_compute_s=layer_s, fixed_compute_s=head, read_Bps=read_Bps,
+                               stream_overhead_s=max(streamed_s - read_s, 0.0), read_compute_share=0.0, source=source)
+    if run.device.type != "cpu":  # the copy engine: a read takes nothing from the compute
+        return rates
+    ahead = probe_decode(run, store, keep=(), prefetch=1)
+    return dataclasses.replace(rates, read_compute_share=fitted_share(rates, shape, ahead["step_s"]))
 
 
-def read_compute_share(run: Run, store: offload_skip.LayerStore, shape: offload_skip.ModelBytes,
-                       read_Bps: float) -> float:
-    """How much of a read occupies the cores: on a GPU none (DMA); on a CPU reading the page
-    cache all of it (a memcpy); reading the storage (--cold) or a throttled one, the share of
-    the read that is the memcpy out of the page cache (hot rate against this rate)."""
-    if run.device.type != "cpu":
-        return 0.0
-    if not (run.args.cold or run.args.io_bandwidth):
-        return 1.0
-    return min(1.0, read_Bps / hot_read_Bps(store, shape.layer_bytes))
+SHARE_LIMIT = 4.0  # a background read slowing compute by up to 4x its own time (threads beyond the cores)
 
 
-def probe_decode(run: Run, store: offload_skip.LayerStore, keep: tuple[int, ...]) -> dict:
+def fitted_share(rates: offload_skip.Rates, shape: offload_skip.ModelBytes, measured_step_s: float) -> float:
+    """The read_compute_share at which stream_step_s predicts `measured_step_s` for every layer
+    streamed with one layer read ahead (bisection; the prediction grows with the share). On a
+    CPU a background read is a memcpy on the cores torch computes on: from the page cache it
+    costs the compute at least its own time, more when the reader thread is one thread more
+    than the cores; from a cold disk the wait is off the cores."""
+    compute = [rates.layer_compute_s + rates.stream_overhead_s] * len(shape.layer_bytes)
+    reads = {i: n / rates.read_Bps for i, n in enumerate(shape.layer_bytes)}
+    low, high = 0.0, SHARE_LIMIT
+    for _ in range(30):
+        mid = (low + high) / 2
+        if offload_skip.stream_step_s(compute, rates.fixed_compute_s, reads, 1, mid) < measured_step_s:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
+
+
+def probe_decode(run: Run, store: offload_skip.LayerStore, keep: tuple[int, ...], prefetch: int = 0) -> dict:
     """Seconds per decode step (the median of PROBE_DECODES - 1 decodes of PROBE_TOKENS, after
-    one untimed) and the last one's read counters, every layer but `keep` streamed by copy
-    without read-ahead."""
+    one untimed) and the last one's read counters, every layer but `keep` streamed by copy,
+    `prefetch` read ahead."""
     args, model = run.args, run.model
     n_layers = len(offload_skip.find_decoder_layers(model))
-    config = offload_skip.OffloadConfig(mode="stream", keep=keep, runs="sequential", prefetch=0, cpu_read="copy",
+    config = offload_skip.OffloadConfig(mode="stream", keep=keep, runs="sequential", prefetch=prefetch, cpu_read="copy",
                                         cold=args.cold, io_bandwidth=args.io_bandwidth)
     ctl = offload_skip.patch_model(model, list(range(n_layers)), layers_dir(args), config=config, store=store,
                                    progress=False)
@@ -176,24 +191,6 @@ def probe_decode(run: Run, store: offload_skip.LayerStore, keep: tuple[int, ...]
     finally:
         ctl.unpatch(restore=False)
     return {**stats, "step_s": statistics.median(steps[1:])}
-
-
-def hot_read_Bps(store: offload_skip.LayerStore, layer_bytes: tuple[int, ...]) -> float:
-    """Reading one layer file from the page cache (read once first, then timed): a memcpy's rate."""
-    i = max(range(len(layer_bytes)), key=layer_bytes.__getitem__)
-    buffer = torch.empty(layer_bytes[i], dtype=torch.uint8)
-    cold, store.cold = store.cold, False
-    try:
-        store.read_into(i, buffer)
-        seconds = []
-        for _ in range(PROBE_DECODES):
-            start = time.perf_counter()
-            store.read_into(i, buffer)
-            seconds.append(time.perf_counter() - start)
-    finally:
-        store.cold = cold
-        store.close()
-    return layer_bytes[i] / statistics.median(seconds)
 
 
 def head_s(model, device: torch.device, batch: int, repeats: int = 5) -> float:

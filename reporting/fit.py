@@ -88,12 +88,29 @@ def every_row(rows: list[dict]) -> str:
                               "probed rates"], lines))
 
 
-def headline(results: Path) -> str | None:
-    """README's table: one line per case."""
-    lines = case_lines(results)
-    if not lines:
+def summary(results: Path) -> str | None:
+    """One sentence over every case: the plan against the fastest that fits, the prediction, the budget."""
+    found = cases(results)
+    if not found:
         return None
-    short = [[line[1], line[2], line[3], line[4], line[5], line[6], line[8], line[9], line[10], line[11]]
-             for line in lines]
-    return markdown_table(["model", "reads", "device budget", "plan", "plan tok/s", "predicted", "fastest that fits",
-                           "plan / fastest", "today's defaults, copy", "plan's peak + KV"], short)
+    plans = [rows[0] for rows in found.values()]
+    near = sum(bench.number(p["plan_over_fastest"]) is not None and float(p["plan_over_fastest"]) >= 0.95
+               for p in plans)
+    within = sum(abs(float(p["predicted_over_measured"]) - 1) <= 0.2 for p in plans)
+    held = sum(p["fits"] == "True" for p in plans)
+    beat_default = sum(_at_least_default(rows) for rows in found.values())
+    return (f"In {len(plans)} cases ({machines(plans)}), the plan ran at >= 0.95x the fastest configuration that "
+            f"fits in {near}, its predicted speed was within 20% of the measured in {within}, its peak weights plus "
+            f"the KV reserve were within the budget in {held}, and it was at least as fast as today's defaults at "
+            f"that budget (where those fit) in {beat_default}.")
+
+
+def _at_least_default(rows: list[dict]) -> bool:
+    plan = rows[0]
+    defaults = [r for r in rows if r["config"] in ("default", "default-copy") and r["fits"] == "True"]
+    return all(float(plan["decode_tok_s"]) >= float(d["decode_tok_s"]) for d in defaults)
+
+
+def headline(results: Path) -> str | None:
+    """README's line: the summary (the cases' table: results/README.md)."""
+    return summary(results)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import bench
 import estimate
-from reporting import beyond, load, runs, speculative, streaming, study
+from reporting import beyond, fit, load, runs, speculative, streaming, study
 from reporting.tables import by_machine, fullest_machine, machine_kind, machines, markdown_table, mb, num, suite_rows, unpatched_row
 
 
@@ -178,3 +178,11 @@ def beyond_levers(results: Path, link: str) -> str:
     headers = ["model (NF4)", "unpatched standby MB", "exact levers: layers + embedding rows", "+ NF4 head (approximate)",
                "NF4 head's PPL cost"]
     return markdown_table(headers, lines) + "\n\n" + more(link, "every step, peaks and speeds")
+
+
+def fit_plan(results: Path, link: str) -> str:
+    """The plan against the fastest configuration that fits and today's defaults, one line per case."""
+    table = fit.headline(results)
+    if table is None:
+        return f"No rows in results/fit.csv yet: run `{fit.COMMAND}`."
+    return table + "\n\n" + more(link, "every configuration, the probed rates, the plan on a 6 GB card")

@@ -11,7 +11,7 @@ from pathlib import Path
 import bench
 import estimate
 import sweep
-from reporting import beyond, headline, load, runs, speculative, streaming, study, timings
+from reporting import beyond, fit, headline, load, runs, speculative, streaming, study, timings
 from reporting.tables import anchor, marker, replace_block
 
 USAGE = """Render results/*.csv: results/README.md (every table, generated whole), README.md's
@@ -46,6 +46,7 @@ SECTIONS = (
     ("profile", 2, "A decode step, op by op"),
     ("load", 2, "Models larger than the device: the load peak"),
     ("large", 2, "Larger than the device: 7B and 14B shapes within 6 GiB"),
+    ("fit", 2, "Fit to a device: the plan against a search"),
     ("beyond", 2, "Beyond the layers: embedding rows from disk, an NF4 head"),
 )
 TITLES = {key: title for key, _, title in SECTIONS}
@@ -58,6 +59,19 @@ def link(key: str) -> str:
 
 
 # --------------------------------------------------------------------------- prose
+
+FIT = """`--device-budget SIZE` (`offload_skip.plan`) chooses from exact levers only: which layers stream
+(any set: a run of adjacent offloaded layers computes in sequence, `runs="sequential"`, so alpha = 1 is the
+original model), the read-ahead depth, copy or map on a CPU, and the input embedding's rows from disk. It
+weighs, for each depth and read and for three placements (interleaved, first-fit, last), the fewest streamed
+layers that fit, timing each by replaying the stream reader (`stream_step_s`) with rates a short probe measured
+on this machine and cached (`bench/planning.py`). A mapped CPU layer stays mapped until standby and the
+controller counts it, so a plan that streams anything copies. Each case below times the plan beside a grid of
+hand configurations and today's defaults at that budget (`--layers even`, the even layers kept first-fit under
+what is left, `--prefetch auto`; with `--cpu-read map`, the default, and with copy)."""
+
+FIT_CARD = """On a 6 GB card (`python estimate.py --plan`): the same planner with the card's rates stated
+instead of probed ones (a prediction; no GPU has run it)."""
 # The prose of results/README.md holds no measured number: those come with the blocks.
 
 PROTOCOL = """\
@@ -253,6 +267,7 @@ def blocks(results: Path) -> dict[str, str]:
         **streaming.sections(results),
         **beyond.sections(results),
         **load.sections(results),
+        "fit": fit.section(results),
     }
 
 
@@ -275,6 +290,7 @@ def headline_blocks(results: Path) -> dict[str, str]:
         "headline-load": headline.load_peaks(results, link("load")),
         "headline-large": headline.large_shapes(results, link("large")),
         "headline-beyond": headline.beyond_levers(results, link("beyond")),
+        "headline-fit": headline.fit_plan(results, link("fit")),
     }
 
 
@@ -307,6 +323,7 @@ def results_page(results: Path) -> str:
         "profile": PROFILE + "\n\n" + _bullets(streaming.profile_answers(results)) + "\n\n" + named["profile"],
         "load": LOAD + "\n\n" + named["load"],
         "large": named["large"],
+        "fit": FIT + "\n\n" + named["fit"] + "\n\n" + FIT_CARD + "\n\n```\n" + estimate.plan_table() + "\n```",
         "beyond": BEYOND + "\n\n" + named["beyond"],
     }
     for suite in ("alpha", "importance", "planner", "patterns", "distance", "context"):
@@ -393,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     quickstart = timings.quickstart_block(results)
     if quickstart is not None:
         named["quickstart"] = quickstart
+    device_budget = timings.device_budget_block(results)
+    if device_budget is not None:
+        named["device-budget"] = device_budget
     before = args.readme.read_text(encoding="utf-8") if args.readme.is_file() else None
     filled = fill(args.readme, named)
     if filled:

@@ -10,6 +10,7 @@ from pathlib import Path
 import bench
 
 QUICKSTART = "quickstart.txt"  # in the results folder
+DEVICE_BUDGET = "device_budget.txt"  # the quick start's --device-budget run, captured beside it
 TIMINGS = "timings.csv"
 CAPTURE_COMMAND = "bash reproduce.sh --quickstart"
 JOB_LABELS = {"main-job": "the main job (`python run_kvcache.py`)", "tests": "the tests (`python -m pytest`)"}
@@ -35,6 +36,22 @@ def quickstart_block(results: Path) -> str | None:
     """The capture as a fenced block (README's quickstart markers); None without one."""
     text = capture(results)
     return None if text is None else "```\n" + text.rstrip("\n") + "\n```"
+
+
+def device_budget_block(results: Path) -> str | None:
+    """The --device-budget run's capture as a fenced block (README's device-budget markers)."""
+    path = Path(results) / DEVICE_BUDGET
+    if not path.is_file():
+        return None
+    # the plan, and the summary's peak and speed lines (the whole run's output stays in the file)
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.startswith(("plan for", "  ", "diskoffload:")) and not line.startswith(DROPPED_LINES)]
+    return "```\n" + "\n".join(kept) + "\n```"
+
+
+# the summary lines README's device-budget block leaves out (results/device_budget.txt has them)
+DROPPED_LINES = ("  standby weights", "  load peak", "  idle RSS", "  standby parts", "  paired", "  per run",
+                 "  row appended", "  perplexity")
 
 
 def runtime_s(text: str) -> float | None:
