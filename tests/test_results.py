@@ -74,7 +74,8 @@ def test_column_docs_read_each_fields_comment_and_its_continuation():
 # results/<stem>.csv -> (module, row type) for the files that are not Result rows
 OTHER_ROW_TYPES = {"block_influence": ("bench.importance", "InfluenceRow"), "exactness": ("check_exact", "Exactness"),
                    "peers": ("run_peers", "PeerRow"), "profile": ("profile_step", "ProfileRow"),
-                   "speculative": ("bench.drafting", "SpeculativeRow"), "timings": ("timings", "Timing")}
+                   "speculative": ("bench.drafting", "SpeculativeRow"), "timings": ("timings", "Timing"),
+                   "fit": ("run_fit", "FitRow")}
 COMMITTED = sorted((bench.RESULTS_DIR).glob("*.csv"))
 
 
