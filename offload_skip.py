@@ -2252,7 +2252,7 @@ class Plan:
     def config(self, **fields) -> OffloadConfig:
         """The OffloadConfig that runs this plan (other fields, e.g. alpha or cold, as given)."""
         return OffloadConfig(mode="stream", keep=self.resident, runs="sequential", prefetch=self.chosen.prefetch,
-                             cpu_read=self.chosen.cpu_read or "map",
+                             cpu_read=self.chosen.cpu_read or "copy",  # nothing streamed: kept in buffers
                              offload_embeddings=self.chosen.offload_embeddings, **fields)
 
     def record(self) -> str:

@@ -51,7 +51,7 @@ def patch_to_fit(run: Run):
     """Probe (or read the cached probe), plan for --device-budget, print the plan and patch the
     model with it; the Plan goes into run.info["plan"] for the row."""
     args, store = run.args, run.info["store"]
-    context, batch = run.input_ids.shape[1] + args.max_new_tokens, run.input_ids.shape[0]
+    context, batch = context_tokens(run), run.input_ids.shape[0]
     shape = offload_skip.ModelBytes.of(run.model, run.device, store)
     unmeasured = offload_skip.Rates(1.0, 1.0, 1.0, source="bytes only")
     try:  # bytes do not depend on the rates: refuse a budget nothing fits before probing
@@ -63,11 +63,20 @@ def patch_to_fit(run: Run):
     plan = offload_skip.plan(shape, args.device_budget, rates=rates, context_tokens=context, batch_size=batch,
                              device=run.device)
     print(plan, flush=True)
-    ctl = offload_skip.patch_model(run.model, plan, layers_dir(args), store=store, cold=args.cold,
-                                   io_bandwidth=args.io_bandwidth)
+    try:
+        ctl = offload_skip.patch_model(run.model, plan, layers_dir(args), store=store, cold=args.cold,
+                                       io_bandwidth=args.io_bandwidth)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     run.info["plan"] = plan
     run.info["load_peak_bytes"] = max(run.info["load_peak_bytes"], load_peak_bytes(run.device, ctl.load_peak_bytes))
     return ctl
+
+
+def context_tokens(run: Run) -> int:
+    """The tokens the KV cache holds at the end: the prompt and the decode (eval_ppl.py: a window)."""
+    max_new_tokens = getattr(run.args, "max_new_tokens", None)
+    return run.input_ids.shape[1] + max_new_tokens if max_new_tokens else run.args.ppl_ctx
 
 
 def probe_key(run: Run, store: offload_skip.LayerStore) -> dict:
@@ -75,7 +84,7 @@ def probe_key(run: Run, store: offload_skip.LayerStore) -> dict:
     args = run.args
     return dict(format=PROBE_FORMAT, device=device_name(run.device), cpu_isa=cpu_isa(), threads=torch.get_num_threads(),
                 torch=torch.__version__, layers=store.dir.name, batch=int(run.input_ids.shape[0]),
-                prompt_tokens=int(run.input_ids.shape[1]), max_new_tokens=int(args.max_new_tokens),
+                prompt_tokens=int(run.input_ids.shape[1]), max_new_tokens=int(getattr(args, "max_new_tokens", 0)),
                 cold=bool(args.cold), io_bandwidth=args.io_bandwidth)
 
 
@@ -130,8 +139,7 @@ def measure_rates(run: Run, store: offload_skip.LayerStore, source: str = "") ->
         keep = tuple(range(n_layers - 1))
     else:  # a GPU must not run out: the first layers that fit the budget beside one slot
         fixed_bytes = shape.embedding_bytes + shape.head_bytes + shape.other_bytes + max(shape.layer_bytes)
-        room = args.device_budget - fixed_bytes - shape.kv_bytes_per_token * (
-            run.input_ids.shape[1] + args.max_new_tokens)
+        room = args.device_budget - fixed_bytes - shape.kv_bytes_per_token * context_tokens(run)
         keep = tuple(sorted(offload_skip.fit_budget(dict(enumerate(shape.layer_bytes)), max(room, 0))))[:n_layers - 1]
     part = probe_decode(run, store, keep=keep) if keep else None
     read_Bps = everything["loaded_bytes"] / everything["load_s"]

@@ -64,7 +64,9 @@ def config_text(row: Result) -> str:
             bandwidth += ", cold (page cache dropped)"
             if row.cold_read_bytes_s:
                 bandwidth += f", storage read {row.cold_read_bytes_s / 1e6:.0f} MB/s"
-        config += f"; stream prefetch {row.prefetch}, budget {_mb(row.budget_bytes)}, reads {bandwidth}"
+        budget = f"device budget {_mb(row.device_budget_bytes)} (planned)" if row.plan else \
+            f"budget {_mb(row.budget_bytes)}"
+        config += f"; stream prefetch {row.prefetch}, {budget}, reads {bandwidth}"
     if row.batch_size and row.batch_size > 1:
         config += f"; batch {row.batch_size}"
     if row.kv_cache is False:  # None: nothing decoded
@@ -120,6 +122,12 @@ def quality_and_speed_lines(row: Result, baseline: dict | None) -> list[str]:
     if row.decode_tok_s is not None:
         lines.append(f"  {'decode':<15} {_tok_s(row.decode_tok_s):>6} tok/s"
                      + _versus(row.decode_tok_s, row.baseline_decode_tok_s) + f"; prefill {row.prefill_s:.3f} s")
+    if row.plan and row.decode_tok_s is not None:
+        held = row.peak_bytes is not None and row.peak_bytes <= row.predicted_peak_bytes
+        lines.append(f"  {'plan':<15} predicted {_tok_s(row.predicted_decode_tok_s)} tok/s, measured "
+                     f"{_tok_s(row.decode_tok_s)}; peak weights {_mb(row.peak_bytes)}, planned "
+                     f"{_mb(row.predicted_peak_bytes)} ({'held' if held else 'EXCEEDED'}; with the KV cache's "
+                     f"reserve within the device budget of {_mb(row.device_budget_bytes)})")
     if row.paired_ratio_median is not None:
         lines.append(f"  {'paired':<15} {row.paired_ratio_median:.3f}x the unpatched model's speed, median of the "
                      f"back-to-back pairs (quartiles {row.paired_ratio_q1:.3f}-{row.paired_ratio_q3:.3f})")
