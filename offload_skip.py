@@ -1371,6 +1371,12 @@ class OffloadConfig:
     # (exact). A tied output head needs the whole matrix every forward: then it stays, with a
     # warning, and controller.embedding_residency says "tied"
     offload_embeddings: bool = False
+    # offloaded layers a GPU computes on the host instead (llama.cpp's -ngl): read into host memory
+    # and kept there, the hidden state (a few KB) crossing PCIe instead of the layer, its KV cache on
+    # the host. Approximate: a CPU kernel rounds differently from a GPU one. On a CPU, where the
+    # device is the host, the identity. bitsandbytes NF4 layers are refused (its CPU kernels want a
+    # layout of their own)
+    host_compute: tuple[int, ...] = ()
     # how a CPU brings a layer in: "map", views of a private copy-on-write mapping of its file
     # (LayerMaps: nothing copied, the pages are the page cache's), or "copy", read into a buffer
     # of its own or a stream slot. Ignored off a CPU: a GPU needs the bytes copied to it
@@ -1396,6 +1402,7 @@ class OffloadConfig:
         if self.runs == "sequential" and self.inject_distance != 1:
             raise ValueError("runs='sequential' computes each layer from the one before it, and inject_distance > 1 "
                              "adds a run's contribution later: pick one")
+        object.__setattr__(self, "host_compute", tuple(sorted(set(int(i) for i in self.host_compute))))
         if self.keep is not None:
             if self.mode != "stream" or self.budget_bytes:
                 raise ValueError("keep names the layers a stream keeps: it needs mode='stream' and no budget_bytes "
@@ -1447,10 +1454,11 @@ class Residencies:
     patched: dict[int, Residency]
     session: dict[int, Residency]
     copied: dict[int, Residency]
+    host: KeptBuffers | None = None  # a GPU's host-computed layers, in host memory
 
     @classmethod
     def choose(cls, reader: LayerReader, layers: list[int], streamed: list[int], mapped: bool,
-               prefetch: int) -> "Residencies":
+               prefetch: int, host: list[int] = ()) -> "Residencies":
         kept = KeptBuffers(reader)
         if mapped:
             maps = LayerMaps(reader.store, streamed, prefetch, reader.counters)
@@ -1458,9 +1466,20 @@ class Residencies:
                        dict.fromkeys(layers, kept))
         streamer = LayerStreamer(reader, streamed, prefetch) if streamed else None
         patched = {i: streamer if i in streamed else kept for i in layers}
-        return cls(kept, streamer, None, patched, dict.fromkeys(layers, kept), dict.fromkeys(layers, kept))
+        session = dict.fromkeys(layers, kept)
+        host_buffers = None
+        if host:  # read into host memory (no staging: a CPU reader) and kept there
+            host_buffers = KeptBuffers(LayerReader(reader.store, torch.device("cpu"), reader.io_bandwidth,
+                                                   reader.counters, reader.layer_bytes))
+            patched.update(dict.fromkeys(host, host_buffers))
+            session.update(dict.fromkeys(host, host_buffers))
+        return cls(kept, streamer, None, patched, session, dict.fromkeys(layers, kept), host_buffers)
 
     def all(self) -> list[Residency]:
+        return [r for r in (self.kept, self.streamer, self.maps, self.host) if r is not None]
+
+    def on_device(self) -> list[Residency]:
+        """The residencies whose buffers are on the compute device (not the host's)."""
         return [r for r in (self.kept, self.streamer, self.maps) if r is not None]
 
 
@@ -1580,8 +1599,12 @@ class OffloadController:
         self.layer_modules = {i: layer_list[i] for i in layers}  # the real modules, behind the stubs
         self.counters = Counters(self.device)
         self.reader = LayerReader(store, self.device, config.io_bandwidth, self.counters, self.layer_bytes)
-        streamed = [i for i in self.computed_layers if i not in self.keep]
-        self.residencies = Residencies.choose(self.reader, layers, streamed, self.cpu_read == "map", config.prefetch)
+        # on a CPU the device is the host: host compute is the identity
+        self.host_layers = set(config.host_compute) if self.device.type != "cpu" else set()
+        self._check_host_compute(config.host_compute, layer_list)
+        streamed = [i for i in self.computed_layers if i not in self.keep and i not in self.host_layers]
+        self.residencies = Residencies.choose(self.reader, layers, streamed, self.cpu_read == "map", config.prefetch,
+                                              host=sorted(self.host_layers))
         self._residency = self.residencies.patched  # session() and unpatched() swap in their own for the block
         self._layer_list, self._tensors = layer_list, {i: LayerTensors(layer_list[i], store.layouts[i], self.device)
                                                        for i in layers}
@@ -1593,6 +1616,16 @@ class OffloadController:
         self._embedding = self._stand_in(model, layer_list, store, config)
         self.standby()
         self.reset_stats()
+
+    def _check_host_compute(self, host: tuple[int, ...], layer_list: nn.ModuleList) -> None:
+        stray = sorted(set(host) - set(self.computed_layers))
+        if stray:
+            raise ValueError(f"host_compute names layers that are not offloaded and computed: {stray}")
+        quantized = [i for i in self.host_layers
+                     if any(type(p).__name__ == "Params4bit" for p in layer_list[i].parameters())]
+        if quantized:
+            raise ValueError(f"host_compute: layers {quantized} are bitsandbytes 4-bit, whose CPU kernels want a "
+                             "layout of their own; host compute takes bf16, fp16 or fp32 layers")
 
     def _stand_in(self, model, layer_list, store, config) -> EmbeddingRows | None:
         """Put the stubs in the offloaded layers' (and an offloaded embedding's) places."""
@@ -1697,7 +1730,8 @@ class OffloadController:
     def read_bytes_per_forward(self) -> int:
         """Bytes of layer files one forward reads in stream mode: the computed layers not kept
         by the budget. (A session reads the computed layers once, on entry.)"""
-        return sum(self.layer_bytes[i] for i in self.computed_layers if i not in self.keep or self.mode != "stream")
+        return sum(self.layer_bytes[i] for i in self.computed_layers
+                   if self.mode != "stream" or (i not in self.keep and i not in self.host_layers))
 
     def offloaded_bytes(self) -> int:
         """Bytes unpatched() brings onto the device beyond standby: every offloaded layer (skipped
@@ -1721,7 +1755,12 @@ class OffloadController:
         """Bytes the residencies hold now: kept layers' own buffers, stream slots, and on a CPU
         with cpu_read="map" the data sections mapped now, counted as a buffer of each would be,
         though their pages are the page cache's and the kernel may drop them."""
-        return sum(residency.held_bytes for residency in self.residencies.all())
+        return sum(residency.held_bytes for residency in self.residencies.on_device())
+
+    def host_bytes(self) -> int:
+        """Bytes of the host-computed layers held in host memory now (0 on a CPU, where
+        host_compute is the identity)."""
+        return self.residencies.host.held_bytes if self.residencies.host is not None else 0
 
     def stats(self) -> dict:
         """loads, loaded_bytes, load_s, wait_s, forward_s, overlap and peak_resident_bytes (most
@@ -1806,10 +1845,15 @@ class OffloadController:
     def _compute(self, i: int, x: torch.Tensor, args, kwargs) -> torch.Tensor:
         layer = self._acquire(i)
         try:
-            out = layer(x, *args, **kwargs)
+            if i in self.host_layers:  # the hidden state and the call's tensors go to the layer
+                host = torch.device("cpu")
+                out = layer(x.to(host), *_moved(args, host), **_moved(kwargs, host))
+            else:
+                out = layer(x, *args, **kwargs)
         finally:
             self._residency[i].release(i)
-        return out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, tuple) else out
+        return out.to(x.device) if i in self.host_layers else out
 
     def _acquire(self, i: int) -> nn.Module:
         self._tensors[i].bind(self._residency[i].acquire(i))
@@ -1817,6 +1861,18 @@ class OffloadController:
             self._model_bytes = tensor_bytes(module_tensors(self.model), self.device)
         self.counters.note_resident(self._model_bytes + self.buffer_bytes())
         return self.layer_modules[i]
+
+
+def _moved(value, device: torch.device):
+    """`value` with every tensor in it (in tuples, lists and dicts) moved to `device`; anything
+    else (a KV cache object, which keeps each layer's tensors where that layer computes) as is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_moved(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    return value
 
 
 def _injection_targets(num_layers: int, offloaded: list[int], distance: int) -> dict[int, int | None]:
@@ -2098,6 +2154,8 @@ class Rates:
     read_compute_share: float = 1.0
     h2d_Bps: float | None = None  # GPU: pinned host -> device; None on a CPU
     stream_overhead_s: float = 0.0  # a streamed layer's cost in the compute thread beyond its read (binding its views)
+    host_layer_compute_s: float | None = None  # a GPU: one layer computed by the host CPU from host memory (None:
+    # not measured, so host compute is not weighed)
     source: str = ""            # where they were measured (recorded beside the plan)
 
 
@@ -2190,8 +2248,9 @@ class Candidate:
     cpu_read: str | None
     offload_embeddings: bool
     weights_bytes: int          # peak weights on the device: resident parts, kept layers, stream slots
-    kv_bytes: int               # the KV cache reserved for the planned context and batch
+    kv_bytes: int               # the KV cache reserved on the device for the planned context and batch
     step_s: float               # predicted seconds per decode step
+    host_compute: bool = False  # the streamed layers are computed by the host instead (approximate)
 
     @property
     def device_bytes(self) -> int:
@@ -2199,14 +2258,22 @@ class Candidate:
 
 
 def candidate(shape: ModelBytes, rates: Rates, streamed: tuple[int, ...], prefetch: int, cpu_read: str | None,
-              offload_embeddings: bool, kv_bytes: int, placement: str = "") -> Candidate:
+              offload_embeddings: bool, kv_bytes: int, placement: str = "", host_compute: bool = False) -> Candidate:
     """A configuration's bytes (as the controller counts its peak) and predicted step time.
     A mapped CPU layer is held until standby(), counted as a buffer: so with map every streamed
-    layer counts, and reads cost nothing from the page cache."""
+    layer counts, and reads cost nothing from the page cache. host_compute (a GPU): the
+    streamed layers are computed by the host instead, at rates.host_layer_compute_s each, no
+    device bytes, their share of the KV cache on the host."""
     layers = shape.layer_bytes
     embedding = 0 if offload_embeddings and not shape.tied else shape.embedding_bytes
     fixed = embedding + shape.head_bytes + shape.other_bytes
     kept = sum(n for i, n in enumerate(layers) if i not in streamed)
+    if host_compute:
+        device_kv = kv_bytes * (len(layers) - len(streamed)) // len(layers)
+        compute_s = [rates.host_layer_compute_s if i in streamed else rates.layer_compute_s
+                     for i in range(len(layers))]
+        return Candidate(placement, streamed, 0, cpu_read, offload_embeddings and not shape.tied, fixed + kept,
+                         device_kv, stream_step_s(compute_s, rates.fixed_compute_s, {}, 0), True)
     if cpu_read == "map":
         held, read_s = sum(layers[i] for i in streamed), {}
     else:
@@ -2251,15 +2318,18 @@ class Plan:
 
     def config(self, **fields) -> OffloadConfig:
         """The OffloadConfig that runs this plan (other fields, e.g. alpha or cold, as given)."""
+        host = self.streamed if self.chosen.host_compute else ()
         return OffloadConfig(mode="stream", keep=self.resident, runs="sequential", prefetch=self.chosen.prefetch,
+                             host_compute=host,
                              cpu_read=self.chosen.cpu_read or "copy",  # nothing streamed: kept in buffers
                              offload_embeddings=self.chosen.offload_embeddings, **fields)
 
     def record(self) -> str:
         """The plan in one line, for a CSV cell."""
         c = self.chosen
-        return (f"streamed={_ranges(c.streamed) or 'none'} placement={c.placement} prefetch={c.prefetch} "
-                f"cpu_read={c.cpu_read or '-'} embedding={'disk' if c.offload_embeddings else 'resident'}")
+        return (f"{'host' if c.host_compute else 'streamed'}={_ranges(c.streamed) or 'none'} placement={c.placement} "
+                f"prefetch={c.prefetch} cpu_read={c.cpu_read or '-'} "
+                f"embedding={'disk' if c.offload_embeddings else 'resident'}")
 
     def __str__(self) -> str:
         c, s = self.chosen, self.shape
@@ -2267,8 +2337,11 @@ class Plan:
         kept = sum(n for i, n in enumerate(s.layer_bytes) if i not in c.streamed)
         slots = c.weights_bytes - embedding - s.head_bytes - s.other_bytes - kept
         rows = [("resident layers", _ranges(self.resident) or "none", kept),
-                ("streamed layers", f"{_ranges(c.streamed)} ({c.placement}, prefetch {c.prefetch}"
-                                    f"{', ' + c.cpu_read if c.cpu_read else ''})" if c.streamed else "none", slots),
+                ("host-computed" if c.host_compute else "streamed layers",
+                 f"{_ranges(c.streamed)} ({c.placement}" + (", approximate)" if c.host_compute else
+                                                             f", prefetch {c.prefetch}"
+                                                             f"{', ' + c.cpu_read if c.cpu_read else ''})")
+                 if c.streamed else "none", slots),
                 ("input embedding", "disk (rows per token)" if c.offload_embeddings else "resident", embedding),
                 ("output head", "tied to the embedding" if s.tied else "resident", s.head_bytes),
                 ("norms, rotary", "resident", s.other_bytes),
@@ -2298,14 +2371,16 @@ def _ranges(indices) -> str:
 
 def plan(model: nn.Module | ModelBytes, device_bytes: int, *, rates: Rates, context_tokens: int = 512,
          batch_size: int = 1, device: torch.device | str = "cpu", store: LayerStore | None = None,
-         prefetch_depths: tuple[int, ...] = (0, 1, 2)) -> Plan:
+         prefetch_depths: tuple[int, ...] = (0, 1, 2), allow_host_compute: bool = False) -> Plan:
     """Fit `model` (or its ModelBytes) to a device of `device_bytes`, the KV cache of
     `context_tokens` x `batch_size` reserved: for each read-ahead depth, copy or map, and
     placement, the fewest streamed layers that fit, timed by stream_step_s from `rates`;
     the fastest that fits wins (ties: fewer streamed bytes, then the order of PLACEMENTS).
     Streaming nothing is a candidate too. The input embedding's rows are read from disk
     when anything streams and it is not tied (a few KB per token). Raises ValueError when
-    nothing fits: the parts that always stay, the cache and one stream slot."""
+    nothing fits: the parts that always stay, the cache and one stream slot.
+    allow_host_compute (a GPU, rates.host_layer_compute_s measured): also weigh computing the
+    streamed layers on the host (approximate: only when the user allows it)."""
     device = torch.device(device)
     shape = model if isinstance(model, ModelBytes) else ModelBytes.of(model, device, store)
     kv = shape.kv_bytes_per_token * context_tokens * batch_size
@@ -2321,6 +2396,14 @@ def plan(model: nn.Module | ModelBytes, device_bytes: int, *, rates: Rates, cont
                     if c.device_bytes <= device_bytes or n == n_layers:
                         weighed.append(c)
                         break
+    if allow_host_compute and device.type != "cpu" and rates.host_layer_compute_s is not None:
+        for placement in PLACEMENTS:
+            for n in range(1, n_layers + 1):
+                c = candidate(shape, rates, placement_streamed(n_layers, n, placement), 0, None, True, kv, placement,
+                              host_compute=True)
+                if c.device_bytes <= device_bytes or n == n_layers:
+                    weighed.append(c)
+                    break
     fitting = [c for c in weighed if c.device_bytes <= device_bytes]
     if not fitting:
         least = min(weighed, key=lambda c: c.device_bytes)

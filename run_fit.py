@@ -120,6 +120,7 @@ def configurations(plan: offload_skip.Plan, device) -> dict[str, offload_skip.Ca
 def config_of(c: offload_skip.Candidate, n_layers: int, args) -> offload_skip.OffloadConfig:
     return offload_skip.OffloadConfig(mode="stream", runs="sequential", prefetch=c.prefetch,
                                       keep=tuple(i for i in range(n_layers) if i not in c.streamed),
+                                      host_compute=c.streamed if c.host_compute else (),
                                       cpu_read=c.cpu_read or "map", offload_embeddings=c.offload_embeddings,
                                       cold=args.cold and c.cpu_read != "map", io_bandwidth=args.io_bandwidth)
 

@@ -144,6 +144,10 @@ def _model_arguments(parser: argparse.ArgumentParser, variant: str | None) -> No
              "--cpu-read and the embedding's rows from disk, with the KV cache of the run reserved; it prints the "
              "plan and replaces --layers, --budget, --prefetch, --cpu-read and --offload-embeddings. Stream "
              "residency (run_diskoffload.py, eval_ppl.py --variant diskoffload)")
+    add("--allow-host-compute", action="store_true",
+        help="with --device-budget on a GPU, let the plan compute streamed layers on the host CPU from host memory "
+             "instead of copying them (llama.cpp's -ngl): approximate, a CPU kernel rounds differently; bf16/fp32 "
+             "layers only. On a CPU the identity")
     add("--cache-dir", type=Path, default=default_cache_dir(),
         help="converted embedded models go to <cache-dir>/hf, offloaded layer files to <cache-dir>/layers")
 
@@ -256,6 +260,8 @@ def finish_args(args: argparse.Namespace, row_type=None) -> argparse.Namespace:
         args.kv_cache = True
     if args.device_budget is not None:
         check_device_budget(args)
+    elif args.allow_host_compute:
+        raise UsageError("--allow-host-compute is a choice the plan may make: it needs --device-budget")
     if not hasattr(args, "prefetch"):  # scripts without the stream flags
         args.prefetch, args.budget, args.io_bandwidth, args.cold = None, None, None, False
     elif args.prefetch == "auto":

@@ -12,6 +12,7 @@ copy, and the output head alone:
     head             median of a [batch, 1, hidden] forward through the output head
     read's share     a CPU: one layer read ahead, the share of a background read's time that the
                      compute loses (fitted so stream_step_s gives that step time); a GPU: 0
+    host layer       a GPU with --allow-host-compute: every layer computed by the host, per layer
 
 A probe's rates are kept in <cache-dir>/probes/<key>.json, the key naming what they depend
 on: the machine and device, torch, the layer files' fingerprint, batch, prompt and decode
@@ -61,7 +62,7 @@ def patch_to_fit(run: Run):
         raise UsageError(f"--device-budget {args.device_budget:,}: {err}") from None
     rates = rates_for(run, store)
     plan = offload_skip.plan(shape, args.device_budget, rates=rates, context_tokens=context, batch_size=batch,
-                             device=run.device)
+                             device=run.device, allow_host_compute=args.allow_host_compute)
     print(plan, flush=True)
     try:
         ctl = offload_skip.patch_model(run.model, plan, layers_dir(args), store=store, cold=args.cold,
@@ -85,7 +86,8 @@ def probe_key(run: Run, store: offload_skip.LayerStore) -> dict:
     return dict(format=PROBE_FORMAT, device=device_name(run.device), cpu_isa=cpu_isa(), threads=torch.get_num_threads(),
                 torch=torch.__version__, layers=store.dir.name, batch=int(run.input_ids.shape[0]),
                 prompt_tokens=int(run.input_ids.shape[1]), max_new_tokens=int(getattr(args, "max_new_tokens", 0)),
-                cold=bool(args.cold), io_bandwidth=args.io_bandwidth)
+                cold=bool(args.cold), io_bandwidth=args.io_bandwidth,
+                host_compute=bool(getattr(args, "allow_host_compute", False)) and run.device.type != "cpu")
 
 
 def probe_path(cache_dir: Path, key: dict) -> Path:
@@ -153,7 +155,10 @@ def measure_rates(run: Run, store: offload_skip.LayerStore, source: str = "") ->
     rates = offload_skip.Rates(layer_compute_s=layer_s, fixed_compute_s=head, read_Bps=read_Bps,
                                stream_overhead_s=max(streamed_s - read_s, 0.0), read_compute_share=0.0, source=source)
     if run.device.type != "cpu":  # the copy engine: a read takes nothing from the compute
-        return rates
+        if not getattr(args, "allow_host_compute", False):
+            return rates
+        host = probe_decode(run, store, keep=(), host_compute=tuple(range(n_layers)))
+        return dataclasses.replace(rates, host_layer_compute_s=max(host["step_s"] - head, 0.0) / n_layers)
     ahead = probe_decode(run, store, keep=(), prefetch=1)
     return dataclasses.replace(rates, read_compute_share=fitted_share(rates, shape, ahead["step_s"]))
 
@@ -179,16 +184,20 @@ def fitted_share(rates: offload_skip.Rates, shape: offload_skip.ModelBytes, meas
     return (low + high) / 2
 
 
-def probe_decode(run: Run, store: offload_skip.LayerStore, keep: tuple[int, ...], prefetch: int = 0) -> dict:
+def probe_decode(run: Run, store: offload_skip.LayerStore, keep: tuple[int, ...], prefetch: int = 0,
+                 host_compute: tuple[int, ...] = ()) -> dict:
     """Seconds per decode step (the median of PROBE_DECODES - 1 decodes of PROBE_TOKENS, after
     one untimed) and the last one's read counters, every layer but `keep` streamed by copy,
     `prefetch` read ahead."""
     args, model = run.args, run.model
     n_layers = len(offload_skip.find_decoder_layers(model))
     config = offload_skip.OffloadConfig(mode="stream", keep=keep, runs="sequential", prefetch=prefetch, cpu_read="copy",
-                                        cold=args.cold, io_bandwidth=args.io_bandwidth)
-    ctl = offload_skip.patch_model(model, list(range(n_layers)), layers_dir(args), config=config, store=store,
-                                   progress=False)
+                                        cold=args.cold, io_bandwidth=args.io_bandwidth, host_compute=host_compute)
+    try:
+        ctl = offload_skip.patch_model(model, list(range(n_layers)), layers_dir(args), config=config, store=store,
+                                       progress=False)
+    except ValueError as err:  # e.g. host compute of NF4 layers
+        raise UsageError(str(err)) from None
     try:
         steps = []
         for _ in range(PROBE_DECODES):

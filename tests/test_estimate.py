@@ -234,3 +234,25 @@ def test_a_large_row_without_a_3b_row_on_its_machine_has_no_a_priori_prediction(
     _large_rows(tmp_path, cold=False)
     (check,) = estimate.large_checks(estimate.bench.read_rows(tmp_path / estimate.LARGE_CSV), [])
     assert check.a_priori_s is None
+
+
+# --------------------------------------------------------------------------- --plan on a 6 GB card
+
+@pytest.mark.parametrize("model", [estimate.QWEN25_3B, estimate.QWEN25_7B, estimate.QWEN25_14B])
+@pytest.mark.parametrize("storage", list(estimate.PLAN_STORAGE))
+def test_a_card_plan_fits_the_card_less_its_reserve(model, storage):
+    plan = estimate.card_plan(model, estimate.PLAN_STORAGE[storage])
+    assert plan.chosen.device_bytes <= estimate.CARD_VRAM_BYTES - estimate.VRAM_RESERVE_BYTES
+    assert plan.chosen.kv_bytes == estimate.kv_cache_bytes(model, estimate.CONTEXT_TOKENS)
+    assert plan.chosen.cpu_read is None and plan.rates.read_compute_share == 0.0  # a GPU: no CPU read paths
+
+
+def test_the_3b_fits_whole_and_the_14b_streams():
+    assert estimate.card_plan(estimate.QWEN25_3B, estimate.HOST_MEMORY_Bps).streamed == ()
+    assert len(estimate.card_plan(estimate.QWEN25_14B, estimate.HOST_MEMORY_Bps).streamed) > 0
+
+
+def test_cli_prints_the_plans(capsys):
+    estimate.main(["--plan"])
+    out = capsys.readouterr().out
+    assert "Fit to a 6 GB card" in out and out.count("plan for 5.00 GiB") == 3 * len(estimate.PLAN_STORAGE)

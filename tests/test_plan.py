@@ -2,7 +2,7 @@
 model it patches is the original one (torch.equal), on every device present."""
 import pytest
 import torch
-from conftest import NF4_KINDS, greedy, logits, make_model, tiny_model, with_devices
+from conftest import CUDA, NF4_KINDS, greedy, logits, make_model, tiny_model, with_devices
 
 import offload_skip as osk
 
@@ -188,3 +188,69 @@ def test_model_bytes_counts_as_the_controller_does(tmp_path):
         parts["embedding_bytes"], parts["head_bytes"], parts["other_bytes"])  # qwen2's embedding: its matrix only
     config = model.config  # 8 layers x K and V x 2 KV heads x 16 x 4 bytes
     assert shape.kv_bytes_per_token == 8 * 2 * config.num_key_value_heads * 16 * 4
+
+
+# --------------------------------------------------------------------------- compute where the bytes are
+
+def test_host_compute_is_weighed_on_a_gpu_only_when_allowed():
+    # reads at 1 s a layer against 0.3 s of host compute: computing on the host wins, when allowed
+    gpu = osk.Rates(layer_compute_s=0.1, fixed_compute_s=0.0, read_Bps=100.0, read_compute_share=0.0,
+                    host_layer_compute_s=0.3)
+    shape = _shape()
+    assert not osk.plan(shape, 400, rates=gpu, context_tokens=10, device="cuda").chosen.host_compute
+    plan = osk.plan(shape, 400, rates=gpu, context_tokens=10, device="cuda", allow_host_compute=True)
+    assert plan.chosen.host_compute and plan.config().host_compute == plan.streamed
+    assert plan.record().startswith("host=")
+    # no slots on the device, and the host layers' share of the KV cache stays on the host
+    n = len(plan.streamed)
+    assert plan.chosen.weights_bytes == 50 + 10 + 100 * (6 - n)
+    assert plan.chosen.kv_bytes == 10 * (6 - n) // 6
+    # a CPU has no host to move to: never weighed there
+    assert not osk.plan(shape, 400, rates=gpu, context_tokens=10, device="cpu",
+                        allow_host_compute=True).chosen.host_compute
+
+
+def test_host_compute_on_a_cpu_is_the_identity(tmp_path, prompt_ids):
+    model = tiny_model("llama")
+    reference = logits(model, prompt_ids)
+    ctl = osk.patch_model(model, [2, 4], tmp_path, mode="stream", prefetch=0, host_compute=(2, 4), progress=False)
+    assert ctl.host_layers == set() and torch.equal(logits(model, prompt_ids), reference)
+    assert ctl.host_bytes() == 0
+
+
+def test_host_compute_names_computed_offloaded_layers(tmp_path):
+    with pytest.raises(ValueError, match=r"host_compute names layers that are not offloaded and computed: \[3\]"):
+        osk.patch_model(tiny_model("llama"), [2, 4], tmp_path, mode="stream", host_compute=(3,), progress=False)
+
+
+@pytest.mark.parametrize("kind", [pytest.param("llama-fp32", marks=CUDA), pytest.param("qwen2-bf16", marks=CUDA)])
+def test_host_compute_on_cuda_is_close_and_holds_less(kind, tmp_path, prompt_ids):
+    """The layers compute on the CPU from host memory: close to the GPU's result (not equal:
+    other kernels), no device bytes for them, and their KV cache on the host."""
+    model = make_model(kind, tmp_path, "cuda")
+    ids = prompt_ids.to("cuda")
+    reference = logits(model, ids)
+    streamed = osk.patch_model(model, [2, 4], tmp_path / "a", mode="stream", prefetch=0, progress=False)
+    streamed.reset_stats()
+    logits(model, ids)
+    slots = streamed.stats()["peak_resident_bytes"]
+    streamed.unpatch()
+    ctl = osk.patch_model(model, [2, 4], tmp_path / "b", mode="stream", prefetch=0, host_compute=(2, 4),
+                          progress=False)
+    ctl.reset_stats()
+    out = logits(model, ids)
+    tolerance = 1e-3 if kind.endswith("fp32") else 5e-2
+    assert torch.allclose(out, reference, atol=tolerance, rtol=tolerance)
+    assert ctl.stats()["peak_resident_bytes"] < slots and ctl.host_bytes() == sum(ctl.layer_bytes.values())
+    from transformers import DynamicCache
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    assert cache.layers[2].keys.device.type == "cpu" and cache.layers[3].keys.device.type == "cuda"
+
+
+@pytest.mark.parametrize("kind", [pytest.param("nf4", marks=CUDA)])
+def test_host_compute_refuses_nf4_on_cuda(kind, tmp_path):
+    model = make_model(kind, tmp_path, "cuda")
+    with pytest.raises(ValueError, match="bitsandbytes 4-bit"):
+        osk.patch_model(model, [2, 4], tmp_path / "l", mode="stream", host_compute=(2,), progress=False)
