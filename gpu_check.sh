@@ -108,12 +108,17 @@ done
 
 # --- (3) a 14B model (dummy weights), larger than a small card: stream residency only -----------
 if [ "$NF4" = 1 ]; then
-  step "dummy 14B, diskoffload (nf4, layers $LAYERS14)" 150 "rows: $DIR/diskoffload.csv" \
+  step "dummy 14B, diskoffload (nf4, layers $LAYERS14)" 100 "rows: $DIR/diskoffload.csv" \
     "$PYTHON" run_diskoffload.py --model dummy:qwen2.5-14b --quant nf4 --device cuda --ppl-max-tokens 0 \
     --max-new-tokens 16 --layers "$LAYERS14" --offload-embeddings --out "$DIR/diskoffload.csv"
 else
   skipped "dummy 14B, diskoffload: needs NF4 (in bf16 it would stream ~26 GB a token, past the time limit)"
 fi
+
+# --- (3b) a device budget: the plan's probe, choice and row on CUDA (the dummy 3B, 1500 MiB) -----
+step "dummy 3B, --device-budget 1500MiB ($QUANT)" 50 "rows: $DIR/diskoffload.csv" \
+  "$PYTHON" run_diskoffload.py --model dummy:qwen2.5-3b --quant "$QUANT" --device cuda --ppl-max-tokens 0 \
+  --max-new-tokens 16 --device-budget 1500MiB --out "$DIR/diskoffload.csv"
 
 # --- (4) real weights, only where the cache holds them (nothing can be fetched here) ------------
 if [ -f "$CACHE/hf/$REAL/CONVERSION_COMPLETE" ]; then

@@ -2371,7 +2371,8 @@ def _ranges(indices) -> str:
 
 def plan(model: nn.Module | ModelBytes, device_bytes: int, *, rates: Rates, context_tokens: int = 512,
          batch_size: int = 1, device: torch.device | str = "cpu", store: LayerStore | None = None,
-         prefetch_depths: tuple[int, ...] = (0, 1, 2), allow_host_compute: bool = False) -> Plan:
+         prefetch_depths: tuple[int, ...] = (0, 1, 2), allow_host_compute: bool = False,
+         cpu_reads: tuple[str, ...] = CPU_READS) -> Plan:
     """Fit `model` (or its ModelBytes) to a device of `device_bytes`, the KV cache of
     `context_tokens` x `batch_size` reserved: for each read-ahead depth, copy or map, and
     placement, the fewest streamed layers that fit, timed by stream_step_s from `rates`;
@@ -2380,12 +2381,13 @@ def plan(model: nn.Module | ModelBytes, device_bytes: int, *, rates: Rates, cont
     when anything streams and it is not tied (a few KB per token). Raises ValueError when
     nothing fits: the parts that always stay, the cache and one stream slot.
     allow_host_compute (a GPU, rates.host_layer_compute_s measured): also weigh computing the
-    streamed layers on the host (approximate: only when the user allows it)."""
+    streamed layers on the host (approximate: only when the user allows it). cpu_reads: the CPU
+    read paths weighed (cold or throttled reads need ("copy",): a mapped layer is read once)."""
     device = torch.device(device)
     shape = model if isinstance(model, ModelBytes) else ModelBytes.of(model, device, store)
     kv = shape.kv_bytes_per_token * context_tokens * batch_size
     n_layers = len(shape.layer_bytes)
-    reads = ("copy", "map") if device.type == "cpu" else (None,)
+    reads = cpu_reads if device.type == "cpu" else (None,)
     weighed = [candidate(shape, rates, (), 0, None, False, kv, "none")]
     for depth in prefetch_depths:
         for cpu_read in reads:

@@ -4,7 +4,8 @@ results/fit.csv with its predicted and measured speed and its peak bytes.
 
 The grid: three layer sets of the plan's bytes (first-fit, interleaved, last: the fewest
 streamed layers that fit), each with read-ahead 0, 1 and 2 and read by copy; the same sets
-mapped (a CPU: every mapped layer stays until standby, so they hold all of it); and today's
+mapped (a CPU: every mapped layer stays until standby, so they hold all of it; read once, never
+cold); and today's
 defaults at that budget (--layers even, the even layers kept first-fit under what is left of
 the budget, --prefetch auto, --cpu-read map, and the same with copy). Every configuration is
 the same model at alpha 1: every layer has a file, the resident ones are kept (exact).
@@ -37,7 +38,8 @@ class FitRow:
     quant: str  # weight format
     device: str  # compute device
     device_name: str  # CUDA device name, or 'CPU: <model name>'
-    cold_reads: bool  # every layer read dropped its file from the page cache first (--cold)
+    cold_reads: bool  # the case's reads dropped each file from the page cache first (--cold); a mapped configuration
+        # maps each layer once, so its rows read the page cache whatever this says
     device_budget_bytes: int  # the device bytes the case fits to (weights at the peak plus the KV reserve)
     budget_share: float | None  # --budget-share: device_budget_bytes / model_bytes (empty: --device-budget given)
     model_bytes: int  # the whole model's weights as the plan counts them (layers, embedding, head, the rest)
@@ -122,7 +124,8 @@ def config_of(c: offload_skip.Candidate, n_layers: int, args) -> offload_skip.Of
                                       keep=tuple(i for i in range(n_layers) if i not in c.streamed),
                                       host_compute=c.streamed if c.host_compute else (),
                                       cpu_read=c.cpu_read or "map", offload_embeddings=c.offload_embeddings,
-                                      cold=args.cold and c.cpu_read != "map", io_bandwidth=args.io_bandwidth)
+                                      cold=args.cold and c.cpu_read != "map",
+                                      io_bandwidth=args.io_bandwidth if c.cpu_read != "map" else None)
 
 
 def time_rounds(run_, store, configs: dict, args) -> tuple[dict, dict, list]:
@@ -162,7 +165,8 @@ def run(args) -> list[FitRow]:
     args.device_budget = budget  # the probe keeps what fits it
     rates = bench.rates_for(run_, store)
     try:
-        plan = offload_skip.plan(shape, budget, rates=rates, context_tokens=context, batch_size=batch, device=device)
+        plan = offload_skip.plan(shape, budget, rates=rates, context_tokens=context, batch_size=batch, device=device,
+                                 cpu_reads=bench.planning.cpu_reads(args))
     except ValueError as err:
         raise bench.UsageError(f"device budget {budget:,} bytes: {err}") from None
     print(plan, flush=True)

@@ -268,10 +268,12 @@ def finish_args(args: argparse.Namespace, row_type=None) -> argparse.Namespace:
         args.prefetch = CUDA_DEFAULT_PREFETCH if args.device.startswith("cuda") else CPU_DEFAULT_PREFETCH
     if not hasattr(args, "cpu_read"):  # the baseline patches nothing
         args.cpu_read = None
-    if args.io_bandwidth and args.cpu_read == "map" and args.device == "cpu" and args.variant == "diskoffload":
+    planned = args.layers == "plan"  # --device-budget: the plan chooses --cpu-read
+    if args.io_bandwidth and args.cpu_read == "map" and args.device == "cpu" and args.variant == "diskoffload" \
+            and not planned:
         raise UsageError("--io-bandwidth throttles layer reads, and with --cpu-read map (the default) a CPU maps "
                          "the layer files instead of reading them: add --cpu-read copy")
-    if args.cold and args.cpu_read == "map" and args.device == "cpu" and args.variant == "diskoffload":
+    if args.cold and args.cpu_read == "map" and args.device == "cpu" and args.variant == "diskoffload" and not planned:
         raise UsageError("--cold drops a layer file's pages before each read, and with --cpu-read map (the default) "
                          "a CPU maps each layer once and keeps it for the whole decode: add --cpu-read copy")
     if args.out is None:

@@ -62,7 +62,7 @@ def patch_to_fit(run: Run):
         raise UsageError(f"--device-budget {args.device_budget:,}: {err}") from None
     rates = rates_for(run, store)
     plan = offload_skip.plan(shape, args.device_budget, rates=rates, context_tokens=context, batch_size=batch,
-                             device=run.device, allow_host_compute=args.allow_host_compute)
+                             device=run.device, allow_host_compute=args.allow_host_compute, cpu_reads=cpu_reads(args))
     print(plan, flush=True)
     try:
         ctl = offload_skip.patch_model(run.model, plan, layers_dir(args), store=store, cold=args.cold,
@@ -72,6 +72,11 @@ def patch_to_fit(run: Run):
     run.info["plan"] = plan
     run.info["load_peak_bytes"] = max(run.info["load_peak_bytes"], load_peak_bytes(run.device, ctl.load_peak_bytes))
     return ctl
+
+
+def cpu_reads(args) -> tuple[str, ...]:
+    """The CPU read paths a plan may choose: copy alone when reads are cold or throttled."""
+    return ("copy",) if args.cold or args.io_bandwidth else offload_skip.CPU_READS
 
 
 def context_tokens(run: Run) -> int:

@@ -51,9 +51,15 @@ def _rows(first: int, quant: str) -> list[str]:
 
 
 def _big(step: int) -> list[str]:
-    return [f"== step {step}: dummy 14B, diskoffload (nf4, layers even) (limit 150 s)",
+    return [f"== step {step}: dummy 14B, diskoffload (nf4, layers even) (limit 100 s)",
             "$ {py} run_diskoffload.py --model dummy:qwen2.5-14b --quant nf4 --device cuda --ppl-max-tokens 0 "
             "--max-new-tokens 16 --layers even --offload-embeddings --out {out}/diskoffload.csv"]
+
+
+def _plan(step: int, quant: str) -> list[str]:
+    return [f"== step {step}: dummy 3B, --device-budget 1500MiB ({quant}) (limit 50 s)",
+            f"$ {{py}} run_diskoffload.py --model dummy:qwen2.5-3b --quant {quant} --device cuda --ppl-max-tokens 0 "
+            "--max-new-tokens 16 --device-budget 1500MiB --out {out}/diskoffload.csv"]
 
 
 def _real(step: int, quants: str, quant: str) -> list[str]:
@@ -75,16 +81,17 @@ INSTALL = ["== step 2: install bitsandbytes from its wheel, no index (limit 30 s
 
 DRY_RUNS = {
     "nf4-cached": (dict(bitsandbytes="imports", wheel=False, cached=True),
-                   [*PREFLIGHT, NF4_RUNS, *_rows(2, "nf4"), *_big(6), *_real(7, "fp32,bf16,nf4", "nf4"),
-                    "== dry run: 8 steps listed, none run"]),
+                   [*PREFLIGHT, NF4_RUNS, *_rows(2, "nf4"), *_big(6), *_plan(7, "nf4"),
+                    *_real(8, "fp32,bf16,nf4", "nf4"), "== dry run: 9 steps listed, none run"]),
     "no-nf4-nothing-cached": (dict(bitsandbytes="fails", wheel=False, cached=False),
                               [*PREFLIGHT,
                                "NF4: bitsandbytes does not import and {wheels} holds no bitsandbytes-*.whl: NF4 cases "
                                "skipped (the 3B rows run --quant bf16, the 14B row does not run)",
-                               *_rows(2, "bf16"), NO_BIG, NO_REAL, "== dry run: 5 steps listed, none run"]),
+                               *_rows(2, "bf16"), NO_BIG, *_plan(6, "bf16"), NO_REAL,
+                               "== dry run: 6 steps listed, none run"]),
     "nf4-from-the-wheel": (dict(bitsandbytes="fails", wheel=True, cached=True),
-                           [*PREFLIGHT, *INSTALL, NF4_RUNS, *_rows(3, "nf4"), *_big(7),
-                            *_real(8, "fp32,bf16,nf4", "nf4"), "== dry run: 9 steps listed, none run"]),
+                           [*PREFLIGHT, *INSTALL, NF4_RUNS, *_rows(3, "nf4"), *_big(7), *_plan(8, "nf4"),
+                            *_real(9, "fp32,bf16,nf4", "nf4"), "== dry run: 10 steps listed, none run"]),
 }
 
 
@@ -101,7 +108,7 @@ def test_every_step_together_stays_within_ten_minutes(tmp_path):
     done = _dry_run(tmp_path, bitsandbytes="fails", wheel=True, cached=True)  # the most steps
     limits = [int(line.rsplit("(limit ", 1)[1].split()[0]) for line in done.stdout.splitlines()
               if line.startswith("== step ")]
-    assert len(limits) == 9 and sum(limits) == 590 <= 600
+    assert len(limits) == 10 and sum(limits) == 590 <= 600
 
 
 @pytest.mark.parametrize("args, env, message", [
