@@ -2223,6 +2223,8 @@ def stream_step_s(layer_compute_s: list[float], fixed_compute_s: float, read_s: 
 
 
 PLACEMENTS = ("interleaved", "first-fit", "last")
+# predicted step times this close count as equal (the probe's rates move by more between runs)
+PLAN_TOLERANCE = 0.02
 
 
 def placement_streamed(n_layers: int, n_streamed: int, placement: str) -> tuple[int, ...]:
@@ -2376,7 +2378,8 @@ def plan(model: nn.Module | ModelBytes, device_bytes: int, *, rates: Rates, cont
     """Fit `model` (or its ModelBytes) to a device of `device_bytes`, the KV cache of
     `context_tokens` x `batch_size` reserved: for each read-ahead depth, copy or map, and
     placement, the fewest streamed layers that fit, timed by stream_step_s from `rates`;
-    the fastest that fits wins (ties: fewer streamed bytes, then the order of PLACEMENTS).
+    the fastest that fits wins, and among those within PLAN_TOLERANCE of it the one with the
+    fewest streamed bytes (then device bytes, then the order of PLACEMENTS).
     Streaming nothing is a candidate too. The input embedding's rows are read from disk
     when anything streams and it is not tied (a few KB per token). Raises ValueError when
     nothing fits: the parts that always stay, the cache and one stream slot.
@@ -2412,6 +2415,10 @@ def plan(model: nn.Module | ModelBytes, device_bytes: int, *, rates: Rates, cont
         raise ValueError(f"nothing fits {device_bytes:,} bytes: streaming every layer still needs "
                          f"{least.device_bytes:,} (weights {least.weights_bytes:,}, KV cache {kv:,} for "
                          f"{context_tokens} tokens x {batch_size})")
-    best = min(fitting, key=lambda c: (round(c.step_s, 9), sum(shape.layer_bytes[i] for i in c.streamed),
-                                        PLACEMENTS.index(c.placement) if c.placement in PLACEMENTS else -1))
+    # within PLAN_TOLERANCE of the fastest the model cannot tell them apart: the fewest streamed
+    # bytes win (less to read), then the fewest device bytes (fewer slots), then PLACEMENTS' order
+    fastest = min(c.step_s for c in fitting)
+    near = [c for c in fitting if c.step_s <= fastest * (1 + PLAN_TOLERANCE)]
+    best = min(near, key=lambda c: (sum(shape.layer_bytes[i] for i in c.streamed), c.device_bytes,
+                                    PLACEMENTS.index(c.placement) if c.placement in PLACEMENTS else -1, c.step_s))
     return Plan(device_bytes, shape, rates, context_tokens, batch_size, best, tuple(weighed))

@@ -39,8 +39,8 @@ from .measure import decode, synchronize, watch_cpu
 from .provenance import cpu_isa, device_name
 
 PROBE_TOKENS = 16       # tokens each probe decode decodes (15 timed steps after the prefill)
-PROBE_DECODES = 4       # per configuration: the first untimed, the median of the others
-PROBE_FORMAT = 5        # a probe file's layout; another one is measured again
+PROBE_ROUNDS = 5        # timed rounds of the probe's configurations (after one untimed)
+PROBE_FORMAT = 6        # a probe file's layout; another one is measured again
 
 
 def patch_run(run: Run):
@@ -133,39 +133,43 @@ def rates_for(run: Run, store: offload_skip.LayerStore) -> offload_skip.Rates:
 
 def measure_rates(run: Run, store: offload_skip.LayerStore, source: str = "") -> offload_skip.Rates:
     """The probe (module docstring): the model must have every layer stored and empty
-    (open_run for --device-budget); it is left so. Two configurations: every layer streamed,
-    then all but one kept (a CPU) or the first that fit the budget (a GPU); their difference per
-    streamed layer is
-    a streamed layer's cost in the compute thread (its read, binding its views), and the read
-    alone is the counters' loaded_bytes / load_s."""
+    (open_run for --device-budget); it is left so. Its configurations are timed in interleaved
+    rounds (probe_steps), so a drift of the machine moves them alike: every layer streamed;
+    all but one kept (a CPU) or the first that fit the budget (a GPU), whose difference per
+    streamed layer is a streamed layer's cost in the compute thread (its read, binding its
+    views); on a CPU every layer streamed with one read ahead (the read's share of compute);
+    on a GPU with --allow-host-compute every layer computed by the host."""
     args, model = run.args, run.model
     n_layers = len(offload_skip.find_decoder_layers(model))
-    everything = probe_decode(run, store, keep=())
     shape = offload_skip.ModelBytes.of(model, run.device, store)
-    if run.device.type == "cpu":  # host memory: all but one layer kept, the widest difference
+    cpu = run.device.type == "cpu"
+    if cpu:  # host memory: all but one layer kept, the widest difference
         keep = tuple(range(n_layers - 1))
     else:  # a GPU must not run out: the first layers that fit the budget beside one slot
         fixed_bytes = shape.embedding_bytes + shape.head_bytes + shape.other_bytes + max(shape.layer_bytes)
         room = args.device_budget - fixed_bytes - shape.kv_bytes_per_token * context_tokens(run)
         keep = tuple(sorted(offload_skip.fit_budget(dict(enumerate(shape.layer_bytes)), max(room, 0))))[:n_layers - 1]
-    part = probe_decode(run, store, keep=keep) if keep else None
+    configs = {"everything": dict(keep=())}
+    if keep:
+        configs["part"] = dict(keep=keep)
+    if cpu:
+        configs["ahead"] = dict(keep=(), prefetch=1)
+    elif getattr(args, "allow_host_compute", False):
+        configs["host"] = dict(keep=(), host_compute=tuple(range(n_layers)))
+    steps = probe_steps(run, store, configs)
+    everything = steps["everything"]
     read_Bps = everything["loaded_bytes"] / everything["load_s"]
     head = head_s(model, run.device, int(run.input_ids.shape[0]))
     read_s = sum(shape.layer_bytes) / n_layers / read_Bps  # one layer's
-    if part is not None:
-        streamed_s = (everything["step_s"] - part["step_s"]) / len(keep)  # one streamed layer's extra
-    else:
-        streamed_s = read_s
+    streamed_s = (everything["step_s"] - steps["part"]["step_s"]) / len(keep) if keep else read_s
     layer_s = max((everything["step_s"] - head) / n_layers - streamed_s, 0.0)
     rates = offload_skip.Rates(layer_compute_s=layer_s, fixed_compute_s=head, read_Bps=read_Bps,
                                stream_overhead_s=max(streamed_s - read_s, 0.0), read_compute_share=0.0, source=source)
-    if run.device.type != "cpu":  # the copy engine: a read takes nothing from the compute
-        if not getattr(args, "allow_host_compute", False):
-            return rates
-        host = probe_decode(run, store, keep=(), host_compute=tuple(range(n_layers)))
-        return dataclasses.replace(rates, host_layer_compute_s=max(host["step_s"] - head, 0.0) / n_layers)
-    ahead = probe_decode(run, store, keep=(), prefetch=1)
-    return dataclasses.replace(rates, read_compute_share=fitted_share(rates, shape, ahead["step_s"]))
+    if cpu:
+        return dataclasses.replace(rates, read_compute_share=fitted_share(rates, shape, steps["ahead"]["step_s"]))
+    if "host" in steps:  # the copy engine: a read takes nothing from the compute
+        return dataclasses.replace(rates, host_layer_compute_s=max(steps["host"]["step_s"] - head, 0.0) / n_layers)
+    return rates
 
 
 SHARE_LIMIT = 4.0  # a background read slowing compute by up to 4x its own time (threads beyond the cores)
@@ -189,30 +193,34 @@ def fitted_share(rates: offload_skip.Rates, shape: offload_skip.ModelBytes, meas
     return (low + high) / 2
 
 
-def probe_decode(run: Run, store: offload_skip.LayerStore, keep: tuple[int, ...], prefetch: int = 0,
-                 host_compute: tuple[int, ...] = ()) -> dict:
-    """Seconds per decode step (the median of PROBE_DECODES - 1 decodes of PROBE_TOKENS, after
-    one untimed) and the last one's read counters, every layer but `keep` streamed by copy,
-    `prefetch` read ahead."""
+def probe_steps(run: Run, store: offload_skip.LayerStore, configs: dict[str, dict]) -> dict[str, dict]:
+    """Per configuration (OffloadConfig fields beyond every layer streamed by copy, no read-ahead):
+    the median seconds per decode step over PROBE_ROUNDS rounds, after one untimed, each round
+    decoding PROBE_TOKENS once with every configuration in turn (the order rotated); and the
+    last decode's read counters."""
     args, model = run.args, run.model
     n_layers = len(offload_skip.find_decoder_layers(model))
-    config = offload_skip.OffloadConfig(mode="stream", keep=keep, runs="sequential", prefetch=prefetch, cpu_read="copy",
-                                        cold=args.cold, io_bandwidth=args.io_bandwidth, host_compute=host_compute)
-    try:
-        ctl = offload_skip.patch_model(model, list(range(n_layers)), layers_dir(args), config=config, store=store,
-                                       progress=False)
-    except ValueError as err:  # e.g. host compute of NF4 layers
-        raise UsageError(str(err)) from None
-    try:
-        steps = []
-        for _ in range(PROBE_DECODES):
-            ctl.reset_stats()
-            timing = decode(model, run.input_ids, PROBE_TOKENS, context=inference(ctl), attention_mask=run.attention_mask)
-            steps.append(timing.decode_s / (PROBE_TOKENS - 1))
-        stats = ctl.stats()
-    finally:
-        ctl.unpatch(restore=False)
-    return {**stats, "step_s": statistics.median(steps[1:])}
+    steps, stats, names = {k: [] for k in configs}, {}, list(configs)
+    for r in range(PROBE_ROUNDS + 1):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fields = {"prefetch": 0, **configs[name]}
+            config = offload_skip.OffloadConfig(mode="stream", runs="sequential", cpu_read="copy", cold=args.cold,
+                                                io_bandwidth=args.io_bandwidth, **fields)
+            try:
+                ctl = offload_skip.patch_model(model, list(range(n_layers)), layers_dir(args), config=config,
+                                               store=store, progress=False)
+            except ValueError as err:  # e.g. host compute of NF4 layers
+                raise UsageError(str(err)) from None
+            try:
+                ctl.reset_stats()
+                timing = decode(model, run.input_ids, PROBE_TOKENS, context=inference(ctl),
+                                attention_mask=run.attention_mask)
+                stats[name] = ctl.stats()
+            finally:
+                ctl.unpatch(restore=False)
+            if r:  # the first round warms every configuration up
+                steps[name].append(timing.decode_s / (PROBE_TOKENS - 1))
+    return {name: {**stats[name], "step_s": statistics.median(steps[name])} for name in names}
 
 
 def head_s(model, device: torch.device, batch: int, repeats: int = 5) -> float:

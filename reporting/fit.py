@@ -13,12 +13,21 @@ COMMAND = "python sweep.py fit"
 
 
 def cases(results: Path) -> dict[str, list[dict]]:
-    """case_id -> its rows (the plan's first), the cases not marked busy."""
+    """case_id -> its rows (the plan's first): of the cases not marked busy, the newest of each
+    machine kind, model, format, budget and read source (a rerun after the planner changed
+    replaces its older rows here; results/fit.csv keeps both)."""
     found: dict[str, list[dict]] = {}
     for row in bench.read_rows(results / FILE):
         found.setdefault(row["case_id"], []).append(row)
-    return {k: sorted(v, key=lambda r: r["config"] != "plan") for k, v in found.items()
-            if any(r["config"] == "plan" for r in v) and not any(r["busy"] == "True" for r in v)}
+    newest: dict[tuple, tuple[str, list[dict]]] = {}
+    for case_id, rows in found.items():
+        if not any(r["config"] == "plan" for r in rows) or any(r["busy"] == "True" for r in rows):
+            continue
+        first = rows[0]
+        key = (machine_kind(first), first["model"], first["quant"], first["device_budget_bytes"], first["cold_reads"])
+        if key not in newest or first["timestamp"] > newest[key][1][0]["timestamp"]:
+            newest[key] = (case_id, rows)
+    return {case_id: sorted(rows, key=lambda r: r["config"] != "plan") for case_id, rows in newest.values()}
 
 
 def _budget(row: dict) -> str:

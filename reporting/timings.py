@@ -45,13 +45,13 @@ def device_budget_block(results: Path) -> str | None:
         return None
     # the plan, and the summary's peak and speed lines (the whole run's output stays in the file)
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.startswith(("plan for", "  ", "diskoffload:")) and not line.startswith(DROPPED_LINES)]
+            if line.startswith(("plan for", "  ")) and not line.startswith(DROPPED_LINES)]
     return "```\n" + "\n".join(kept) + "\n```"
 
 
 # the summary lines README's device-budget block leaves out (results/device_budget.txt has them)
-DROPPED_LINES = ("  standby weights", "  load peak", "  idle RSS", "  standby parts", "  paired", "  per run",
-                 "  row appended", "  perplexity")
+DROPPED_LINES = ("  standby weights", "  peak weights", "  load peak", "  idle RSS", "  standby parts", "  paired",
+                 "  per run", "  row appended", "  perplexity", "  decode")
 
 
 def runtime_s(text: str) -> float | None:

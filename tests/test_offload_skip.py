@@ -495,7 +495,8 @@ def test_a_config_or_its_fields_patch_alike_and_the_manifest_records_it(tmp_path
     manifest = json.loads(ctl.store.manifest_path.read_text())
     assert manifest["written_with"] == {
         "alpha": {"2": 0.5}, "mode": "stream", "prefetch": 0, "budget_bytes": 0, "io_bandwidth": None,
-        "inject_distance": 1, "cold": False, "offload_embeddings": False, "cpu_read": "copy"}
+        "inject_distance": 1, "cold": False, "offload_embeddings": False, "cpu_read": "copy", "keep": None,
+        "runs": "parallel", "host_compute": []}
     assert ctl.config is config and ctl.alphas == {2: 0.5, 4: 1.0}
     ctl.unpatch()
     ctl = patch_model(model, "even", tmp_path / "cache", alpha={2: 0.5}, mode="stream", prefetch=0, cpu_read="copy",

@@ -10,6 +10,7 @@ import eval_ppl
 import offload_skip
 import run_baseline
 import run_diskoffload
+import run_fit
 import run_kvcache
 import sweep
 from bench import importance
@@ -79,7 +80,7 @@ def test_every_case_is_one_eval_ppl_command(tmp_path, suite, count):
 
 
 SCRIPTS = {"eval_ppl.py": eval_ppl, "run_baseline.py": run_baseline, "run_kvcache.py": run_kvcache,
-           "run_diskoffload.py": run_diskoffload}
+           "run_diskoffload.py": run_diskoffload, "run_fit.py": run_fit}
 
 
 @pytest.mark.parametrize("suite", sweep.SUITES)
@@ -218,7 +219,8 @@ def test_unknown_suite(tmp_path):
     with pytest.raises(bench.UsageError) as err:
         sweep.suite_cases("alphas", tmp_path / "x.csv")
     assert str(err.value) == ("unknown suite 'alphas'; choose from "
-                              "alpha, patterns, importance, planner, distance, context, beyond, load, cpu_read, speculative")
+                              "alpha, patterns, importance, planner, distance, context, beyond, load, cpu_read, speculative, "
+                              "fit")
 
 
 # --------------------------------------------------------------------------- the planner
@@ -439,6 +441,7 @@ def test_list(tmp_path, capsys):
         "load          3 cases,   3 pending",
         "cpu_read     12 cases,  12 pending",
         "speculative  34 cases,  34 pending",
+        "fit          28 cases,  28 pending",
     ]
 
 
