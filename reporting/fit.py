@@ -108,10 +108,9 @@ def summary(results: Path) -> str | None:
     within = sum(abs(float(p["predicted_over_measured"]) - 1) <= 0.2 for p in plans)
     held = sum(p["fits"] == "True" for p in plans)
     beat_default = sum(_at_least_default(rows) for rows in found.values())
-    return (f"In {len(plans)} cases ({machines(plans)}), the plan ran at >= 0.95x the fastest configuration that "
-            f"fits in {near}, its predicted speed was within 20% of the measured in {within}, its peak weights plus "
-            f"the KV reserve were within the budget in {held}, and it was at least as fast as today's defaults at "
-            f"that budget (where those fit) in {beat_default}.")
+    return (f"In {len(plans)} cases ({machines(plans)}) the plan ran at >= 0.95x the fastest configuration that "
+            f"fits in {near}, was predicted within 20% in {within}, kept its peak and KV reserve within the budget "
+            f"in {held}, and matched today's defaults (where they fit) in {beat_default}.")
 
 
 def _at_least_default(rows: list[dict]) -> bool:

@@ -189,4 +189,4 @@ def fit_plan(results: Path, link: str) -> str:
     table = fit.headline(results)
     if table is None:
         return f"No rows in results/fit.csv yet: run `{fit.COMMAND}`."
-    return table + "\n\n" + more(link, "every configuration, the probed rates, the plan on a 6 GB card")
+    return table + "\n\n" + more(link, "every configuration, the 6 GB card's plan")

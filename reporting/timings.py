@@ -45,7 +45,8 @@ def device_budget_block(results: Path) -> str | None:
         return None
     # the plan, and the summary's peak and speed lines (the whole run's output stays in the file)
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.startswith(("plan for", "  ")) and not line.startswith(DROPPED_LINES)]
+            if line.startswith(("plan for", "  ")) and not line.startswith(DROPPED_LINES)
+            and "since this process started" not in line]
     return "```\n" + "\n".join(kept) + "\n```"
 
 

@@ -16,9 +16,10 @@ def _row(case, config, tok_s, predicted, fits=True, fastest=False, over=None, bu
         peak_bytes=90 * 2**20 if fits else 150 * 2**20, fits=fits, fastest_fitting=fastest, plan_over_fastest=over,
         max_new_tokens=24, rounds=4, other_cpu_share=0.5 if busy else 0.01, busy=busy, rates="r", command="c",
         run_id="r1")
-    values.update(fields)
     environment = {name: "" for name in bench.ENVIRONMENT_FIELDS}
     environment.update(cpu_isa="avx2", torch_threads=2, commit="abc1234")
+    for name, value in fields.items():
+        (environment if name in bench.ENVIRONMENT_FIELDS else values)[name] = value
     return run_fit.FitRow(**values, **environment)
 
 
@@ -32,14 +33,14 @@ def test_the_summary_counts_what_the_rows_say(tmp_path):
         _row("a", "plan", 10.0, 10.5, fastest=True, over=1.0),          # the fastest, predicted within 5%
         _row("a", "grid:last:copy:0", 9.0, 10.5),
         _row("a", "default-copy", 11.0, 9.0, fits=False),               # faster, but over the budget
-        _row("b", "plan", 8.0, 12.0, over=0.8),                          # 0.8x the fastest, predicted 50% high
-        _row("b", "grid:first-fit:copy:0", 10.0, 12.0, fastest=True),
-        _row("b", "default-copy", 10.0, 11.0, fastest=False),           # fits and beats the plan
+        _row("b", "plan", 8.0, 12.0, over=0.8, cold_reads=True),        # 0.8x the fastest, predicted 50% high
+        _row("b", "grid:first-fit:copy:0", 10.0, 12.0, fastest=True, cold_reads=True),
+        _row("b", "default-copy", 10.0, 11.0, cold_reads=True),          # fits and beats the plan
     ])
     assert fit.summary(results) == (
-        "In 2 cases (CPU: X (avx2)), the plan ran at >= 0.95x the fastest configuration that fits in 1, its "
-        "predicted speed was within 20% of the measured in 1, its peak weights plus the KV reserve were within the "
-        "budget in 2, and it was at least as fast as today's defaults at that budget (where those fit) in 1.")
+        "In 2 cases (CPU: X (avx2)) the plan ran at >= 0.95x the fastest configuration that fits in 1, was predicted "
+        "within 20% in 1, kept its peak and KV reserve within the budget in 2, and matched today's defaults (where "
+        "they fit) in 1.")
     section = fit.section(results)
     assert "| CPU: X (avx2) | m bf16 | page cache | 100 MiB (50%) | 2 streamed, interleaved, prefetch 0, copy | 10.00 |" \
         in section
@@ -48,9 +49,15 @@ def test_the_summary_counts_what_the_rows_say(tmp_path):
     assert "Every configuration:" in section
 
 
+def test_the_newest_case_of_a_kind_stands_for_it(tmp_path):
+    results = _write(tmp_path, [_row("old", "plan", 5.0, 5.0, fastest=True, over=1.0, timestamp="2026-01-01T00:00:00"),
+                                _row("new", "plan", 9.0, 9.0, fastest=True, over=1.0, timestamp="2026-02-01T00:00:00")])
+    assert list(fit.cases(results)) == ["new"]
+
+
 def test_a_busy_case_is_left_out(tmp_path):
     results = _write(tmp_path, [_row("a", "plan", 10.0, 10.0, fastest=True, over=1.0),
-                                _row("b", "plan", 10.0, 10.0, fastest=True, over=1.0, busy=True)])
+                                _row("b", "plan", 10.0, 10.0, fastest=True, over=1.0, busy=True, cold_reads=True)])
     assert fit.summary(results).startswith("In 1 cases")
 
 
