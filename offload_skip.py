@@ -1601,7 +1601,7 @@ class OffloadController:
         self.reader = LayerReader(store, self.device, config.io_bandwidth, self.counters, self.layer_bytes)
         # on a CPU the device is the host: host compute is the identity
         self.host_layers = set(config.host_compute) if self.device.type != "cpu" else set()
-        self._check_host_compute(config.host_compute, layer_list)
+        check_host_compute(config.host_compute, self.computed_layers, {i: layer_list[i] for i in self.host_layers})
         streamed = [i for i in self.computed_layers if i not in self.keep and i not in self.host_layers]
         self.residencies = Residencies.choose(self.reader, layers, streamed, self.cpu_read == "map", config.prefetch,
                                               host=sorted(self.host_layers))
@@ -1616,16 +1616,6 @@ class OffloadController:
         self._embedding = self._stand_in(model, layer_list, store, config)
         self.standby()
         self.reset_stats()
-
-    def _check_host_compute(self, host: tuple[int, ...], layer_list: nn.ModuleList) -> None:
-        stray = sorted(set(host) - set(self.computed_layers))
-        if stray:
-            raise ValueError(f"host_compute names layers that are not offloaded and computed: {stray}")
-        quantized = [i for i in self.host_layers
-                     if any(type(p).__name__ == "Params4bit" for p in layer_list[i].parameters())]
-        if quantized:
-            raise ValueError(f"host_compute: layers {quantized} are bitsandbytes 4-bit, whose CPU kernels want a "
-                             "layout of their own; host compute takes bf16, fp16 or fp32 layers")
 
     def _stand_in(self, model, layer_list, store, config) -> EmbeddingRows | None:
         """Put the stubs in the offloaded layers' (and an offloaded embedding's) places."""
@@ -1771,10 +1761,8 @@ class OffloadController:
         self.counters.reset(self.resident_bytes())
 
     def unpatch(self, restore: bool = True) -> nn.Module:
-        """Put the original layers back, each tensor in a storage of its own, and return the model.
-        restore=False puts them back empty (placeholders, as store_layers leaves a model), their
-        files kept: for patch_model(model, layers, store=controller.store, ...) with another
-        config, without the whole model ever on the device (the embedding, if offloaded, comes back)."""
+        """Put the original layers back, each tensor in a storage of its own; return the model.
+        restore=False: back empty, as store_layers leaves them, for patch_model(..., store=) again."""
         self.standby()
         for i, tensors in self._tensors.items():
             if restore:
@@ -1826,21 +1814,13 @@ class OffloadController:
     def _inject(self, x: torch.Tensor, pending: list) -> torch.Tensor:
         if len(pending) == 1 or self.config.runs == "sequential":
             for i, args, kwargs in pending:  # each from the one before: at alpha 1 the original model
-                x = self._step(i, x, args, kwargs)
+                x = _blend(x, self._compute(i, x, args, kwargs), self.alphas[i])
             return x
         x32 = x.float()
         out = x32.clone()
         for i, args, kwargs in pending:
             out += self.alphas[i] * (self._compute(i, x, args, kwargs).float() - x32)
         return out.to(x.dtype)
-
-    def _step(self, i: int, x: torch.Tensor, args, kwargs) -> torch.Tensor:
-        """lerp(x, L_i(x), alpha_i): L_i(x) itself at alpha 1."""
-        y = self._compute(i, x, args, kwargs)
-        if self.alphas[i] == 1.0:  # what lerp(x, y, 1) returns, minus four small ops
-            return y
-        # lerp(x, y, 1) is y and lerp(x, y, 0) is x, exactly; x + (y - x) is not.
-        return torch.lerp(x.float(), y.float(), self.alphas[i]).to(x.dtype)
 
     def _compute(self, i: int, x: torch.Tensor, args, kwargs) -> torch.Tensor:
         layer = self._acquire(i)
@@ -1861,6 +1841,24 @@ class OffloadController:
             self._model_bytes = tensor_bytes(module_tensors(self.model), self.device)
         self.counters.note_resident(self._model_bytes + self.buffer_bytes())
         return self.layer_modules[i]
+
+
+def check_host_compute(host: tuple[int, ...], computed: list[int], host_modules: dict[int, nn.Module]) -> None:
+    """host_compute names computed offloaded layers; the ones a GPU would compute on the host
+    (`host_modules`) are not bitsandbytes 4-bit."""
+    stray = sorted(set(host) - set(computed))
+    if stray:
+        raise ValueError(f"host_compute names layers that are not offloaded and computed: {stray}")
+    quantized = [i for i, m in host_modules.items() if any(type(p).__name__ == "Params4bit" for p in m.parameters())]
+    if quantized:
+        raise ValueError(f"host_compute: layers {quantized} are bitsandbytes 4-bit, whose CPU kernels want a "
+                         "layout of their own; host compute takes bf16, fp16 or fp32 layers")
+
+
+def _blend(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    """lerp(x, y, alpha): y itself at alpha 1 (lerp(x, y, 1) is y and lerp(x, y, 0) is x, exactly;
+    x + (y - x) is not)."""
+    return y if alpha == 1.0 else torch.lerp(x.float(), y.float(), alpha).to(x.dtype)
 
 
 def _moved(value, device: torch.device):

@@ -15,6 +15,25 @@ import run_fit
 import run_kvcache
 
 N_LAYERS = 8
+_real_cpu_sample = bench.measure._cpu_sample
+
+
+def _quiet_machine():
+    """bench.measure._cpu_sample on a machine where only this process runs."""
+    wall, _, own = _real_cpu_sample()
+    return wall, own, own
+
+
+def _busy_machine():
+    """As if other processes used every core all along."""
+    wall, _, own = _real_cpu_sample()
+    return wall, own + wall * 64, own
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch):
+    """The machine's own load must not decide whether a probe is kept: a quiet one here."""
+    monkeypatch.setattr(bench.measure, "_cpu_sample", _quiet_machine)
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +152,14 @@ def test_run_fit_times_the_plan_against_its_grid(setup, tmp_path):
     assert sum(r["fastest_fitting"] == "True" for r in rows) == 1
     # a mapped layer stays until standby: every grid:...:map row holds all the streamed layers
     assert all(r["fits"] == "False" for r in rows if ":map:" in r["config"])
+
+
+def test_a_probe_beside_other_work_is_used_once_not_kept(setup, tmp_path, monkeypatch, capsys):
+    root = setup[0]
+    for path in (root / "cache" / "probes").glob("*.json"):
+        path.unlink()
+    monkeypatch.setattr(bench.measure, "_cpu_sample", _busy_machine)
+    out = tmp_path / "d.csv"
+    _run(run_diskoffload, _argv(setup, out, "--device-budget", str(int(0.65 * setup[2]))))
+    assert not list((root / "cache" / "probes").glob("*.json"))
+    assert "while probing; the rates are used for this run only, not cached" in capsys.readouterr().err
