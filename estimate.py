@@ -597,12 +597,10 @@ def card_shape(model: dict):
     """offload_skip.ModelBytes of a QWEN25_* shape in NF4 (bf16 embedding and head)."""
     import offload_skip
 
-    embedding = model["vocab"] * model["hidden"] * 2
-    head_dim = model["hidden"] // model["n_heads"]
-    kv_per_token = 2 * model["n_layers"] * model["n_kv_heads"] * head_dim * 2
+    embedding = head_bytes(model)  # the same bf16 vocab x hidden matrix
     return offload_skip.ModelBytes((layer_nf4_bytes(model),) * model["n_layers"], embedding,
                                    0 if model["tied_head"] else head_bytes(model), 2 * model["hidden"],
-                                   model["tied_head"], kv_per_token)
+                                   model["tied_head"], kv_cache_bytes(model, 1))
 
 
 def card_plan(model: dict, read_Bps: float):

@@ -1348,7 +1348,7 @@ class OffloadConfig:
     prefetch: int = 2
     budget_bytes: int = 0
     # stream mode: the offloaded layers kept resident from their first use until standby(),
-    # named (a Plan's resident layers) instead of fitted to budget_bytes first-first; None:
+    # named (a Plan's resident layers) instead of fitted to budget_bytes first-fit; None:
     # budget_bytes decides
     keep: tuple[int, ...] | None = None
     # bytes/s; reads throttled to emulate slower storage (None: as fast as it goes). A mapped
@@ -2256,6 +2256,15 @@ class Candidate:
     def device_bytes(self) -> int:
         return self.weights_bytes + self.kv_bytes
 
+    def config(self, n_layers: int, **fields) -> OffloadConfig:
+        """The OffloadConfig that runs this candidate on an n_layers model: every layer offloaded,
+        the others than `streamed` kept, runs in sequence (other fields, e.g. alpha or cold, as given)."""
+        return OffloadConfig(mode="stream", keep=tuple(i for i in range(n_layers) if i not in self.streamed),
+                             runs="sequential", prefetch=self.prefetch,
+                             host_compute=self.streamed if self.host_compute else (),
+                             cpu_read=self.cpu_read or "copy",  # nothing streamed, or a GPU: kept in buffers
+                             offload_embeddings=self.offload_embeddings, **fields)
+
 
 def candidate(shape: ModelBytes, rates: Rates, streamed: tuple[int, ...], prefetch: int, cpu_read: str | None,
               offload_embeddings: bool, kv_bytes: int, placement: str = "", host_compute: bool = False) -> Candidate:
@@ -2318,11 +2327,7 @@ class Plan:
 
     def config(self, **fields) -> OffloadConfig:
         """The OffloadConfig that runs this plan (other fields, e.g. alpha or cold, as given)."""
-        host = self.streamed if self.chosen.host_compute else ()
-        return OffloadConfig(mode="stream", keep=self.resident, runs="sequential", prefetch=self.chosen.prefetch,
-                             host_compute=host,
-                             cpu_read=self.chosen.cpu_read or "copy",  # nothing streamed: kept in buffers
-                             offload_embeddings=self.chosen.offload_embeddings, **fields)
+        return self.chosen.config(len(self.shape.layer_bytes), **fields)
 
     def record(self) -> str:
         """The plan in one line, for a CSV cell."""

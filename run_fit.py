@@ -120,12 +120,8 @@ def configurations(plan: offload_skip.Plan, device) -> dict[str, offload_skip.Ca
 
 
 def config_of(c: offload_skip.Candidate, n_layers: int, args) -> offload_skip.OffloadConfig:
-    return offload_skip.OffloadConfig(mode="stream", runs="sequential", prefetch=c.prefetch,
-                                      keep=tuple(i for i in range(n_layers) if i not in c.streamed),
-                                      host_compute=c.streamed if c.host_compute else (),
-                                      cpu_read=c.cpu_read or "map", offload_embeddings=c.offload_embeddings,
-                                      cold=args.cold and c.cpu_read != "map",
-                                      io_bandwidth=args.io_bandwidth if c.cpu_read != "map" else None)
+    mapped = c.cpu_read == "map"  # a mapped layer is read once: never cold, never throttled
+    return c.config(n_layers, cold=args.cold and not mapped, io_bandwidth=None if mapped else args.io_bandwidth)
 
 
 def time_rounds(run_, store, configs: dict, args) -> tuple[dict, dict, list]:
@@ -160,15 +156,11 @@ def run(args) -> list[FitRow]:
     shape = offload_skip.ModelBytes.of(run_.model, device, store)
     model_bytes = sum(shape.layer_bytes) + shape.embedding_bytes + shape.head_bytes + shape.other_bytes
     budget = args.device_budget or int(args.budget_share * model_bytes)
-    context, batch = run_.input_ids.shape[1] + args.max_new_tokens, run_.input_ids.shape[0]
-    kv = shape.kv_bytes_per_token * context * batch
+    context = bench.planning.context_tokens(run_)
+    kv = shape.kv_bytes_per_token * context * run_.input_ids.shape[0]
     args.device_budget = budget  # the probe keeps what fits it
-    rates = bench.rates_for(run_, store)
-    try:
-        plan = offload_skip.plan(shape, budget, rates=rates, context_tokens=context, batch_size=batch, device=device,
-                                 cpu_reads=bench.planning.cpu_reads(args))
-    except ValueError as err:
-        raise bench.UsageError(f"device budget {budget:,} bytes: {err}") from None
+    plan = bench.planning.plan_for(run_, shape, f"device budget {budget:,} bytes")
+    rates = plan.rates
     print(plan, flush=True)
     configs = configurations(plan, device)
     speeds, peaks, load = time_rounds(run_, store, configs, args)

@@ -52,17 +52,8 @@ def patch_to_fit(run: Run):
     """Probe (or read the cached probe), plan for --device-budget, print the plan and patch the
     model with it; the Plan goes into run.info["plan"] for the row."""
     args, store = run.args, run.info["store"]
-    context, batch = context_tokens(run), run.input_ids.shape[0]
     shape = offload_skip.ModelBytes.of(run.model, run.device, store)
-    unmeasured = offload_skip.Rates(1.0, 1.0, 1.0, source="bytes only")
-    try:  # bytes do not depend on the rates: refuse a budget nothing fits before probing
-        offload_skip.plan(shape, args.device_budget, rates=unmeasured, context_tokens=context,
-                          batch_size=batch, device=run.device)
-    except ValueError as err:
-        raise UsageError(f"--device-budget {args.device_budget:,}: {err}") from None
-    rates = rates_for(run, store)
-    plan = offload_skip.plan(shape, args.device_budget, rates=rates, context_tokens=context, batch_size=batch,
-                             device=run.device, allow_host_compute=args.allow_host_compute, cpu_reads=cpu_reads(args))
+    plan = plan_for(run, shape, f"--device-budget {args.device_budget:,}")
     print(plan, flush=True)
     try:
         ctl = offload_skip.patch_model(run.model, plan, layers_dir(args), store=store, cold=args.cold,
@@ -72,6 +63,21 @@ def patch_to_fit(run: Run):
     run.info["plan"] = plan
     run.info["load_peak_bytes"] = max(run.info["load_peak_bytes"], load_peak_bytes(run.device, ctl.load_peak_bytes))
     return ctl
+
+
+def plan_for(run: Run, shape: offload_skip.ModelBytes, label: str) -> offload_skip.Plan:
+    """offload_skip.plan for run.args.device_budget with this machine's rates (rates_for); a
+    budget nothing fits is refused before probing (bytes do not depend on the rates), as a
+    UsageError starting with `label`."""
+    args = run.args
+    fields = dict(context_tokens=context_tokens(run), batch_size=run.input_ids.shape[0], device=run.device,
+                  allow_host_compute=getattr(args, "allow_host_compute", False), cpu_reads=cpu_reads(args))
+    try:
+        offload_skip.plan(shape, args.device_budget, rates=offload_skip.Rates(1.0, 1.0, 1.0, source="bytes only"),
+                          **fields)
+    except ValueError as err:
+        raise UsageError(f"{label}: {err}") from None
+    return offload_skip.plan(shape, args.device_budget, rates=rates_for(run, run.info["store"]), **fields)
 
 
 def cpu_reads(args) -> tuple[str, ...]:
