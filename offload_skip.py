@@ -2220,6 +2220,44 @@ def stream_step_s(layer_compute_s: list[float], fixed_compute_s: float, read_s: 
     return (last[-1] - ends[len(ends) // 2 - 1]) / len(last)
 
 
+@dataclass(frozen=True)
+class DraftRates:
+    """A draft's measured yield and cost, for plan() (bench.drafting.probe_draft measures them
+    by speculative decoding in one configuration): where a plain decode step takes step_s,
+    speculative decoding takes (draft_s_per_verify + step_s + verify_extra_s) /
+    tokens_per_verify seconds per token. The yield is measured in one configuration; a self
+    draft's depends on which layers its substitutes stand in for (measured at the no-draft plan's)."""
+
+    kind: str                      # lookup, self:<kind>, or a draft model (--draft's spelling)
+    tokens_per_verify: float       # new tokens per target forward: accepted draft tokens + the target's own
+    draft_s_per_verify: float      # drafting's seconds per target forward (the draft catching up included)
+    verify_extra_s: float = 0.0    # a verify forward's seconds beyond a plain step's: the drafted tokens' compute
+    resident_bytes: int = 0        # device bytes the draft holds whatever streams: a draft model's weights
+    substitute_share: float = 0.0  # a self draft: its substitutes' bytes per byte of the streamed layers
+    kv_bytes_per_token: int = 0    # the draft's own KV cache, one token (a model or self draft keeps one)
+    source: str = ""
+
+    @property
+    def self_draft(self) -> bool:
+        return self.substitute_share > 0
+
+    def device_bytes(self, shape: ModelBytes, streamed: tuple[int, ...], context_tokens: int) -> int:
+        """Its weights (a self draft: a substitute per streamed layer) and its KV cache."""
+        substitutes = int(self.substitute_share * sum(shape.layer_bytes[i] for i in streamed))
+        return self.resident_bytes + substitutes + self.kv_bytes_per_token * context_tokens
+
+    def token_s(self, step_s: float) -> float:
+        """Seconds per token of speculative decoding where a plain step takes step_s."""
+        return (self.draft_s_per_verify + step_s + self.verify_extra_s) / self.tokens_per_verify
+
+
+def drafted(c: "Candidate", draft: DraftRates, shape: ModelBytes, context_tokens: int) -> "Candidate":
+    """Candidate c decoding speculatively with `draft`: the draft's bytes added, its step time
+    the time per token."""
+    return dataclasses.replace(c, draft=draft.kind, draft_bytes=draft.device_bytes(shape, c.streamed, context_tokens),
+                               step_s=draft.token_s(c.step_s))
+
+
 PLACEMENTS = ("interleaved", "first-fit", "last")
 # predicted step times this close count as equal (the probe's rates move by more between runs)
 PLAN_TOLERANCE = 0.02
@@ -2251,10 +2289,12 @@ class Candidate:
     kv_bytes: int               # the KV cache reserved on the device for the planned context and batch
     step_s: float               # predicted seconds per decode step
     host_compute: bool = False  # the streamed layers are computed by the host instead (approximate)
+    draft: str = ""             # decodes speculatively with this draft (DraftRates.kind); step_s is then per token
+    draft_bytes: int = 0        # the draft's weights and KV cache on the device
 
     @property
     def device_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes
+        return self.weights_bytes + self.kv_bytes + self.draft_bytes
 
     def config(self, n_layers: int, **fields) -> OffloadConfig:
         """The OffloadConfig that runs this candidate on an n_layers model: every layer offloaded,
@@ -2322,6 +2362,11 @@ class Plan:
         return tuple(i for i in range(len(self.shape.layer_bytes)) if i not in self.chosen.streamed)
 
     @property
+    def draft(self) -> str:
+        """The draft it decodes speculatively with ("": none)."""
+        return self.chosen.draft
+
+    @property
     def predicted_tok_s(self) -> float:
         return self.batch_size / self.chosen.step_s
 
@@ -2334,7 +2379,8 @@ class Plan:
         c = self.chosen
         return (f"{'host' if c.host_compute else 'streamed'}={_ranges(c.streamed) or 'none'} placement={c.placement} "
                 f"prefetch={c.prefetch} cpu_read={c.cpu_read or '-'} "
-                f"embedding={'disk' if c.offload_embeddings else 'resident'}")
+                f"embedding={'disk' if c.offload_embeddings else 'resident'}"
+                + (f" draft={c.draft}" if c.draft else ""))
 
     def __str__(self) -> str:
         c, s = self.chosen, self.shape
@@ -2351,6 +2397,8 @@ class Plan:
                 ("output head", "tied to the embedding" if s.tied else "resident", s.head_bytes),
                 ("norms, rotary", "resident", s.other_bytes),
                 (f"KV cache", f"{self.context_tokens} tokens x {self.batch_size}", c.kv_bytes)]
+        if c.draft:
+            rows.append(("draft", f"{c.draft}: weights and its KV cache", c.draft_bytes))
         lines = [f"plan for {self.device_bytes / 2**30:.2f} GiB ({self.device_bytes:,} bytes):"]
         lines += [f"  {part:<16} {what:<44} {nbytes / 2**20:>9.1f} MiB" for part, what, nbytes in rows]
         lines.append(f"  {'total':<16} {'':<44} {c.device_bytes / 2**20:>9.1f} MiB; predicted "
@@ -2374,54 +2422,66 @@ def _ranges(indices) -> str:
     return ",".join(out)
 
 
+def fewest_streamed(shape: ModelBytes, device_bytes: int, make) -> Candidate:
+    """The candidate make(streamed) with the fewest streamed layers that fits device_bytes, or
+    every layer streamed when none fits."""
+    n_layers = len(shape.layer_bytes)
+    for n in range(1, n_layers + 1):
+        c = make(n)
+        if c.device_bytes <= device_bytes or n == n_layers:
+            return c
+
+
 def plan(model: nn.Module | ModelBytes, device_bytes: int, *, rates: Rates, context_tokens: int = 512,
          batch_size: int = 1, device: torch.device | str = "cpu", store: LayerStore | None = None,
          prefetch_depths: tuple[int, ...] = (0, 1, 2), allow_host_compute: bool = False,
-         cpu_reads: tuple[str, ...] = CPU_READS) -> Plan:
+         cpu_reads: tuple[str, ...] = CPU_READS, drafts: tuple[DraftRates, ...] = ()) -> Plan:
     """Fit `model` (or its ModelBytes) to a device of `device_bytes`, the KV cache of
     `context_tokens` x `batch_size` reserved: for each read-ahead depth, copy or map, and
     placement, the fewest streamed layers that fit, timed by stream_step_s from `rates`;
-    the fastest that fits wins, and among those within PLAN_TOLERANCE of it the one with the
-    fewest streamed bytes (then device bytes, then the order of PLACEMENTS).
+    the fastest that fits wins, and among those within PLAN_TOLERANCE of it one without a draft
+    (a draft's measured yield is the least certain rate), then the fewest streamed bytes, then
+    device bytes, then the order of PLACEMENTS.
     Streaming nothing is a candidate too. The input embedding's rows are read from disk
     when anything streams and it is not tied (a few KB per token). Raises ValueError when
     nothing fits: the parts that always stay, the cache and one stream slot.
     allow_host_compute (a GPU, rates.host_layer_compute_s measured): also weigh computing the
     streamed layers on the host (approximate: only when the user allows it). cpu_reads: the CPU
-    read paths weighed (cold or throttled reads need ("copy",): a mapped layer is read once)."""
+    read paths weighed (cold or throttled reads need ("copy",): a mapped layer is read once).
+    drafts (batch 1): each configuration again decoding speculatively with each draft, its
+    bytes competing with the resident layers' (a self draft's substitutes need streamed layers)."""
     device = torch.device(device)
     shape = model if isinstance(model, ModelBytes) else ModelBytes.of(model, device, store)
     kv = shape.kv_bytes_per_token * context_tokens * batch_size
     n_layers = len(shape.layer_bytes)
     reads = cpu_reads if device.type == "cpu" else (None,)
-    weighed = [candidate(shape, rates, (), 0, None, False, kv, "none")]
-    for depth in prefetch_depths:
-        for cpu_read in reads:
-            for placement in PLACEMENTS:
-                for n in range(1, n_layers + 1):
-                    streamed = placement_streamed(n_layers, n, placement)
-                    c = candidate(shape, rates, streamed, depth, cpu_read, True, kv, placement)
-                    if c.device_bytes <= device_bytes or n == n_layers:
-                        weighed.append(c)
-                        break
+    weighed = []
+    for draft in (None, *(drafts if batch_size == 1 else ())):
+        def with_draft(c: Candidate) -> Candidate:
+            return drafted(c, draft, shape, context_tokens) if draft else c
+        if not (draft and draft.self_draft):  # a self draft of nothing streamed is the target itself
+            weighed.append(with_draft(candidate(shape, rates, (), 0, None, False, kv, "none")))
+        for depth in prefetch_depths:
+            for cpu_read in reads:
+                for placement in PLACEMENTS:
+                    weighed.append(fewest_streamed(shape, device_bytes, lambda n: with_draft(candidate(
+                        shape, rates, placement_streamed(n_layers, n, placement), depth, cpu_read, True, kv,
+                        placement))))
     if allow_host_compute and device.type != "cpu" and rates.host_layer_compute_s is not None:
         for placement in PLACEMENTS:
-            for n in range(1, n_layers + 1):
-                c = candidate(shape, rates, placement_streamed(n_layers, n, placement), 0, None, True, kv, placement,
-                              host_compute=True)
-                if c.device_bytes <= device_bytes or n == n_layers:
-                    weighed.append(c)
-                    break
+            weighed.append(fewest_streamed(shape, device_bytes, lambda n: candidate(
+                shape, rates, placement_streamed(n_layers, n, placement), 0, None, True, kv, placement,
+                host_compute=True)))
     fitting = [c for c in weighed if c.device_bytes <= device_bytes]
     if not fitting:
         least = min(weighed, key=lambda c: c.device_bytes)
         raise ValueError(f"nothing fits {device_bytes:,} bytes: streaming every layer still needs "
                          f"{least.device_bytes:,} (weights {least.weights_bytes:,}, KV cache {kv:,} for "
                          f"{context_tokens} tokens x {batch_size})")
-    # within PLAN_TOLERANCE of the fastest the model cannot tell them apart: the fewest streamed
-    # bytes win (less to read), then the fewest device bytes (fewer slots), then PLACEMENTS' order
+    # within PLAN_TOLERANCE of the fastest the model cannot tell them apart: no draft, the fewest
+    # streamed bytes (less to read), then the fewest device bytes (fewer slots), then PLACEMENTS' order
     fastest = min(c.step_s for c in fitting)
     near = [c for c in fitting if c.step_s <= fastest * (1 + PLAN_TOLERANCE)]
-    best = min(near, key=lambda c: (sum(shape.layer_bytes[i] for i in c.streamed), c.device_bytes,
+    best = min(near, key=lambda c: (bool(c.draft), sum(shape.layer_bytes[i] for i in c.streamed), c.device_bytes,
                                     PLACEMENTS.index(c.placement) if c.placement in PLACEMENTS else -1, c.step_s))
     return Plan(device_bytes, shape, rates, context_tokens, batch_size, best, tuple(weighed))

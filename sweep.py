@@ -100,6 +100,12 @@ FIT_MODELS = (("smollm2-135m", "bf16"), ("smollm2-135m", "nf4"), ("qwen2.5-coder
               ("qwen2.5-coder-1.5b", "nf4"))
 FIT_DUMMIES = (("dummy:qwen2.5-7b", "nf4"), ("dummy:qwen2.5-14b", "nf4"))
 FIT_DEVICE_BYTES = "6GiB"
+# drafts weighed (run_fit.py --draft) at half the model's bytes, on a code prompt whose repeats prompt
+# lookup can find (its usual case: code and edits); the 0.5B sibling has the 1.5B's tokenizer
+FIT_DRAFTS = (("smollm2-135m", "bf16", "lookup"), ("qwen2.5-coder-1.5b", "bf16", "lookup"),
+              ("qwen2.5-coder-1.5b", "bf16", "qwen2.5-coder-0.5b"))
+FIT_DRAFT_SHARE = 0.5
+FIT_CODE_PROMPT = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n"
 FIT_ROUNDS = 4
 FIT_TOKENS = 24
 LOCAL_WORKERS = 2  # --launcher local's processes: this machine's 2 cores
@@ -166,8 +172,11 @@ def suite_cases(suite: str, out: Path, importances: dict | None = None) -> list[
                                 "--rounds", str(FIT_ROUNDS), "--max-new-tokens", str(FIT_TOKENS), "--out", str(out)))
         cases = [fit(model, quant, ("--budget-share", str(share)), reads) for model, quant in FIT_MODELS
                  for reads in FIT_READS for share in FIT_SHARES]
-        return cases + [fit(model, quant, ("--device-budget", FIT_DEVICE_BYTES), reads) for model, quant in FIT_DUMMIES
-                        for reads in FIT_READS]
+        cases += [fit(model, quant, ("--device-budget", FIT_DEVICE_BYTES), reads) for model, quant in FIT_DUMMIES
+                  for reads in FIT_READS]
+        return cases + [fit(model, quant, ("--budget-share", str(FIT_DRAFT_SHARE), "--draft", draft, "--prompt",
+                                           FIT_CODE_PROMPT), reads)
+                        for model, quant, draft in FIT_DRAFTS for reads in FIT_READS]
     if suite == "beyond":
         return [Case(suite, (script, "--model", model, "--quant", "nf4", "--max-new-tokens", str(spec["new_tokens"]),
                              "--repeats", str(BEYOND_REPEATS), "--ppl-max-tokens", str(spec["tokens"]), *flags,

@@ -233,9 +233,10 @@ def default_ppl_dataset(model: str) -> str:
         return "wiki-embedded"  # open_run reports the unknown model first
 
 
-def finish_args(args: argparse.Namespace, row_type=None) -> argparse.Namespace:
+def finish_args(args: argparse.Namespace, row_type=None, plans_drafts: bool = False) -> argparse.Namespace:
     """Fill the defaults that depend on other flags, and check what argparse cannot.
-    row_type: the dataclass the script appends to --out (default: Result)."""
+    row_type: the dataclass the script appends to --out (default: Result); plans_drafts: see
+    check_device_budget."""
     args.variant = args.script_variant or args.variant
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -259,7 +260,7 @@ def finish_args(args: argparse.Namespace, row_type=None) -> argparse.Namespace:
     if not hasattr(args, "kv_cache"):
         args.kv_cache = True
     if args.device_budget is not None:
-        check_device_budget(args)
+        check_device_budget(args, plans_drafts)
     elif args.allow_host_compute:
         raise UsageError("--allow-host-compute is a choice the plan may make: it needs --device-budget")
     if not hasattr(args, "prefetch"):  # scripts without the stream flags
@@ -292,9 +293,10 @@ PLANNED_FLAGS = (("--layers", "layers", "even"), ("--budget", "budget", 0), ("--
                  ("--skip", "skip", None), ("--inject-distance", "inject_distance", 1))
 
 
-def check_device_budget(args: argparse.Namespace) -> None:
+def check_device_budget(args: argparse.Namespace, plans_drafts: bool = False) -> None:
     """--device-budget plans stream residency from exact levers: it needs the stream variant and
-    makes the choices of the flags in PLANNED_FLAGS, which must be left at their defaults."""
+    makes the choices of the flags in PLANNED_FLAGS, which must be left at their defaults.
+    plans_drafts: the script weighs --draft in the plan (run_fit.py); elsewhere --draft is refused."""
     if args.variant != "diskoffload":
         raise UsageError(f"--device-budget plans stream residency, and the {args.variant} variant "
                          + ("is the unpatched model" if args.variant == "baseline" else
@@ -302,8 +304,9 @@ def check_device_budget(args: argparse.Namespace) -> None:
                          + ": use run_diskoffload.py (or eval_ppl.py --variant diskoffload)")
     if args.device_budget <= 0:
         raise UsageError("--device-budget must be more than 0 bytes")
-    if getattr(args, "draft", "none") != "none":
-        raise UsageError("--device-budget does not plan a draft yet: leave out --draft")
+    if getattr(args, "draft", "none") != "none" and not plans_drafts:
+        raise UsageError("--device-budget weighs a draft in run_fit.py only; here run a draft by hand "
+                         "(--layers, --budget): leave out --draft or --device-budget")
     for flag, name, default in PLANNED_FLAGS:
         if getattr(args, name, default) != default:
             raise UsageError(f"--device-budget makes the choice {flag} names (the plan uses exact levers only): "

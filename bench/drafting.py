@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+import offload_skip
 import speculative
 
 from .base import UsageError
@@ -38,7 +39,8 @@ DRAFT_HELP = (f"speculative decoding: none, lookup (prompt lookup), {', '.join(S
               "tokenizer (embedded alias, directory, hub id) kept resident in --draft-quant")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, prompt_sets: bool = True) -> None:
+    """--draft and its flags; prompt_sets: --prompts and --prompt-count too (run_fit.py times --prompt alone)."""
     group = parser.add_argument_group("speculative decoding (diskoffload --draft)")
     group.add_argument("--draft", default="none", metavar="KIND", help=DRAFT_HELP)
     group.add_argument("--draft-quant", choices=QUANTS, default=None,
@@ -51,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--draft-schedule", choices=SCHEDULES, default="adaptive",
                        help="adaptive (default): ask the draft only while this run's timings say drafting is faster "
                             "than plain steps; constant: ask for --draft-tokens at every verify (transformers')")
+    if not prompt_sets:
+        parser.set_defaults(prompts=None, prompt_count=8)
+        return
     group.add_argument("--prompts", choices=PROMPT_KINDS, default=None,
                        help="decode a prompt set instead of --prompt: code (HumanEval) or wiki (Wikipedia openings)")
     group.add_argument("--prompt-count", type=int, default=8, metavar="N", help="prompts of --prompts decoded")
@@ -160,7 +165,7 @@ def make_schedule(args: argparse.Namespace) -> speculative.ConstantSchedule:
     return SCHEDULES[args.draft_schedule](args.draft_tokens or speculative.DEFAULT_DRAFT_TOKENS)
 
 
-def _timed_speculative(run: Run, ctl, drafter, schedule, ids: torch.Tensor):
+def timed_speculative(run: Run, ctl, drafter, schedule, ids: torch.Tensor):
     """(decode seconds after the prompt's forward, Decoded), inside the variant's inference
     block like decode() times it (entered inside the timer, left outside)."""
     synchronize(run.device)
@@ -217,7 +222,7 @@ def time_rounds(run: Run, ctl, drafter, schedule, prompts) -> DraftTimings:
             with ctl.unpatched(release=False):
                 unpatched = step(f"{name}, unpatched", decode, model, ids, n)
         plain = step(f"{name}, plain stream", decode, model, ids, n, True, inference(ctl))
-        seconds, out = step(f"{name}, draft {drafter.name}", _timed_speculative, run, ctl, drafter, schedule, ids)
+        seconds, out = step(f"{name}, draft {drafter.name}", timed_speculative, run, ctl, drafter, schedule, ids)
         if record:
             timings.spec_s[name].append(seconds)
             timings.outs[name].append(out)
@@ -318,6 +323,49 @@ def summary(row: SpeculativeRow) -> str:
     if row.busy:
         lines.append(f"  warning: other processes used {row.other_cpu_share:.0%} of the CPU meanwhile")
     return "\n".join(lines)
+
+
+PLANNED_DRAFTS = "lookup or a draft model"  # what --device-budget weighs (a self draft's substitutes would split
+# the plan's one run of offloaded layers: not planned)
+PROBE_DRAFT_ROUNDS = 3  # timed rounds of the draft probe, after one untimed
+
+
+def check_planned_draft(args: argparse.Namespace) -> None:
+    """--device-budget weighs --draft (run_fit.py): lookup or a draft model, one sequence."""
+    if args.draft in SELF_DRAFTS:
+        raise UsageError(f"--device-budget weighs {PLANNED_DRAFTS}, not {args.draft}: its substitutes would stand "
+                         "inside the plan's run of offloaded layers; use --layers and --budget to run a self draft")
+
+
+def probe_draft(run: Run, ctl, drafter) -> offload_skip.DraftRates:
+    """The draft's yield and cost in ctl's configuration, for offload_skip.plan: speculative
+    and plain decoding of the run's prompt, interleaved over PROBE_DRAFT_ROUNDS rounds (after
+    one untimed); medians of tokens per verify, drafting's seconds per verify and a verify's
+    seconds beyond a plain step's."""
+    n, schedule = run.args.max_new_tokens, make_schedule(run.args)
+    plain_s, per_verify = [], []
+    with watch_cpu() as load:
+        for r in range(PROBE_DRAFT_ROUNDS + 1):
+            plain = decode(run.model, run.input_ids, n, True, inference(ctl))
+            _, out = timed_speculative(run, ctl, drafter, schedule, run.input_ids)
+            verifies = out.target_forwards - 1  # the prefill gives the first token
+            if r and verifies:
+                plain_s.append(plain.decode_s / (n - 1))
+                per_verify.append(((n - 1) / verifies, out.draft_s / verifies, out.verify_s / verifies))
+    if not per_verify:
+        raise UsageError(f"--draft {drafter.name}: the probe decodes too few tokens to verify any; raise "
+                         "--max-new-tokens")
+    step_s = statistics.median(plain_s)
+    tokens, draft_s, verify_s = (statistics.median(v[k] for v in per_verify) for k in range(3))
+    draft_model = getattr(drafter, "model", None)
+    # its KV cache in its compute dtype (an NF4 model's weights are uint8; its embedding is not)
+    kv_per_token = 0 if draft_model is None else offload_skip.kv_bytes_per_token(
+        draft_model.config, draft_model.get_input_embeddings().weight.dtype)
+    busy = f", busy: others used {load[0].other_cpu_share:.0%}" if load[0].busy else ""
+    return offload_skip.DraftRates(drafter.name, tokens_per_verify=tokens, draft_s_per_verify=draft_s,
+                                   verify_extra_s=max(verify_s - step_s, 0.0), resident_bytes=drafter.resident_bytes,
+                                   kv_bytes_per_token=kv_per_token,
+                                   source=f"draft probe: {PROBE_DRAFT_ROUNDS} rounds x {n} tokens{busy}")
 
 
 def run_drafts(run: Run, ctl) -> SpeculativeRow:

@@ -65,10 +65,11 @@ def patch_to_fit(run: Run):
     return ctl
 
 
-def plan_for(run: Run, shape: offload_skip.ModelBytes, label: str) -> offload_skip.Plan:
-    """offload_skip.plan for run.args.device_budget with this machine's rates (rates_for); a
-    budget nothing fits is refused before probing (bytes do not depend on the rates), as a
-    UsageError starting with `label`."""
+def plan_for(run: Run, shape: offload_skip.ModelBytes, label: str, rates: offload_skip.Rates | None = None,
+             drafts: tuple[offload_skip.DraftRates, ...] = ()) -> offload_skip.Plan:
+    """offload_skip.plan for run.args.device_budget with `rates` (default: this machine's,
+    rates_for) and `drafts` weighed; a budget nothing fits is refused before probing (bytes do
+    not depend on the rates), as a UsageError starting with `label`."""
     args = run.args
     fields = dict(context_tokens=context_tokens(run), batch_size=run.input_ids.shape[0], device=run.device,
                   allow_host_compute=getattr(args, "allow_host_compute", False), cpu_reads=cpu_reads(args))
@@ -77,7 +78,8 @@ def plan_for(run: Run, shape: offload_skip.ModelBytes, label: str) -> offload_sk
                           **fields)
     except ValueError as err:
         raise UsageError(f"{label}: {err}") from None
-    return offload_skip.plan(shape, args.device_budget, rates=rates_for(run, run.info["store"]), **fields)
+    return offload_skip.plan(shape, args.device_budget, rates=rates or rates_for(run, run.info["store"]),
+                             drafts=drafts, **fields)
 
 
 def cpu_reads(args) -> tuple[str, ...]:

@@ -24,10 +24,21 @@ def cases(results: Path) -> dict[str, list[dict]]:
         if not any(r["config"] == "plan" for r in rows) or any(r["busy"] == "True" for r in rows):
             continue
         first = rows[0]
-        key = (machine_kind(first), first["model"], first["quant"], first["device_budget_bytes"], first["cold_reads"])
+        key = (machine_kind(first), first["model"], first["quant"], first["device_budget_bytes"], first["cold_reads"],
+               _draft_weighed(rows))
         if key not in newest or first["timestamp"] > newest[key][1][0]["timestamp"]:
             newest[key] = (case_id, rows)
     return {case_id: sorted(rows, key=lambda r: r["config"] != "plan") for case_id, rows in newest.values()}
+
+
+def _draft_weighed(rows: list[dict]) -> str:
+    """The draft a case weighed (run_fit.py --draft), "" for none."""
+    return next((r["draft"] for r in rows if r.get("draft")), "")
+
+
+def _model(rows: list[dict]) -> str:
+    draft = _draft_weighed(rows)
+    return f"{rows[0]['model']} {rows[0]['quant']}" + (f", --draft {draft}" if draft else "")
 
 
 def _budget(row: dict) -> str:
@@ -41,10 +52,11 @@ def _reads(row: dict) -> str:
 
 def _config(row: dict) -> str:
     if row["placement"] == "none":
-        return "nothing streamed"
+        return "nothing streamed" + (f", draft {row['draft']}" if row.get("draft") else "")
     streamed = len(row["streamed_layers"].split())
     read = f", {row['cpu_read']}" if row["cpu_read"] else ""
-    return f"{streamed} streamed, {row['placement']}, prefetch {row['prefetch']}{read}"
+    draft = f", draft {row['draft']}" if row.get("draft") else ""
+    return f"{streamed} streamed, {row['placement']}, prefetch {row['prefetch']}{read}{draft}"
 
 
 def case_lines(results: Path) -> list[list[str]]:
@@ -54,21 +66,27 @@ def case_lines(results: Path) -> list[list[str]]:
         fastest = next((r for r in rows if r["fastest_fitting"] == "True"), None)
         default = next((r for r in rows if r["config"] == "default-copy"), None)
         lines.append([
-            machine_kind(plan), f"{plan['model']} {plan['quant']}", _reads(plan), _budget(plan), _config(plan),
+            machine_kind(plan), _model(rows), _reads(plan), _budget(plan), _config(plan),
             num(plan["decode_tok_s"], ".2f"), num(plan["predicted_decode_tok_s"], ".2f"),
             num(plan["predicted_over_measured"], ".2f"),
             f"{fastest['config']} {float(fastest['decode_tok_s']):.2f}" if fastest else "none fits",
             num(plan["plan_over_fastest"], ".2f") + ("x" if plan["plan_over_fastest"] else ""),
             (f"{float(default['decode_tok_s']):.2f}" + ("" if default["fits"] == "True" else " (over)"))
             if default else "",
-            f"{(int(plan['peak_bytes']) + int(plan['kv_reserve_bytes'])) / 2**20:,.1f} MiB"
+            f"{_device_bytes(plan) / 2**20:,.1f} MiB"
             + (" fits" if plan["fits"] == "True" else " OVER"),
         ])
     return lines
 
 
+def _device_bytes(row: dict) -> int:
+    """Peak weights, the KV reserve and a draft's bytes: what the row's fits compares with the budget."""
+    return int(row["peak_bytes"]) + int(row["kv_reserve_bytes"]) + int(bench.number(row.get("draft_bytes")) or 0)
+
+
 HEADERS = ["machine", "model", "reads", "device budget", "plan", "plan tok/s", "predicted", "predicted / measured",
-           "fastest that fits (tok/s)", "plan / fastest", "today's defaults, copy (tok/s)", "plan's peak + KV"]
+           "fastest that fits (tok/s)", "plan / fastest", "today's defaults, copy (tok/s)",
+           "plan's peak + KV (+ draft)"]
 
 
 def section(results: Path) -> str:
@@ -89,7 +107,7 @@ def section(results: Path) -> str:
 
 
 def every_row(rows: list[dict]) -> str:
-    lines = [[f"{r['model']} {r['quant']}", _reads(r), _budget(r), r["config"], _config(r),
+    lines = [[_model([r]), _reads(r), _budget(r), r["config"], _config(r),
               num(r["decode_tok_s"], ".2f"), num(r["predicted_decode_tok_s"], ".2f"),
               f"{int(r['peak_bytes']) / 2**20:,.1f}", r["fits"], r["rates"]] for r in rows]
     return ("Every configuration:\n\n"

@@ -210,6 +210,58 @@ def test_host_compute_is_weighed_on_a_gpu_only_when_allowed():
                         allow_host_compute=True).chosen.host_compute
 
 
+# --------------------------------------------------------------------------- drafts
+
+# reads of 1 s a layer against 0.1 s of compute on a GPU: the streamed layers set the pace
+SLOW_READS = osk.Rates(layer_compute_s=0.1, fixed_compute_s=0.0, read_Bps=100.0, read_compute_share=0.0)
+
+
+@pytest.mark.parametrize("draft, budget, drafts, why", [
+    # three tokens a verify for 0.05 s of drafting: it pays while reads dominate
+    (osk.DraftRates("lookup", tokens_per_verify=3.0, draft_s_per_verify=0.05), 400, True, "pays"),
+    # one token a verify: drafting only costs
+    (osk.DraftRates("lookup", tokens_per_verify=1.0, draft_s_per_verify=0.05), 400, False, "yields nothing"),
+    # a draft model too large to fit beside the fewest streamed layers
+    (osk.DraftRates("model", tokens_per_verify=3.0, draft_s_per_verify=0.05, resident_bytes=10_000), 400, False,
+     "does not fit"),
+    # within PLAN_TOLERANCE of plain decoding: the plan does not draft
+    (osk.DraftRates("lookup", tokens_per_verify=1.0, draft_s_per_verify=0.0), 400, False, "ties"),
+])
+def test_a_plan_drafts_where_the_draft_pays_and_fits(draft, budget, drafts, why):
+    plan = osk.plan(_shape(), budget, rates=SLOW_READS, context_tokens=10, device="cuda", drafts=(draft,))
+    assert bool(plan.draft) == drafts, why
+    assert plan.chosen.device_bytes <= budget
+    if drafts:
+        plain = min((c for c in plan.candidates if not c.draft and c.device_bytes <= budget), key=lambda c: c.step_s)
+        assert plan.chosen.step_s == pytest.approx(draft.token_s(plain.step_s))
+        assert plan.record().endswith(f" draft={draft.kind}") and "draft" in str(plan)
+
+
+def test_a_drafts_bytes_compete_with_resident_layers():
+    # a 100-byte draft model and its KV cache: one more layer streams than without it
+    draft = osk.DraftRates("model", tokens_per_verify=3.0, draft_s_per_verify=0.05, resident_bytes=100,
+                           kv_bytes_per_token=1)
+    plan = osk.plan(_shape(), 500, rates=SLOW_READS, context_tokens=10, device="cuda", drafts=(draft,))
+    plain = osk.plan(_shape(), 500, rates=SLOW_READS, context_tokens=10, device="cuda")
+    assert plan.draft == "model" and plan.chosen.draft_bytes == 100 + 10
+    assert len(plan.streamed) == len(plain.streamed) + 1
+
+
+def test_a_self_drafts_bytes_grow_with_what_streams_and_need_a_streamed_layer():
+    draft = osk.DraftRates("self:nf4", tokens_per_verify=1.5, draft_s_per_verify=0.5, substitute_share=0.25)
+    assert draft.device_bytes(_shape(), (1, 3), 10) == 50
+    plan = osk.plan(_shape(), 10_000, rates=SLOW_READS, context_tokens=10, device="cuda", drafts=(draft,))
+    assert plan.streamed == () and not plan.draft  # everything fits, and streaming to draft would not pay
+    assert all(c.streamed for c in plan.candidates if c.draft)  # a self draft of nothing streamed: not weighed
+
+
+def test_a_batch_is_not_drafted():
+    draft = osk.DraftRates("lookup", tokens_per_verify=3.0, draft_s_per_verify=0.05)
+    plan = osk.plan(_shape(), 400, rates=SLOW_READS, context_tokens=10, batch_size=2, device="cuda",
+                    drafts=(draft,))
+    assert not any(c.draft for c in plan.candidates)
+
+
 def test_host_compute_on_a_cpu_is_the_identity(tmp_path, prompt_ids):
     model = tiny_model("llama")
     reference = logits(model, prompt_ids)

@@ -115,6 +115,8 @@ def test_a_corrupt_probe_names_its_file(setup, tmp_path, capsys):
     (run_diskoffload, ("--device-budget", "0"), "--device-budget must be more than 0 bytes"),
     (run_diskoffload, ("--device-budget", "6 apples"), "invalid size"),
     (run_diskoffload, ("--device-budget", "1K"), "--device-budget 1,000: nothing fits 1,000 bytes"),
+    (run_diskoffload, ("--device-budget", "1M", "--draft", "lookup"), "--device-budget weighs a draft in run_fit.py"),
+    (run_fit, ("--budget-share", "0.6", "--draft", "self"), "weighs lookup or a draft model, not self:nf4"),
 ])
 def test_bad_device_budgets_are_one_line_errors(setup, tmp_path, capsys, module, extra, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -152,6 +154,25 @@ def test_run_fit_times_the_plan_against_its_grid(setup, tmp_path):
     assert sum(r["fastest_fitting"] == "True" for r in rows) == 1
     # a mapped layer stays until standby: every grid:...:map row holds all the streamed layers
     assert all(r["fits"] == "False" for r in rows if ":map:" in r["config"])
+
+
+def test_run_fit_weighs_a_draft_and_times_it_beside_the_grid(setup, tmp_path):
+    out = tmp_path / "fit.csv"
+    argv = _argv(setup, out, "--budget-share", "0.6", "--rounds", "1", "--draft", "lookup")
+    argv[argv.index("Once upon a time")] = "one two three one two three one two three one two"  # lookup finds repeats
+    printed = _run(run_fit, argv)
+    assert "draft lookup:" in printed and "tokens per verify" in printed
+    rows = {r["config"]: r for r in bench.read_rows(out)}
+    drafted = {f"grid:{p}:copy:{rows['plan']['prefetch'] if rows['plan']['streamed_layers'] else 1}+draft"
+               for p in offload_skip.PLACEMENTS} | {"default+draft"}
+    assert drafted <= set(rows) and "plan-alternative" in rows
+    for name, r in rows.items():
+        speculative = name in drafted or r["draft"] == "lookup"
+        assert (r["draft"] == "lookup") == speculative and (r["tokens_per_verify"] != "") == speculative
+        assert int(r["draft_bytes"]) == 0  # lookup holds nothing
+    # the alternative is of the other kind than the plan's choice
+    assert (rows["plan"]["draft"] == "") != (rows["plan-alternative"]["draft"] == "")
+    assert "draft lookup" in rows["plan"]["rates"]
 
 
 def test_a_probe_beside_other_work_is_used_once_not_kept(setup, tmp_path, monkeypatch, capsys):

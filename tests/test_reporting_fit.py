@@ -11,7 +11,8 @@ def _row(case, config, tok_s, predicted, fits=True, fastest=False, over=None, bu
         case_id=case, config=config, model="m", weights="real", quant="bf16", device="cpu", device_name="CPU: X",
         cold_reads=False, device_budget_bytes=100 * 2**20, budget_share=0.5, model_bytes=200 * 2**20,
         kv_reserve_bytes=2**20, context_tokens=34, placement="interleaved", streamed_layers="1 3", prefetch=0,
-        cpu_read="copy", embedding_residency="disk", predicted_decode_tok_s=predicted, predicted_peak_bytes=90 * 2**20,
+        cpu_read="copy", embedding_residency="disk", draft="", draft_bytes=0, tokens_per_verify=None,
+        predicted_decode_tok_s=predicted, predicted_peak_bytes=90 * 2**20,
         decode_tok_s=tok_s, decode_tok_s_q1=tok_s, decode_tok_s_q3=tok_s, predicted_over_measured=predicted / tok_s,
         peak_bytes=90 * 2**20 if fits else 150 * 2**20, fits=fits, fastest_fitting=fastest, plan_over_fastest=over,
         max_new_tokens=24, rounds=4, other_cpu_share=0.5 if busy else 0.01, busy=busy, rates="r", command="c",
@@ -70,3 +71,17 @@ def test_fit_rows_document_every_column():
     docs = bench.column_docs(run_fit.FitRow)
     own = [f.name for f in dataclasses.fields(run_fit.FitRow) if f.name not in bench.ENVIRONMENT_FIELDS]
     assert [name for name in own if name not in docs] == []
+
+
+def test_a_draft_case_is_its_own_and_counts_the_drafts_bytes(tmp_path):
+    results = _write(tmp_path, [
+        _row("plain", "plan", 10.0, 10.0, fastest=True, over=1.0),
+        _row("drafted", "plan", 12.0, 12.0, fastest=True, over=1.0, draft="lookup", draft_bytes=2**20,
+             tokens_per_verify=1.5),
+        _row("drafted", "plan-alternative", 10.0, 10.0),
+    ])
+    assert set(fit.cases(results)) == {"plain", "drafted"}  # the same budget, but another question
+    section = fit.section(results)
+    assert "| m bf16, --draft lookup | page cache |" in section
+    assert "2 streamed, interleaved, prefetch 0, copy, draft lookup" in section
+    assert "92.0 MiB fits" in section  # 90 MiB peak + 1 MiB KV + 1 MiB draft

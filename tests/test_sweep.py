@@ -441,7 +441,7 @@ def test_list(tmp_path, capsys):
         "load          3 cases,   3 pending",
         "cpu_read     12 cases,  12 pending",
         "speculative  34 cases,  34 pending",
-        "fit          28 cases,  28 pending",
+        "fit          34 cases,  34 pending",
     ]
 
 
